@@ -1,0 +1,38 @@
+# Everything runs on Debian's /usr/bin/python3 with Debian's packages; the pyenv python3 on PATH
+# cannot see python3-bpfcc and friends.
+PYTHON := /usr/bin/python3
+VENV := .venv
+APT := apt-get -o DPkg::Lock::Timeout=600 -y -q --no-install-recommends
+
+RUNTIME_DEBS := python3-pyroute2 python3-structlog python3-sdnotify python3-bpfcc python3-venv iproute2 procps
+TEST_DEBS := python3-pytest python3-hypothesis nftables
+
+.PHONY: deps test-deps run test lint unit bench
+
+deps:
+	@$(PYTHON) -c 'import pyroute2, structlog, sdnotify, bcc' 2>/dev/null && command -v ss >/dev/null \
+		|| { $(APT) update -qq && $(APT) install $(RUNTIME_DEBS); }
+
+test-deps: deps
+	@command -v nft >/dev/null && $(PYTHON) -c 'import pytest, hypothesis' 2>/dev/null \
+		|| { $(APT) update -qq && $(APT) install $(TEST_DEBS); }
+	@test -x $(VENV)/bin/ruff -a -x $(VENV)/bin/mypy || { \
+		$(PYTHON) -m venv --system-site-packages $(VENV) && \
+		$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt; }
+
+# The main job: until the daemon lands, watch every listener live.
+run: deps
+	$(PYTHON) -m aqtune status --watch
+
+lint: test-deps
+	$(VENV)/bin/ruff check aqtune tests bench
+	$(VENV)/bin/mypy aqtune
+
+test: lint
+	$(PYTHON) -m pytest tests
+
+unit: test-deps
+	$(PYTHON) -m pytest -q tests/unit
+
+bench: deps
+	$(PYTHON) bench/sweep_bench.py

@@ -1,0 +1,3 @@
+"""aqtune: keeps accept queues from silently dropping connections."""
+
+__version__ = "0.1.0"

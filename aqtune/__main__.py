@@ -1,0 +1,5 @@
+import sys
+
+from aqtune.cli import main
+
+sys.exit(main())

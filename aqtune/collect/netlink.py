@@ -1,0 +1,36 @@
+"""Netlink socket I/O for sock_diag dumps; decoding stays in ``sockdiag.py``."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Callable
+
+from aqtune.collect.sockdiag import NETLINK_SOCK_DIAG, DumpProgress
+from aqtune.records import Listener
+
+RECV_BUFFER = 1 << 16  # the kernel fills at most ~32 KiB per dump chunk
+DUMP_TIMEOUT = 5.0  # seconds; a dump never takes this long unless the kernel is wedged
+
+Decoder = Callable[[DumpProgress, bytearray, int], None]
+
+
+def open_diag_socket() -> socket.socket:
+    """A sock_diag socket bound to the calling thread's network namespace at creation time."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_SOCK_DIAG)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+    sock.settimeout(DUMP_TIMEOUT)
+    return sock
+
+
+def dump(sock: socket.socket, request: bytes, decoder: Decoder, netns: str,
+         rows: list[Listener]) -> int:
+    """Send one dump request and decode replies into ``rows``; returns skipped messages."""
+    progress = DumpProgress(netns, rows)
+    sock.sendall(request)
+    buf = bytearray(RECV_BUFFER)
+    while not progress.done:
+        size = sock.recv_into(buf)
+        if size == 0:
+            break
+        decoder(progress, buf, size)
+    return progress.skipped

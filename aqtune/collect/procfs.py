@@ -1,0 +1,119 @@
+"""Reads from /proc: who holds a socket inode, and a namespace's TcpExt counters and sysctls."""
+
+from __future__ import annotations
+
+import os
+import re
+
+from aqtune.records import COUNTERS, SYSCTLS, Process
+
+# The innermost unit wins: for a container's nginx that is its own nginx.service, not the
+# host's machine-*.scope, because that is the unit whose configuration needs the change.
+_UNIT = re.compile(r"[^/]+\.(?:service|scope|socket|mount|swap)$")
+
+
+def socket_holders(inodes: set[int], proc: str = "/proc") -> dict[int, list[int]]:
+    """inode -> pids holding an fd on it (several after fork or with prefork servers)."""
+    holders: dict[int, list[int]] = {}
+    if not inodes:
+        return holders
+    for entry in os.scandir(proc):
+        name = entry.name
+        if not name.isdigit():
+            continue
+        fd_dir = f"{proc}/{name}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:  # exited, or not ours to read
+            continue
+        pid = int(name)
+        for fd in fds:
+            try:
+                link = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            if link.startswith("socket:["):
+                inode = int(link[8:-1])
+                if inode in inodes:
+                    pids = holders.setdefault(inode, [])
+                    if not pids or pids[-1] != pid:
+                        pids.append(pid)
+    return holders
+
+
+def unit_from_cgroup(text: str) -> str | None:
+    """The systemd unit in /proc/PID/cgroup: cgroup v2's ``0::`` line, else v1's name=systemd."""
+    path = None
+    for line in text.splitlines():
+        hierarchy, _, rest = line.partition(":")
+        controllers, _, cgroup = rest.partition(":")
+        if hierarchy == "0" and controllers == "":
+            path = cgroup
+            break
+        if controllers == "name=systemd":
+            path = cgroup
+    if not path:
+        return None
+    for part in reversed(path.split("/")):
+        if _UNIT.fullmatch(part):
+            return part
+    return None
+
+
+def _read(path: str) -> str:
+    with open(path, "rb") as f:
+        return f.read().decode("utf-8", "backslashreplace")
+
+
+def describe_process(pid: int, proc: str = "/proc") -> Process | None:
+    """comm, cmdline and unit of ``pid``; None if it exited meanwhile."""
+    try:
+        comm = _read(f"{proc}/{pid}/comm").rstrip("\n")
+        cmdline = _read(f"{proc}/{pid}/cmdline").replace("\0", " ").strip()
+        cgroup = _read(f"{proc}/{pid}/cgroup")
+    except OSError:
+        return None
+    return Process(pid, comm, cmdline, unit_from_cgroup(cgroup))
+
+
+def find_owners(inodes: set[int], proc: str = "/proc") -> dict[int, tuple[Process, ...]]:
+    """inode -> the processes holding it, described once per pid."""
+    described: dict[int, Process | None] = {}
+    owners: dict[int, tuple[Process, ...]] = {}
+    for inode, pids in socket_holders(inodes, proc).items():
+        processes = []
+        for pid in pids:
+            if pid not in described:
+                described[pid] = describe_process(pid, proc)
+            process = described[pid]
+            if process is not None:
+                processes.append(process)
+        owners[inode] = tuple(processes)
+    return owners
+
+
+def parse_netstat(text: str, section: str = "TcpExt") -> dict[str, int]:
+    """All counters of one section of /proc/net/netstat (header line, then value line)."""
+    prefix = section + ":"
+    lines = [line.split() for line in text.splitlines() if line.startswith(prefix)]
+    if len(lines) < 2:
+        return {}
+    names, values = lines[0][1:], lines[1][1:]
+    return {name: int(value) for name, value in zip(names, values, strict=False)}
+
+
+def read_counters() -> dict[str, int]:
+    """The TcpExt counters aqtune reports, for the calling thread's network namespace."""
+    tcpext = parse_netstat(_read("/proc/thread-self/net/netstat"))
+    return {name: tcpext[name] for name in COUNTERS if name in tcpext}
+
+
+def read_sysctls() -> dict[str, int]:
+    """The calling thread's namespace's values of the sysctls aqtune reports."""
+    values = {}
+    for name in SYSCTLS:
+        try:
+            values[name] = int(_read("/proc/sys/" + name.replace(".", "/")).split()[0])
+        except (OSError, ValueError, IndexError):
+            continue
+    return values

@@ -1,0 +1,221 @@
+"""sock_diag requests and a decoder for listening sockets (TCP v4/v6 via INET_DIAG, Unix via UNIX_DIAG).
+
+Pure functions over bytes: the socket I/O lives in ``netlink.py``. The decoder unpacks the fixed
+structs with precompiled ``struct.Struct`` objects and looks at only the attributes it needs, because
+building an object per netlink attribute (as pyroute2 does) costs 30x more than ``ss`` at 10,000
+listeners. A malformed message is skipped and counted; it never raises.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from aqtune.records import Listener
+
+NETLINK_SOCK_DIAG = 4
+SOCK_DIAG_BY_FAMILY = 20
+NLM_F_REQUEST = 0x1
+NLM_F_DUMP = 0x300
+NLMSG_ERROR = 2
+NLMSG_DONE = 3
+
+TCP_LISTEN = 10
+INET_DIAG_SKMEMINFO = 7
+SK_MEMINFO_DROPS = 8
+UDIAG_SHOW_NAME = 0x01
+UDIAG_SHOW_RQLEN = 0x10
+UDIAG_SHOW_MEMINFO = 0x20
+UDIAG_SHOW_UID = 0x40
+UNIX_DIAG_NAME = 0
+UNIX_DIAG_RQLEN = 4
+UNIX_DIAG_MEMINFO = 5
+UNIX_DIAG_UID = 7
+UNIX_LISTENING_TYPES = (socket.SOCK_STREAM, socket.SOCK_SEQPACKET)
+
+NLMSG = struct.Struct("=IHHII")  # len, type, flags, seq, pid
+NLATTR = struct.Struct("=HH")  # len, type
+U32 = struct.Struct("=I")
+RQLEN = struct.Struct("=II")
+# inet_diag_req_v2: family, protocol, ext, pad, states, sockid (ports, addrs, if, cookie)
+INET_REQ = struct.Struct("=BBBBI4s16s16sIQ")
+# inet_diag_msg: family, state, timer, retrans, sport, dport (network order), src, dst, if,
+# cookie[2], expires, rqueue, wqueue, uid, inode
+INET_MSG = struct.Struct("=BBBB2s2s16s16sIIIIIIII")
+# unix_diag_req: family, protocol, pad, states, ino, show, cookie[2]
+UNIX_REQ = struct.Struct("=BBHIIIQ")
+# unix_diag_msg: family, type, state, pad, ino, cookie[2]
+UNIX_MSG = struct.Struct("=BBBBIII")
+
+NO_COOKIE = 0xFFFFFFFFFFFFFFFF  # INET_DIAG_NOCOOKIE: do not filter by cookie
+
+
+class NetlinkError(Exception):
+    """The kernel answered a dump request with NLMSG_ERROR."""
+
+    def __init__(self, errno: int) -> None:
+        super().__init__(errno)
+        self.errno = errno
+
+
+@dataclass(slots=True)
+class DumpProgress:
+    """What one dump has produced so far, fed chunk by chunk as recv() returns them."""
+
+    netns: str
+    rows: list[Listener]
+    skipped: int = 0
+    done: bool = False
+    meminfo_at: int = 0  # offset of SKMEMINFO within a message, learnt from the first one
+    # Listeners share few addresses; formatting each once per dump saves a third of decode time.
+    ip_text: dict[tuple[int, bytes], str] = field(default_factory=dict)
+
+
+def _request(payload: bytes, seq: int) -> bytes:
+    header = NLMSG.pack(NLMSG.size + len(payload), SOCK_DIAG_BY_FAMILY, NLM_F_REQUEST | NLM_F_DUMP, seq, 0)
+    return header + payload
+
+
+def inet_listen_request(family: int, seq: int = 1) -> bytes:
+    """Dump request for TCP listeners of one address family, with SK_MEMINFO (drops)."""
+    payload = INET_REQ.pack(
+        family, socket.IPPROTO_TCP, 1 << (INET_DIAG_SKMEMINFO - 1), 0, 1 << TCP_LISTEN,
+        b"", b"", b"", 0, NO_COOKIE,
+    )
+    return _request(payload, seq)
+
+
+def unix_listen_request(seq: int = 1) -> bytes:
+    """Dump request for listening Unix sockets with name, queue lengths, meminfo and uid."""
+    show = UDIAG_SHOW_NAME | UDIAG_SHOW_RQLEN | UDIAG_SHOW_MEMINFO | UDIAG_SHOW_UID
+    payload = UNIX_REQ.pack(socket.AF_UNIX, 0, 0, 1 << TCP_LISTEN, 0, show, NO_COOKIE)
+    return _request(payload, seq)
+
+
+def _ip_text(family: int, raw_addr: bytes) -> str:
+    """The address part of ``address``: ``127.0.0.1`` or ``[::1]`` (bracketed, so a port can follow)."""
+    if family == socket.AF_INET:
+        return socket.inet_ntop(socket.AF_INET, raw_addr[:4])
+    return f"[{socket.inet_ntop(socket.AF_INET6, raw_addr)}]"
+
+
+def format_unix_path(raw: bytes) -> str:
+    """Abstract names start with NUL and are shown as ``@name``, as ss does."""
+    if raw[:1] == b"\0":
+        return "@" + raw[1:].decode("utf-8", "backslashreplace")
+    return raw.rstrip(b"\0").decode("utf-8", "backslashreplace")
+
+
+def _frames(progress: DumpProgress, buf: bytes | bytearray | memoryview, size: int) -> Iterator[tuple[int, int]]:
+    """Split a recv() chunk into (payload offset, payload end) per data message.
+
+    Handles DONE and ERROR; a frame whose length cannot be trusted ends the chunk, since nothing
+    after it can be located.
+    """
+    offset = 0
+    while offset + NLMSG.size <= size:
+        length, msg_type = NLMSG.unpack_from(buf, offset)[:2]
+        if length < NLMSG.size or offset + length > size:
+            progress.skipped += 1
+            return
+        if msg_type == NLMSG_DONE:
+            progress.done = True
+            return
+        if msg_type == NLMSG_ERROR:
+            if length >= NLMSG.size + 4:
+                errno = -struct.unpack_from("=i", buf, offset + NLMSG.size)[0]
+                if errno:
+                    raise NetlinkError(errno)
+            progress.done = True
+            return
+        if msg_type == SOCK_DIAG_BY_FAMILY:
+            yield offset + NLMSG.size, offset + length
+        offset += (length + 3) & ~3
+    if offset < size:
+        progress.skipped += 1
+
+
+def _meminfo_drops(buf: bytes | bytearray | memoryview, value_at: int, value_len: int) -> int | None:
+    if value_len < (SK_MEMINFO_DROPS + 1) * 4:
+        return None
+    return int(U32.unpack_from(buf, value_at + SK_MEMINFO_DROPS * 4)[0])
+
+
+def decode_inet(progress: DumpProgress, buf: bytes | bytearray | memoryview, size: int) -> None:
+    """Append the TCP listeners found in one recv() chunk of an INET_DIAG dump to ``progress.rows``."""
+    rows = progress.rows
+    netns = progress.netns
+    unpack_msg = INET_MSG.unpack_from
+    unpack_attr = NLATTR.unpack_from
+    ips = progress.ip_text
+    # Every message of a dump carries the same attributes in the same order, so SKMEMINFO is
+    # looked for where it was last found before scanning the attribute list.
+    meminfo_at = progress.meminfo_at
+    for start, end in _frames(progress, buf, size):
+        if end - start < INET_MSG.size:
+            progress.skipped += 1
+            continue
+        (family, _state, _timer, _retrans, sport, _dport, src, _dst, _if, cookie_lo, cookie_hi,
+         _expires, rqueue, wqueue, uid, inode) = unpack_msg(buf, start)
+        drops = None
+        attr = start + meminfo_at
+        if meminfo_at and attr + 4 <= end and unpack_attr(buf, attr)[1] == INET_DIAG_SKMEMINFO:
+            attr_len = unpack_attr(buf, attr)[0]
+            if attr + attr_len <= end:
+                drops = _meminfo_drops(buf, attr + 4, attr_len - 4)
+        else:
+            attr = start + INET_MSG.size
+            while attr + 4 <= end:
+                attr_len, attr_type = unpack_attr(buf, attr)
+                if attr_len < 4 or attr + attr_len > end:
+                    break
+                if attr_type == INET_DIAG_SKMEMINFO:
+                    drops = _meminfo_drops(buf, attr + 4, attr_len - 4)
+                    progress.meminfo_at = meminfo_at = attr - start
+                    break
+                attr += (attr_len + 3) & ~3
+        key = (family, src)
+        ip = ips.get(key)
+        if ip is None:
+            ip = ips[key] = _ip_text(family, src)
+        port = (sport[0] << 8) | sport[1]
+        rows.append(Listener(netns, "tcp" if family == socket.AF_INET else "tcp6", f"{ip}:{port}", port,
+                             rqueue, wqueue, drops, cookie_lo | (cookie_hi << 32), inode, uid))
+
+
+def decode_unix(progress: DumpProgress, buf: bytes | bytearray | memoryview, size: int) -> None:
+    """Append the listening Unix stream/seqpacket sockets in one recv() chunk of a UNIX_DIAG dump."""
+    for start, end in _frames(progress, buf, size):
+        if end - start < UNIX_MSG.size:
+            progress.skipped += 1
+            continue
+        _family, sock_type, _state, _pad, inode, cookie_lo, cookie_hi = UNIX_MSG.unpack_from(buf, start)
+        if sock_type not in UNIX_LISTENING_TYPES:
+            continue
+        address = ""
+        queue = backlog = 0
+        drops = uid = None
+        has_rqlen = False
+        attr = start + UNIX_MSG.size
+        while attr + 4 <= end:
+            attr_len, attr_type = NLATTR.unpack_from(buf, attr)
+            if attr_len < 4 or attr + attr_len > end:
+                break
+            value_at, value_len = attr + 4, attr_len - 4
+            if attr_type == UNIX_DIAG_NAME:
+                address = format_unix_path(bytes(buf[value_at:value_at + value_len]))
+            elif attr_type == UNIX_DIAG_RQLEN and value_len >= RQLEN.size:
+                queue, backlog = RQLEN.unpack_from(buf, value_at)
+                has_rqlen = True
+            elif attr_type == UNIX_DIAG_MEMINFO:
+                drops = _meminfo_drops(buf, value_at, value_len)
+            elif attr_type == UNIX_DIAG_UID and value_len >= 4:
+                uid = int(U32.unpack_from(buf, value_at)[0])
+            attr += (attr_len + 3) & ~3
+        if not has_rqlen:
+            progress.skipped += 1
+            continue
+        progress.rows.append(Listener(progress.netns, "unix", address, None, queue, backlog, drops,
+                                      cookie_lo | (cookie_hi << 32), inode, uid))

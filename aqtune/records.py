@@ -1,0 +1,74 @@
+"""Typed records of one observation sweep: what every later layer consumes.
+
+They hold kernel figures as read, with no interpretation beyond the fill ratio, so the model and the
+policy can be tested on hand-built records without a kernel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+# The sysctls and TcpExt counters each namespace reports, in display order.
+SYSCTLS = (
+    "net.core.somaxconn",
+    "net.ipv4.tcp_max_syn_backlog",
+    "net.ipv4.tcp_syncookies",
+    "net.ipv4.tcp_abort_on_overflow",
+)
+COUNTERS = (
+    "ListenOverflows",
+    "ListenDrops",
+    "TCPReqQFullDrop",
+    "TCPReqQFullDoCookies",
+    "SyncookiesSent",
+    "SyncookiesFailed",
+    "TCPSynRetrans",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Process:
+    pid: int
+    comm: str
+    cmdline: str
+    unit: str | None  # systemd unit from the cgroup path; None when not under systemd
+
+
+@dataclass(slots=True)
+class Listener:
+    netns: str
+    proto: str  # "tcp", "tcp6" or "unix"
+    address: str  # "127.0.0.1:8080", "[::1]:443", a socket path or "@abstract"
+    port: int | None  # None for unix sockets
+    queue: int  # connections waiting for accept() now
+    backlog: int  # effective backlog: min(listen() argument, somaxconn at that listen())
+    drops: int | None  # SK_MEMINFO_DROPS: 1 per SYN-stage, 2 per ACK-stage overflow
+    cookie: int
+    inode: int
+    uid: int | None
+    processes: tuple[Process, ...] = ()
+
+    @property
+    def fill(self) -> float:
+        # The kernel calls a queue full only when it holds backlog+1, so fill can exceed 1.0;
+        # listen(0) still admits one connection, hence the floor of 1.
+        return self.queue / max(self.backlog, 1)
+
+
+@dataclass(slots=True)
+class Namespace:
+    name: str  # "host", a name under /run/netns, or "pid:N" for an unnamed namespace
+    inode: int
+    sysctls: dict[str, int] = field(default_factory=dict)
+    counters: dict[str, int] = field(default_factory=dict)
+    listeners: int = 0
+    skipped_messages: int = 0  # malformed netlink messages the decoder skipped
+    error: str | None = None  # why this namespace could not be read, if it could not
+
+
+@dataclass(slots=True)
+class Snapshot:
+    taken_at: float  # time.time() at the start of the sweep
+    duration: float  # seconds the sweep took
+    namespaces: list[Namespace]
+    listeners: list[Listener]
