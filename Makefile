@@ -25,7 +25,7 @@ run: deps
 	$(PYTHON) -m aqtune status --watch
 
 lint: test-deps
-	$(VENV)/bin/ruff check aqtune tests bench
+	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy aqtune
 
 test: lint
