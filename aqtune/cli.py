@@ -8,21 +8,66 @@ import json
 import os
 import sys
 import time
+from typing import TYPE_CHECKING
 
 from aqtune import __version__
+
+if TYPE_CHECKING:
+    from aqtune.act.ledger import Ledger
+    from aqtune.decide.policy import Policy, Problem
+
+
+DEFAULT_CONFIG = "/etc/aqtune/policy.toml"
 
 
 class CommandError(Exception):
     """A failure the operator can act on: printed as one line, exit status 1."""
 
 
+class ConfigError(Exception):
+    """An invalid policy: one line per problem, exit status 2."""
+
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__(problems)
+        self.problems = problems
+
+
+DEFAULT_STATE_DIR = "/var/lib/aqtune"
+
+
+def _require_root(what: str) -> None:
+    if os.geteuid() != 0:
+        raise CommandError(f"needs root: {what}; run it with sudo")
+
+
+def _policy(path: str, required: bool) -> Policy:
+    """The policy at ``path``; when not ``required`` a missing default file means the built-in one."""
+    from aqtune.decide import policy
+
+    if not required and not os.path.exists(path):
+        return policy.Policy()
+    try:
+        return policy.load(path)
+    except policy.PolicyError as exc:
+        raise ConfigError(exc.problems) from None
+
+
+def _ledger(state_dir: str) -> Ledger:
+    from aqtune.act.ledger import Ledger, LedgerError
+
+    try:
+        return Ledger(state_dir)
+    except LedgerError as exc:
+        raise CommandError(str(exc)) from None
+
+
 def _status(args: argparse.Namespace) -> int:
     from aqtune.collect.sweep import sweep
     from aqtune.surfaces import status
 
-    if os.geteuid() != 0:
-        raise CommandError("needs root: it enters every network namespace and reads other "
-                           "processes' file descriptors; run it with sudo")
+    _require_root("it enters every network namespace and reads other processes' file descriptors")
+    policy = _policy(args.config, required=args.config != DEFAULT_CONFIG)
+    ledger = _ledger(args.state_dir)
     previous: dict[int, int] | None = None
     while True:
         try:
@@ -31,17 +76,59 @@ def _status(args: argparse.Namespace) -> int:
             raise CommandError(str(exc.args[0])) from None
         except PermissionError as exc:
             raise CommandError(f"{exc}; run it as root") from None
+        advice = status.one_shot_advice(snapshot, policy, ledger)
         if args.json:
-            print(json.dumps(status.snapshot_json(snapshot), separators=(",", ":") if args.watch else None,
+            print(json.dumps(status.snapshot_json(snapshot, advice), separators=(",", ":") if args.watch else None,
                              indent=None if args.watch else 2), flush=True)
         else:
-            text = status.render(snapshot, previous)
+            text = status.render(snapshot, advice, previous)
             # Home + clear-to-end repaints in place without the flicker of a full clear.
             print(("\x1b[H\x1b[J" if args.watch else "") + text, flush=True)
         if not args.watch:
             return 0
         previous = {l.cookie: l.drops for l in snapshot.listeners if l.drops is not None}
         time.sleep(args.interval)
+
+
+def _check(args: argparse.Namespace) -> int:
+    policy = _policy(args.config, required=True)
+    print(f"{args.config}: OK (mode {policy.mode}, interval {policy.interval:g} s, "
+          f"{len(policy.listeners)} listener rules)")
+    if policy.apply_refused:
+        print(f"warning: {policy.apply_refused}", file=sys.stderr)
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from aqtune.act import log
+    from aqtune.collect import netns
+    from aqtune.surfaces.run import Runner, run
+
+    _require_root("it enters network namespaces and writes sysctls there")
+    policy = _policy(args.config, required=True)
+    try:
+        netns.select_namespaces(netns.list_namespaces(), args.netns)
+    except LookupError as exc:
+        raise CommandError(str(exc.args[0])) from None
+    return run(Runner(policy, args.netns, _ledger(args.state_dir), args.dry_run, log.configure()))
+
+
+def _rollback(args: argparse.Namespace) -> int:
+    from aqtune.act.sysctl import rollback
+
+    _require_root("it writes sysctls inside network namespaces")
+    ledger = _ledger(args.state_dir)
+    if not ledger.entries:
+        print(f"nothing to roll back: {ledger.path} lists no changes")
+        return 0
+    failed = 0
+    for result in rollback(ledger):
+        print(f"{result.outcome:10} netns {result.netns} {result.sysctl}: {result.detail}")
+        failed += result.outcome == "failed"
+    if failed:
+        raise CommandError(f"{failed} change(s) could not be rolled back; they stay in {ledger.path}: "
+                           "run `aqtune rollback` again once the cause is fixed")
+    return 0
 
 
 def _positive_float(text: str) -> float:
@@ -63,6 +150,24 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--interval", type=_positive_float, default=2.0, metavar="SECONDS",
                         help="refresh period for --watch (default 2)")
     status.set_defaults(handler=_status)
+
+    check = commands.add_parser("check", help="validate a policy file (exit 0 valid, 2 not)")
+    check.set_defaults(handler=_check)
+
+    run = commands.add_parser("run", help="sweep, diagnose and recommend or apply, in the foreground")
+    run.add_argument("--dry-run", action="store_true", help="compute every change but write none")
+    run.add_argument("--netns", default="all", metavar="NAME", help="limit to one namespace (default all)")
+    run.set_defaults(handler=_run)
+
+    rollback = commands.add_parser("rollback", help="restore every sysctl aqtune changed")
+    rollback.set_defaults(handler=_rollback)
+
+    for command in (status, check, run):
+        command.add_argument("--config", default=DEFAULT_CONFIG, metavar="FILE",
+                             help=f"policy file (default {DEFAULT_CONFIG})")
+    for command in (status, run, rollback):
+        command.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR",
+                             help=f"where aqtune records its changes (default {DEFAULT_STATE_DIR})")
     return parser
 
 
@@ -73,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     except CommandError as exc:
         print(f"aqtune {args.command}: {exc}", file=sys.stderr)
         return 1
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 0
     except BrokenPipeError:

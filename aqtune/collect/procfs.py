@@ -117,3 +117,20 @@ def read_sysctls() -> dict[str, int]:
         except (OSError, ValueError, IndexError):
             continue
     return values
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: set[int], proc: str = "/proc") -> dict[int, float]:
+    """User + system CPU time of each pid (all its threads), for those still running."""
+    times = {}
+    for pid in pids:
+        try:
+            stat = _read(f"{proc}/{pid}/stat")
+        except OSError:
+            continue
+        # comm (field 2) may contain spaces and parentheses; fields resume after the last ')'.
+        fields = stat[stat.rfind(")") + 2:].split()
+        times[pid] = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    return times

@@ -5,6 +5,11 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from aqtune.act.ledger import Ledger
+from aqtune.decide.assess import Assessment, assess
+from aqtune.decide.diagnose import Finding
+from aqtune.decide.policy import Policy
+from aqtune.model.history import Model
 from aqtune.records import Listener, Namespace, Snapshot
 
 SHORT_SYSCTL = {
@@ -15,11 +20,23 @@ SHORT_SYSCTL = {
 }
 
 
+def one_shot_advice(snapshot: Snapshot, policy: Policy, ledger: Ledger) -> Assessment:
+    """The advice one snapshot supports: fill now rather than sustained, no drop or counter rates."""
+    model = Model()
+    model.update(snapshot, {})
+    managed = {ns.name: ledger.managed(ns.inode) for ns in snapshot.namespaces}
+    return assess(snapshot, model, policy, managed, one_shot=True)
+
+
+def _advice_json(findings: list[Finding]) -> list[dict[str, Any]]:
+    return [{"id": f.id, "text": f.text, "evidence": f.evidence} for f in findings]
+
+
 def worst_first(listeners: list[Listener]) -> list[Listener]:
     return sorted(listeners, key=lambda l: (-l.fill, -(l.drops or 0), l.netns, l.address))
 
 
-def listener_json(listener: Listener) -> dict[str, Any]:
+def listener_json(listener: Listener, findings: list[Finding]) -> dict[str, Any]:
     return {
         "netns": listener.netns,
         "proto": listener.proto,
@@ -35,10 +52,11 @@ def listener_json(listener: Listener) -> dict[str, Any]:
         "processes": [
             {"pid": p.pid, "comm": p.comm, "cmdline": p.cmdline, "unit": p.unit} for p in listener.processes
         ],
+        "advice": _advice_json(findings),
     }
 
 
-def namespace_json(namespace: Namespace) -> dict[str, Any]:
+def namespace_json(namespace: Namespace, findings: list[Finding]) -> dict[str, Any]:
     return {
         "name": namespace.name,
         "inode": namespace.inode,
@@ -47,16 +65,19 @@ def namespace_json(namespace: Namespace) -> dict[str, Any]:
         "listeners": namespace.listeners,
         "skipped_messages": namespace.skipped_messages,
         "error": namespace.error,
+        "advice": _advice_json(findings),
     }
 
 
-def snapshot_json(snapshot: Snapshot) -> dict[str, Any]:
+def snapshot_json(snapshot: Snapshot, advice: Assessment) -> dict[str, Any]:
     return {
         "source": "sweep",
         "taken_at": snapshot.taken_at,
         "duration_ms": round(snapshot.duration * 1000, 3),
-        "listeners": [listener_json(listener) for listener in worst_first(snapshot.listeners)],
-        "namespaces": [namespace_json(namespace) for namespace in snapshot.namespaces],
+        "listeners": [listener_json(listener, advice.listener_findings.get((listener.netns, listener.cookie), []))
+                      for listener in worst_first(snapshot.listeners)],
+        "namespaces": [namespace_json(namespace, advice.namespace_findings.get(namespace.name, []))
+                       for namespace in snapshot.namespaces],
     }
 
 
@@ -82,7 +103,7 @@ def _table(rows: list[list[str]], right: set[int]) -> list[str]:
     return lines
 
 
-def render(snapshot: Snapshot, previous_drops: dict[int, int] | None = None) -> str:
+def render(snapshot: Snapshot, advice: Assessment, previous_drops: dict[int, int] | None = None) -> str:
     """Listeners worst first, then each namespace's sysctls and counters.
 
     With ``previous_drops`` (cookie -> drops at the last refresh) the drops column also shows the
@@ -105,6 +126,13 @@ def render(snapshot: Snapshot, previous_drops: dict[int, int] | None = None) -> 
         ])
     lines += _table(rows, right={3, 4, 5})
     lines.append("")
+    findings = [f for listener in worst_first(snapshot.listeners)
+                for f in advice.listener_findings.get((listener.netns, listener.cookie), [])]
+    findings += [f for group in advice.namespace_findings.values() for f in group]
+    if findings:
+        lines.append("ADVICE")
+        lines += [f"  [{f.id}] {f.text}" for f in findings]
+        lines.append("")
     for namespace in snapshot.namespaces:
         lines.append(f"netns {namespace.name} (net:[{namespace.inode}]), {namespace.listeners} listeners")
         if namespace.error:

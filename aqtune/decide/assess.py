@@ -1,0 +1,75 @@
+"""From a snapshot and its history to findings for every listener and namespace (no side effects)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aqtune.decide.diagnose import Finding, Raised, diagnose_listener, diagnose_namespace
+from aqtune.decide.policy import ListenerRule, Policy, rule_for
+from aqtune.decide.tuning import SOMAXCONN, Managed
+from aqtune.model.history import ListenerKey, ListenerWindow, Model, counter_deltas, listener_window
+from aqtune.records import Listener, Snapshot
+
+
+@dataclass(slots=True)
+class Assessment:
+    windows: dict[ListenerKey, ListenerWindow] = field(default_factory=dict)
+    listener_findings: dict[ListenerKey, list[Finding]] = field(default_factory=dict)
+    namespace_findings: dict[str, list[Finding]] = field(default_factory=dict)
+    ignored: set[ListenerKey] = field(default_factory=set)
+
+    def by_namespace(self, snapshot: Snapshot) -> dict[str, list[Finding]]:
+        """Listener findings grouped by the listener's namespace."""
+        grouped: dict[str, list[Finding]] = {}
+        for listener in snapshot.listeners:
+            grouped.setdefault(listener.netns, []).extend(
+                self.listener_findings.get((listener.netns, listener.cookie), []))
+        return grouped
+
+
+def assess(snapshot: Snapshot, model: Model, policy: Policy, managed: dict[str, dict[str, Managed]],
+           one_shot: bool = False, requested: dict[int, int] | None = None) -> Assessment:
+    """Judge every listener of ``snapshot`` against ``policy`` using ``model``'s history.
+
+    ``managed`` maps namespace names to what aqtune changed there; ``requested`` maps socket cookies
+    to the backlog the application passed to listen(), where eBPF saw it. A one-shot assessment has
+    a single sample, so "sustained" means "now".
+    """
+    result = Assessment()
+    somaxconn = {ns.name: ns.sysctls.get(SOMAXCONN) for ns in snapshot.namespaces}
+    for listener in snapshot.listeners:
+        key = (listener.netns, listener.cookie)
+        history = model.listeners.get(key)
+        if history is None or not history.samples:
+            continue
+        rule = _rule(policy, listener)
+        if rule is not None and rule.ignore:
+            result.ignored.add(key)
+            continue
+        fill_ratio = rule.fill_ratio if rule and rule.fill_ratio is not None else policy.saturation.fill_ratio
+        sustain = rule.sustain if rule and rule.sustain is not None else policy.saturation.sustain
+        clear_ratio = min(policy.saturation.clear_ratio, fill_ratio)
+        window = listener_window(history.samples, history.saturated, fill_ratio, clear_ratio,
+                                 0.0 if one_shot else sustain)
+        result.windows[key] = window
+        record = managed.get(listener.netns, {}).get(SOMAXCONN)
+        raised = Raised(record.original, record.applied) if record else None
+        findings = diagnose_listener(listener, window, somaxconn.get(listener.netns),
+                                     (requested or {}).get(listener.cookie), raised, policy)
+        if findings:
+            result.listener_findings[key] = findings
+    for namespace in snapshot.namespaces:
+        samples = model.namespaces.get(namespace.name)
+        if not samples or len(samples) < 2:
+            continue
+        deltas = counter_deltas(samples, policy.saturation.sustain)
+        findings = diagnose_namespace(namespace.name, namespace.sysctls, deltas)
+        if findings:
+            result.namespace_findings[namespace.name] = findings
+    return result
+
+
+def _rule(policy: Policy, listener: Listener) -> ListenerRule | None:
+    comms = tuple(p.comm for p in listener.processes)
+    units = tuple(p.unit for p in listener.processes if p.unit)
+    return rule_for(policy, listener.netns, listener.address, listener.port, comms, units)

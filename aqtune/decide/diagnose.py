@@ -1,0 +1,189 @@
+"""What is wrong with a listener or a namespace, and what fixes it: pure functions of the model.
+
+Each finding has a stable ``id`` scripts can key on, one line of ``text`` for a person, and the
+figures it was based on. The effective backlog is min(listen() backlog, somaxconn at that call), and
+a raised somaxconn reaches a listener only when it calls listen() again, so advice names the owning
+process, its unit and its own knob.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aqtune.decide.policy import Policy
+from aqtune.model.history import ListenerWindow
+from aqtune.records import Listener, Process
+
+STALLED_CPU_SHARE = 0.05  # owners using less than 5% of a core while their queue is full
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    id: str
+    text: str
+    evidence: dict[str, int | float | str | None] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Raised:
+    """A somaxconn value aqtune set in a namespace, and the value it replaced."""
+
+    original: int
+    applied: int
+
+
+def owner_label(processes: tuple[Process, ...]) -> str:
+    if not processes:
+        return "its owner (no process found holding the socket)"
+    first = processes[0]
+    label = f"{first.comm} (pid {first.pid}"
+    if len(processes) > 1:
+        label += f" and {len(processes) - 1} more"
+    units = sorted({p.unit for p in processes if p.unit})
+    return label + (f", {', '.join(units)})" if units else ")")
+
+
+def _relisten_action(processes: tuple[Process, ...]) -> str:
+    units = sorted({p.unit for p in processes if p.unit and p.unit.endswith(".service")})
+    if units:
+        return f"`systemctl reload-or-restart {' '.join(units)}`"
+    return "restart or reload it"
+
+
+def app_knob(processes: tuple[Process, ...], backlog: int) -> str:
+    """How the owning program sets its listen() backlog, by what it is."""
+    comms = {p.comm for p in processes}
+    cmdlines = " ".join(p.cmdline for p in processes)
+    units = sorted({p.unit for p in processes if p.unit})
+    n = backlog
+    if "systemd" in comms:
+        service = next((u for u in units if u.endswith(".service")), "the service")
+        return f"set Backlog={n} in the [Socket] section of the .socket unit that passes it to {service}"
+    if "nginx" in comms:
+        return f"add backlog={n} to nginx's `listen` directive for this address (listen ... backlog={n};)"
+    if comms & {"apache2", "httpd"}:
+        return f"set `ListenBacklog {n}` in the Apache configuration"
+    if "haproxy" in comms:
+        return f"set `backlog {n}` in the HAProxy frontend (or on its bind line)"
+    if any(c.startswith("php-fpm") for c in comms):
+        return f"set `listen.backlog = {n}` in the php-fpm pool configuration"
+    if "gunicorn" in comms or "gunicorn" in cmdlines:
+        return f"start gunicorn with `--backlog {n}`"
+    if "uvicorn" in comms or "uvicorn" in cmdlines:
+        return f"start uvicorn with `--backlog {n}`"
+    if comms & {"node", "nodejs"}:
+        return f"pass the backlog to Node's server.listen({{port, backlog: {n}}})"
+    if "redis-server" in comms:
+        return f"set `tcp-backlog {n}` in redis.conf"
+    if comms & {"postgres", "postmaster"}:
+        return ("PostgreSQL's backlog is fixed at 2 x max_connections: raise max_connections or put a "
+                "connection pooler in front")
+    return f"raise the backlog it passes to listen() to {n}"
+
+
+def suggested_backlog(listener: Listener, policy: Policy) -> int:
+    grown = int(listener.backlog * policy.somaxconn.step)
+    return min(max(grown, policy.somaxconn.min, listener.backlog + 1), policy.somaxconn.max)
+
+
+def diagnose_listener(listener: Listener, window: ListenerWindow, somaxconn: int | None,
+                      requested: int | None, raised: Raised | None, policy: Policy) -> list[Finding]:
+    """Findings for one listener, most actionable first; none when it is not saturated."""
+    owner = owner_label(listener.processes)
+    findings: list[Finding] = []
+    relisten = raised is not None and listener.backlog == raised.original < raised.applied
+    if window.saturated:
+        drops = f", {window.drops} drops in the window" if window.drops else ""
+        if window.span == 0:
+            when = "now" + (f", {listener.drops} drops since it started listening" if listener.drops else "")
+        else:
+            when = f"for {window.high_for:.0f} s{drops}"
+        findings.append(Finding(
+            "saturated",
+            f"{listener.address}: accept queue saturated, {listener.queue}/{listener.backlog} "
+            f"(fill {window.fill:.2f}, peak {window.peak_fill:.2f}) {when}",
+            {"queue": listener.queue, "backlog": listener.backlog, "fill": round(window.fill, 4),
+             "peak_fill": round(window.peak_fill, 4), "high_for": round(window.high_for, 1),
+             "drops": window.drops},
+        ))
+        # Said before any advice to lengthen the queue: that would only add latency.
+        if window.cpu_share is not None and window.cpu_share < STALLED_CPU_SHARE:
+            findings.append(Finding(
+                "stalled-workers",
+                f"{listener.address}: the queue is full while {owner} uses {window.cpu_share * 100:.1f}% of a "
+                "CPU: its workers are blocked (on an upstream, a lock or I/O) or too few; a longer queue adds "
+                "latency, not throughput: fix the workers first",
+                {"cpu_share": round(window.cpu_share, 4)},
+            ))
+    if relisten and raised is not None:
+        findings.append(Finding(
+            "relisten-needed",
+            f"{listener.address}: somaxconn was raised from {raised.original} to {raised.applied} but this "
+            f"listener still has backlog {listener.backlog}; {owner} must call listen() again: "
+            + _relisten_action(listener.processes),
+            {"backlog": listener.backlog, "somaxconn": somaxconn, "raised_from": raised.original},
+        ))
+    if relisten or not window.saturated:
+        return findings
+    target = suggested_backlog(listener, policy)
+    if somaxconn is not None and listener.backlog >= somaxconn and (requested is None or requested > somaxconn):
+        asked = (f"the application asked for {requested}" if requested is not None
+                 else "the backlog the application asked for is unknown without eBPF")
+        wanted = max(target, requested or 0)
+        findings.append(Finding(
+            "capped-by-somaxconn",
+            f"{listener.address}: backlog {listener.backlog} is net.core.somaxconn's limit in netns "
+            f"{listener.netns} ({asked}): raise somaxconn there to {wanted}; {owner} must ask for that much "
+            f"too ({app_knob(listener.processes, wanted)}) and call listen() again: "
+            + _relisten_action(listener.processes),
+            {"backlog": listener.backlog, "somaxconn": somaxconn, "requested": requested, "target": target},
+        ))
+    else:
+        extra = ""
+        if somaxconn is not None and target > somaxconn:
+            extra = f" (and raise net.core.somaxconn in netns {listener.netns} to at least {target})"
+        findings.append(Finding(
+            "capped-by-app",
+            f"{listener.address}: backlog {listener.backlog} is below somaxconn ({somaxconn}), so the limit is "
+            f"{owner}'s own: " + app_knob(listener.processes, target) + extra,
+            {"backlog": listener.backlog, "somaxconn": somaxconn, "requested": requested, "target": target},
+        ))
+    return findings
+
+
+def diagnose_namespace(netns: str, sysctls: dict[str, int], deltas: dict[str, int]) -> list[Finding]:
+    """SYN-queue findings from a namespace's counter increases over the window.
+
+    The SYN queue of a listener is capped by its own backlog; tcp_max_syn_backlog only adds a drop
+    rule (the last quarter of it) when syncookies are off, so raising it is advised only then.
+    """
+    findings = []
+    cookies = sysctls.get("net.ipv4.tcp_syncookies")
+    syn_backlog = sysctls.get("net.ipv4.tcp_max_syn_backlog")
+    full_drops = deltas.get("TCPReqQFullDrop", 0)
+    cookie_sends = max(deltas.get("TCPReqQFullDoCookies", 0), deltas.get("SyncookiesSent", 0))
+    other_drops = deltas.get("ListenDrops", 0) - deltas.get("ListenOverflows", 0) - full_drops
+    evidence: dict[str, int | float | str | None] = {
+        "tcp_syncookies": cookies, "tcp_max_syn_backlog": syn_backlog, **deltas}
+    if full_drops and cookies == 0:
+        findings.append(Finding(
+            "syn-queue-full",
+            f"netns {netns}: {full_drops} SYNs dropped because a listener's SYN queue (capped by its backlog) was "
+            "full and syncookies are off: set net.ipv4.tcp_syncookies=1, and raise the listener's backlog",
+            evidence,
+        ))
+    if other_drops > 0 and cookies == 0:
+        findings.append(Finding(
+            "syn-backlog-limit",
+            f"netns {netns}: {other_drops} SYNs dropped by net.ipv4.tcp_max_syn_backlog ({syn_backlog}) with "
+            "syncookies off: raise tcp_max_syn_backlog",
+            evidence,
+        ))
+    if cookie_sends and cookies:
+        findings.append(Finding(
+            "syncookies-active",
+            f"netns {netns}: SYN queue overflowed and syncookies answered {cookie_sends} SYNs; "
+            "tcp_max_syn_backlog does not limit anything while syncookies are on",
+            evidence,
+        ))
+    return findings

@@ -1,0 +1,351 @@
+"""The TOML policy: strict parsing into typed settings, with problems an operator can act on.
+
+Every problem names the file, the line where it can be found and the dotted key, so `aqtune check`
+prints lines like ``/etc/aqtune/policy.toml:14: somaxconn.max: must be an integer, got "lots"``.
+Unknown keys are errors: a misspelt safety setting must not be silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+DEFAULT_PATH = "/etc/aqtune/policy.toml"
+SYSCTL_CEILING = 2**31 - 1  # the kernel stores both sysctls as int
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    file: str
+    line: int | None
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.file}:{self.line}" if self.line else self.file
+        return f"{where}: {self.key}: {self.message}" if self.key else f"{where}: {self.message}"
+
+
+class PolicyError(Exception):
+    def __init__(self, problems: list[Problem]) -> None:
+        super().__init__("\n".join(str(p) for p in problems))
+        self.problems = problems
+
+
+@dataclass(frozen=True, slots=True)
+class Saturation:
+    fill_ratio: float = 0.9
+    sustain: float = 10.0
+    clear_ratio: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """How one sysctl may be raised."""
+
+    max: int = 65535
+    min: int = 1024
+    step: float = 2.0
+    cooldown: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Apply:
+    namespaces: tuple[str, ...] = ("*",)
+    persist: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerRule:
+    port: int | None = None
+    address: str | None = None
+    process: str | None = None
+    unit: str | None = None
+    netns: str | None = None
+    ignore: bool = False
+    fill_ratio: float | None = None
+    sustain: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Policy:
+    mode: str = "recommend"
+    interval: float = 1.0
+    saturation: Saturation = field(default_factory=Saturation)
+    somaxconn: Limits = field(default_factory=lambda: Limits(step=4.0))
+    syn_backlog: Limits = field(default_factory=Limits)
+    apply: Apply = field(default_factory=Apply)
+    listeners: tuple[ListenerRule, ...] = ()
+    source: str = "built-in defaults"
+    apply_refused: str | None = None  # why apply mode was downgraded to recommend, if it was
+
+    @property
+    def applies(self) -> bool:
+        return self.mode == "apply" and self.apply_refused is None
+
+
+# --- value checks: each returns the converted value or raises ValueError with the reason ---
+
+def _number(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"must be a number, got {value!r}")
+    return float(value)
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"must be an integer, got {value!r}")
+    return value
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"must be true or false, got {value!r}")
+    return value
+
+
+def _text(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"must be a non-empty string, got {value!r}")
+    return value
+
+
+def _within(check: Callable[[Any], Any], low: float, high: float, low_open: bool = False) -> Callable[[Any], Any]:
+    def bounded(value: Any) -> Any:
+        converted = check(value)
+        if converted > high or converted < low or (low_open and converted == low):
+            left = "(" if low_open else "["
+            raise ValueError(f"must be in {left}{low:g}, {high:g}], got {value!r}")
+        return converted
+    return bounded
+
+
+def _choice(*allowed: str) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
+        return str(value)
+    return check
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"must be a list of namespace names, got {value!r}")
+    return tuple(value)
+
+
+_RATIO = _within(_number, 0, 1, low_open=True)
+_SECONDS = _within(_number, 0, 86400 * 7)
+_SYSCTL_VALUE = _within(_integer, 1, SYSCTL_CEILING)
+
+_LIMITS = {"max": _SYSCTL_VALUE, "min": _SYSCTL_VALUE, "step": _within(_number, 1, 64, low_open=True),
+           "cooldown": _SECONDS}
+SCHEMA: dict[str, Any] = {
+    "mode": _choice("recommend", "apply"),
+    "interval": _within(_number, 0, 3600, low_open=True),
+    "saturation": {"fill_ratio": _RATIO, "sustain": _SECONDS, "clear_ratio": _RATIO},
+    "somaxconn": _LIMITS,
+    "syn_backlog": _LIMITS,
+    "apply": {"namespaces": _names, "persist": _boolean},
+}
+LISTENER_SCHEMA: dict[str, Callable[[Any], Any]] = {
+    "port": _within(_integer, 0, 65535),
+    "address": _text,
+    "process": _text,
+    "unit": _text,
+    "netns": _text,
+    "ignore": _boolean,
+    "fill_ratio": _RATIO,
+    "sustain": _SECONDS,
+}
+MATCH_KEYS = ("port", "address", "process", "unit", "netns")
+
+
+class _Locator:
+    """Finds the line of a dotted key in the source text; tomllib reports no positions."""
+
+    def __init__(self, text: str) -> None:
+        self.lines = text.splitlines()
+
+    def line_of(self, table: str | None, key: str | None, index: int = 0) -> int | None:
+        start, end = 0, len(self.lines)
+        if table is not None:
+            header = re.compile(rf"^\s*\[\[?\s*{re.escape(table)}\s*\]\]?\s*(#.*)?$")
+            headers = [i for i, line in enumerate(self.lines) if header.match(line)]
+            if len(headers) <= index:
+                return None
+            start = headers[index]
+            if key is None:
+                return start + 1
+            following = (i for i in range(start + 1, end) if re.match(r"^\s*\[", self.lines[i]))
+            end = next(following, end)
+        elif key is not None:
+            first_table = (i for i, line in enumerate(self.lines) if re.match(r"^\s*\[", line))
+            end = next(first_table, end)
+        if key is None:
+            return None
+        pattern = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
+        return next((i + 1 for i in range(start, end) if pattern.match(self.lines[i])), None)
+
+
+def _check_table(values: dict[str, Any], schema: dict[str, Callable[[Any], Any]], table: str | None,
+                 locate: _Locator, path: str, problems: list[Problem], index: int = 0) -> dict[str, Any]:
+    checked = {}
+    label = "listener" if table == "listener" else table
+    for key, value in values.items():
+        dotted = f"{label}[{index}].{key}" if table == "listener" else (f"{label}.{key}" if label else key)
+        check = schema.get(key)
+        if check is None:
+            known = ", ".join(sorted(schema))
+            problems.append(Problem(path, locate.line_of(table, key, index), dotted,
+                                    f"unknown key (known here: {known})"))
+            continue
+        try:
+            checked[key] = check(value)
+        except ValueError as exc:
+            problems.append(Problem(path, locate.line_of(table, key, index), dotted, str(exc)))
+    return checked
+
+
+def parse(text: str, path: str = "<policy>") -> Policy:
+    """Policy from TOML text; raises PolicyError listing every problem found."""
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        match = re.search(r"\(at line (\d+), column \d+\)", str(exc))
+        line = int(match.group(1)) if match else None
+        message = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
+        raise PolicyError([Problem(path, line, "", f"TOML syntax error: {message}")]) from None
+    locate = _Locator(text)
+    problems: list[Problem] = []
+    settings: dict[str, Any] = {}
+    for key, value in document.items():
+        if key == "listener":
+            continue
+        check = SCHEMA.get(key)
+        if check is None:
+            known = ", ".join(sorted([*SCHEMA, "listener"]))
+            problems.append(Problem(path, locate.line_of(None, key) or locate.line_of(key, None), key,
+                                    f"unknown key (known: {known})"))
+        elif isinstance(check, dict):
+            if not isinstance(value, dict):
+                problems.append(Problem(path, locate.line_of(None, key), key, f"must be a table [{key}]"))
+                continue
+            settings[key] = _check_table(value, check, key, locate, path, problems)
+        else:
+            settings.update(_check_table({key: value}, SCHEMA, None, locate, path, problems))
+    rules = []
+    raw_rules = document.get("listener", [])
+    if not isinstance(raw_rules, list) or not all(isinstance(r, dict) for r in raw_rules):
+        problems.append(Problem(path, locate.line_of(None, "listener"), "listener",
+                                "must be an array of tables: [[listener]]"))
+        raw_rules = []
+    for index, raw in enumerate(raw_rules):
+        rule = _check_table(raw, LISTENER_SCHEMA, "listener", locate, path, problems, index)
+        if not any(key in rule for key in MATCH_KEYS) and not any(key in raw for key in MATCH_KEYS):
+            problems.append(Problem(path, locate.line_of("listener", None, index), f"listener[{index}]",
+                                    f"matches every listener: give at least one of {', '.join(MATCH_KEYS)}"))
+        if rule.get("ignore") and ("fill_ratio" in rule or "sustain" in rule):
+            problems.append(Problem(path, locate.line_of("listener", "ignore", index), f"listener[{index}].ignore",
+                                    "an ignored listener takes no fill_ratio or sustain"))
+        rules.append(ListenerRule(**rule))
+    policy = _build(settings, tuple(rules), path)
+    problems += _cross_checks(policy, locate, path)
+    if problems:
+        raise PolicyError(problems)
+    return policy
+
+
+def _build(settings: dict[str, Any], rules: tuple[ListenerRule, ...], path: str) -> Policy:
+    defaults = Policy()
+    apply = settings.get("apply", {})
+    return Policy(
+        mode=settings.get("mode", defaults.mode),
+        interval=settings.get("interval", defaults.interval),
+        saturation=Saturation(**settings.get("saturation", {})),
+        somaxconn=replace(defaults.somaxconn, **settings.get("somaxconn", {})),
+        syn_backlog=replace(defaults.syn_backlog, **settings.get("syn_backlog", {})),
+        apply=Apply(**apply),
+        listeners=rules,
+        source=path,
+    )
+
+
+def _cross_checks(policy: Policy, locate: _Locator, path: str) -> list[Problem]:
+    problems = []
+    if policy.saturation.clear_ratio > policy.saturation.fill_ratio:
+        problems.append(Problem(path, locate.line_of("saturation", "clear_ratio"), "saturation.clear_ratio",
+                                f"must not exceed saturation.fill_ratio ({policy.saturation.fill_ratio:g})"))
+    for name, limits in (("somaxconn", policy.somaxconn), ("syn_backlog", policy.syn_backlog)):
+        if limits.min > limits.max:
+            problems.append(Problem(path, locate.line_of(name, "min"), f"{name}.min",
+                                    f"must not exceed {name}.max ({limits.max})"))
+    return problems
+
+
+def read_text(path: str) -> str:
+    """The file's text, or PolicyError saying what is wrong with the file itself."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(1 << 20)
+    except FileNotFoundError:
+        raise PolicyError([Problem(path, None, "", "no such file; copy etc/aqtune/policy.toml there")]) from None
+    except IsADirectoryError:
+        raise PolicyError([Problem(path, None, "", "is a directory, not a policy file")]) from None
+    except OSError as exc:
+        raise PolicyError([Problem(path, None, "", f"cannot read: {exc.strerror}")]) from None
+    if b"\0" in data:
+        raise PolicyError([Problem(path, None, "", "is binary, not TOML text")])
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[:exc.start].count(b"\n") + 1
+        raise PolicyError([Problem(path, line, "", "is not UTF-8 text")]) from None
+
+
+def unsafe_for_apply(path: str) -> str | None:
+    """Why the file may not drive apply mode: anyone but root could then change sysctls through it."""
+    st = os.stat(path)
+    if st.st_uid != 0:
+        return f"{path} is owned by uid {st.st_uid}, not root"
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+    return None
+
+
+def load(path: str) -> Policy:
+    """Read, parse and vet a policy file; apply mode from an unsafe file is downgraded, not refused."""
+    policy = parse(read_text(path), path)
+    if policy.mode == "apply":
+        reason = unsafe_for_apply(path)
+        if reason:
+            return replace(policy, apply_refused=f"{reason}: apply mode refused, recommending only "
+                                            f"(fix with: chown root:root {path}; chmod 644 {path})")
+    return policy
+
+
+def rule_for(policy: Policy, netns: str, address: str, port: int | None,
+             comms: tuple[str, ...], units: tuple[str, ...]) -> ListenerRule | None:
+    """The first [[listener]] rule matching a listener; every match key the rule gives must match."""
+    for rule in policy.listeners:
+        if rule.port is not None and rule.port != port:
+            continue
+        if rule.address is not None and rule.address != address:
+            continue
+        if rule.process is not None and rule.process not in comms:
+            continue
+        if rule.unit is not None and rule.unit not in units:
+            continue
+        if rule.netns is not None and rule.netns != netns:
+            continue
+        return rule
+    return None
+
+
+def namespace_allowed(policy: Policy, netns: str) -> bool:
+    return "*" in policy.apply.namespaces or netns in policy.apply.namespaces

@@ -1,0 +1,106 @@
+"""Which sysctl changes the findings call for, per network namespace: pure and bounded.
+
+Values only ever go up here (rollback is the one way down), by at most ``step`` per change, never
+above ``max``, at most once per ``cooldown`` per namespace and sysctl, and never over a value an
+administrator set by hand after aqtune's change.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from aqtune.decide.diagnose import Finding
+from aqtune.decide.policy import Limits, Policy, namespace_allowed
+
+SOMAXCONN = "net.core.somaxconn"
+SYN_BACKLOG = "net.ipv4.tcp_max_syn_backlog"
+
+
+@dataclass(frozen=True, slots=True)
+class Managed:
+    """What aqtune did to one sysctl in one namespace (from the change ledger)."""
+
+    original: int  # the value before aqtune's first change
+    applied: int  # the value aqtune last wrote
+    changed_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    netns: str
+    sysctl: str
+    old: int
+    new: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class NamespaceState:
+    name: str
+    sysctls: dict[str, int]
+    listener_findings: list[Finding]
+    namespace_findings: list[Finding]
+
+
+def _grow(current: int, wanted: int, limits: Limits) -> int:
+    return min(max(wanted, limits.min), int(current * limits.step), limits.max)
+
+
+def plan(namespace: NamespaceState, managed: dict[str, Managed], policy: Policy,
+         now: float) -> tuple[list[Change], list[Finding]]:
+    """Changes for one namespace, plus findings saying why a wanted change is held back."""
+    changes: list[Change] = []
+    held: list[Finding] = []
+    wanted: dict[str, tuple[int, str]] = {}
+    capped = [f for f in namespace.listener_findings if f.id == "capped-by-somaxconn"]
+    if capped:
+        target = max(int(f.evidence.get("target") or 0) for f in capped)
+        requested = max(int(f.evidence.get("requested") or 0) for f in capped)
+        wanted[SOMAXCONN] = (max(target, requested),
+                             f"{len(capped)} saturated listener(s) capped by somaxconn")
+    current_syn = namespace.sysctls.get(SYN_BACKLOG)
+    if current_syn is not None and any(f.id == "syn-backlog-limit" for f in namespace.namespace_findings):
+        wanted[SYN_BACKLOG] = (int(current_syn * policy.syn_backlog.step),
+                               "SYNs dropped by tcp_max_syn_backlog with syncookies off")
+    for sysctl, (want, reason) in wanted.items():
+        limits = policy.somaxconn if sysctl == SOMAXCONN else policy.syn_backlog
+        current = namespace.sysctls.get(sysctl)
+        if current is None:
+            continue
+        record = managed.get(sysctl)
+        if record is not None and current != record.applied:
+            held.append(Finding(
+                "admin-override",
+                f"netns {namespace.name}: {sysctl} is {current}, not the {record.applied} aqtune set: changed by "
+                "hand, so aqtune leaves it alone (`aqtune rollback` forgets its record)",
+                {"sysctl": sysctl, "current": current, "aqtune_set": record.applied}))
+            continue
+        new = _grow(current, want, limits)
+        if new <= current:
+            if current >= limits.max:
+                held.append(Finding(
+                    "at-max", f"netns {namespace.name}: {sysctl} is {current}, at the policy's max ({limits.max})",
+                    {"sysctl": sysctl, "current": current, "max": limits.max}))
+            continue
+        if record is not None and now < record.changed_at + limits.cooldown:
+            held.append(Finding(
+                "cooldown",
+                f"netns {namespace.name}: {sysctl} was changed {now - record.changed_at:.0f} s ago; the next "
+                f"change may come after {limits.cooldown:.0f} s",
+                {"sysctl": sysctl, "changed_at": record.changed_at, "cooldown": limits.cooldown}))
+            continue
+        changes.append(Change(namespace.name, sysctl, current, new, reason))
+    return changes, held
+
+
+def refusal(change: Change, policy: Policy, dry_run: bool) -> str | None:
+    """Why ``change`` must not be written, or None when it may be."""
+    if dry_run:
+        return "dry run"
+    if policy.mode != "apply":
+        return "policy mode is recommend"
+    if policy.apply_refused:
+        return policy.apply_refused
+    if not namespace_allowed(policy, change.netns):
+        return f"netns {change.netns} is not in apply.namespaces"
+    return None

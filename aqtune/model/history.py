@@ -1,0 +1,150 @@
+"""Per-listener and per-namespace history across sweeps: what the policy's windows are judged on.
+
+``Model.update`` folds one snapshot in; ``listener_window`` and ``namespace_window`` are pure
+functions of a history, so the decisions built on them can be tested with hand-made samples.
+Histories are bounded by time and count, and a listener that disappears is forgotten.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from aqtune.records import COUNTERS, Listener, Snapshot
+
+MAX_SAMPLES = 4096  # per listener; at 1 s intervals more than an hour of history
+ListenerKey = tuple[str, int]  # (netns, socket cookie): cookies are unique per boot
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    at: float
+    queue: int
+    backlog: int
+    drops: int | None
+    cpu: float | None  # CPU seconds used so far by the owning processes together
+
+    @property
+    def fill(self) -> float:
+        return self.queue / max(self.backlog, 1)
+
+
+@dataclass(slots=True)
+class ListenerHistory:
+    samples: deque[Sample] = field(default_factory=lambda: deque(maxlen=MAX_SAMPLES))
+    saturated: bool = False  # hysteresis state, see listener_window
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerWindow:
+    """What the last ``sustain`` seconds of one listener show."""
+
+    fill: float
+    peak_fill: float
+    high_for: float  # seconds the fill has stayed at or above the threshold (0 if below now)
+    drops: int | None  # drops during the window; None when the socket reports none
+    cpu_share: float | None  # owners' CPU use over the window, in cores; None if unknown
+    saturated: bool
+    span: float  # seconds of history the window actually covers
+
+
+def listener_window(samples: deque[Sample] | list[Sample], was_saturated: bool, fill_ratio: float,
+                    clear_ratio: float, sustain: float) -> ListenerWindow:
+    """Judge a listener's recent samples (oldest first, at least one).
+
+    Saturated once the fill has stayed >= fill_ratio for ``sustain`` seconds or drops occurred in
+    the window; it stays saturated until the fill falls below ``clear_ratio`` with no drops, so a
+    queue hovering around the threshold does not flap.
+    """
+    last = samples[-1]
+    start = last.at - sustain
+    window = [s for s in samples if s.at >= start] or [last]
+    # The sample just before the window is the baseline for counters, so a window of one sample
+    # still sees what happened since the previous sweep.
+    before = [s for s in samples if s.at < start]
+    base = before[-1] if before else window[0]
+    high_since = None
+    for sample in reversed(samples):
+        if sample.fill < fill_ratio:
+            break
+        high_since = sample.at
+    high_for = 0.0 if high_since is None else last.at - high_since
+    drops = None
+    if last.drops is not None and base.drops is not None:
+        drops = max(last.drops - base.drops, 0)
+    cpu_share = None
+    elapsed = last.at - base.at
+    if last.cpu is not None and base.cpu is not None and elapsed > 0:
+        cpu_share = max(last.cpu - base.cpu, 0.0) / elapsed
+    sustained = high_since is not None and high_for >= sustain
+    still_high = last.fill >= clear_ratio if was_saturated else sustained
+    saturated = still_high or bool(drops)
+    return ListenerWindow(
+        fill=last.fill, peak_fill=max(s.fill for s in window), high_for=high_for, drops=drops,
+        cpu_share=cpu_share, saturated=saturated, span=last.at - base.at,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class CounterSample:
+    at: float
+    counters: dict[str, int]
+
+
+def counter_deltas(samples: deque[CounterSample] | list[CounterSample], window: float) -> dict[str, int]:
+    """Increase of each namespace counter over the last ``window`` seconds (since the previous
+    sample when the window is shorter than one interval)."""
+    last = samples[-1]
+    before = [s for s in samples if s.at < last.at - window]
+    base = before[-1] if before else samples[0]
+    return {name: max(last.counters.get(name, 0) - base.counters.get(name, 0), 0) for name in COUNTERS}
+
+
+@dataclass(slots=True)
+class Model:
+    listeners: dict[ListenerKey, ListenerHistory] = field(default_factory=dict)
+    namespaces: dict[str, deque[CounterSample]] = field(default_factory=dict)
+
+    def update(self, snapshot: Snapshot, cpu_seconds: dict[int, float]) -> None:
+        """Fold in one sweep; ``cpu_seconds`` maps owner pids to their CPU time so far."""
+        seen: set[ListenerKey] = set()
+        for listener in snapshot.listeners:
+            key = (listener.netns, listener.cookie)
+            seen.add(key)
+            history = self.listeners.get(key)
+            if history is None:
+                history = self.listeners[key] = ListenerHistory()
+            history.samples.append(_sample(snapshot.taken_at, listener, cpu_seconds))
+        for key in self.listeners.keys() - seen:
+            del self.listeners[key]
+        present = set()
+        for namespace in snapshot.namespaces:
+            if namespace.error and not namespace.counters:
+                continue
+            present.add(namespace.name)
+            samples = self.namespaces.setdefault(namespace.name, deque(maxlen=MAX_SAMPLES))
+            samples.append(CounterSample(snapshot.taken_at, dict(namespace.counters)))
+        for name in self.namespaces.keys() - present:
+            del self.namespaces[name]
+
+    def forget_before(self, cutoff: float) -> None:
+        """Drop samples older than ``cutoff`` (keeping the newest), bounding memory by time."""
+        for history in self.listeners.values():
+            _trim(history.samples, cutoff)
+        for samples in self.namespaces.values():
+            _trim(samples, cutoff)
+
+
+def _trim(samples: deque[Sample] | deque[CounterSample], cutoff: float) -> None:
+    # Keep one sample older than the cutoff: it is the baseline for the oldest window.
+    while len(samples) > 2 and samples[1].at < cutoff:
+        samples.popleft()
+
+
+def _sample(at: float, listener: Listener, cpu_seconds: dict[int, float]) -> Sample:
+    cpu = None
+    if listener.processes:
+        times = [cpu_seconds.get(p.pid) for p in listener.processes]
+        if all(t is not None for t in times):
+            cpu = sum(t for t in times if t is not None)
+    return Sample(at, listener.queue, listener.backlog, listener.drops, cpu)
