@@ -20,9 +20,9 @@ test-deps: deps
 		$(PYTHON) -m venv --system-site-packages $(VENV) && \
 		$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt; }
 
-# The main job: until the daemon lands, watch every listener live.
+# The main job: the loop in the foreground, dry-run (never writes), with the shipped policy.
 run: deps
-	$(PYTHON) -m aqtune status --watch
+	$(PYTHON) -m aqtune run --dry-run --config etc/aqtune/policy.toml
 
 lint: test-deps
 	$(VENV)/bin/ruff check .

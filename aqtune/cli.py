@@ -114,6 +114,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _rollback(args: argparse.Namespace) -> int:
+    from aqtune.act import persist
     from aqtune.act.sysctl import rollback
 
     _require_root("it writes sysctls inside network namespaces")
@@ -125,6 +126,8 @@ def _rollback(args: argparse.Namespace) -> int:
     for result in rollback(ledger):
         print(f"{result.outcome:10} netns {result.netns} {result.sysctl}: {result.detail}")
         failed += result.outcome == "failed"
+    if os.path.exists(persist.SYSCTL_D_FILE):
+        persist.sync_host_file(ledger.entries)
     if failed:
         raise CommandError(f"{failed} change(s) could not be rolled back; they stay in {ledger.path}: "
                            "run `aqtune rollback` again once the cause is fixed")

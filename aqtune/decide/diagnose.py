@@ -91,7 +91,10 @@ def diagnose_listener(listener: Listener, window: ListenerWindow, somaxconn: int
     """Findings for one listener, most actionable first; none when it is not saturated."""
     owner = owner_label(listener.processes)
     findings: list[Finding] = []
-    relisten = raised is not None and listener.backlog == raised.original < raised.applied
+    # Where eBPF saw the listen() call, a listener that asked for no more than it has is not waiting
+    # for a re-listen.
+    relisten = (raised is not None and listener.backlog == raised.original < raised.applied
+                and (requested is None or requested > listener.backlog))
     if window.saturated:
         drops = f", {window.drops} drops in the window" if window.drops else ""
         if window.span == 0:

@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from aqtune.act import sysctl
+from aqtune.act import persist, sysctl
 from aqtune.act.ledger import Ledger
 from aqtune.collect import netns, procfs
 from aqtune.collect.sweep import sweep
@@ -31,6 +31,8 @@ class Runner:
     log: Any
     model: Model = field(default_factory=Model)
     logged: dict[tuple[str, str], float] = field(default_factory=dict)  # (subject, finding id) -> when
+    recommended: dict[tuple[str, str], tuple[int, float]] = field(default_factory=dict)
+    sysctl_d_file: str = persist.SYSCTL_D_FILE
 
     def tick(self) -> tuple[Snapshot, Assessment, list[Change]]:
         snapshot = sweep(self.select)
@@ -61,8 +63,15 @@ class Runner:
         fields = {"netns": change.netns, "sysctl": change.sysctl, "old": change.old, "new": change.new,
                   "reason": change.reason}
         if why_not:
-            self.log.info(f"recommend {change.sysctl}={change.new} in netns {change.netns} (now {change.old}); "
-                          f"not applied: {why_not}", **fields)
+            # The same recommendation comes every sweep while nothing writes it: say it once per
+            # REMIND_AFTER, or when the value it asks for changes.
+            key = (change.netns, change.sysctl)
+            last = self.recommended.get(key)
+            now = time.time()
+            if last is None or last[0] != change.new or now - last[1] >= REMIND_AFTER:
+                self.recommended[key] = (change.new, now)
+                self.log.info(f"recommend {change.sysctl}={change.new} in netns {change.netns} "
+                              f"(now {change.old}); not applied: {why_not}", **fields)
             return
         ref = netns.NamespaceRef(change.netns, inode, _path_of(change.netns, inode))
         try:
@@ -71,6 +80,11 @@ class Runner:
             self.log.error(f"could not set {change.sysctl} in netns {change.netns}: {exc}", **fields)
             return
         self.log.warning(f"set {change.sysctl} {change.old} -> {change.new} in netns {change.netns}", **fields)
+        if self.policy.apply.persist and change.netns == "host":
+            try:
+                persist.sync_host_file(self.ledger.entries, self.sysctl_d_file)
+            except OSError as exc:
+                self.log.error(f"could not persist to {self.sysctl_d_file}: {exc}; the change holds until reboot")
 
     def _log_findings(self, snapshot: Snapshot, result: Assessment) -> None:
         now = snapshot.taken_at
