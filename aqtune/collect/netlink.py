@@ -23,9 +23,9 @@ def open_diag_socket() -> socket.socket:
 
 
 def dump(sock: socket.socket, request: bytes, decoder: Decoder, netns: str,
-         rows: list[Listener]) -> int:
+         rows: list[Listener], ifnames: dict[int, str] | None = None) -> int:
     """Send one dump request and decode replies into ``rows``; returns skipped messages."""
-    progress = DumpProgress(netns, rows)
+    progress = DumpProgress(netns, rows, ifnames=ifnames or {})
     sock.sendall(request)
     buf = bytearray(RECV_BUFFER)
     while not progress.done:

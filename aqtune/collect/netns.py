@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 
 CLONE_NEWNET = 0x40000000
@@ -77,12 +77,25 @@ def list_namespaces(run_netns: str = RUN_NETNS, proc: str = "/proc") -> list[Nam
     return list(found.values())
 
 
-def select_namespaces(available: list[NamespaceRef], wanted: str) -> list[NamespaceRef]:
-    """``all``, ``host``, a /run/netns name, a ``pid:N`` name or an inode number."""
+def select_namespaces(available: list[NamespaceRef], wanted: str, run_netns: str = RUN_NETNS,
+                      proc: str = "/proc") -> list[NamespaceRef]:
+    """``all``, ``host``, a /run/netns name, ``pid:N`` (any process's namespace) or an inode number.
+
+    A namespace is listed under one name, but a pid in it or a second /run/netns name for it
+    (``ip netns attach``) selects it too.
+    """
     if wanted == "all":
         return available
+    inode: int | None = None
+    if wanted.isdigit():
+        inode = int(wanted)
+    elif wanted.startswith("pid:") and wanted[4:].isdigit():
+        inode = _ns_inode_of_link(f"{proc}/{wanted[4:]}/ns/net")
+    elif "/" not in wanted and wanted not in ("", ".", ".."):
+        with suppress(OSError):
+            inode = os.stat(f"{run_netns}/{wanted}").st_ino
     for ref in available:
-        if wanted in (ref.name, str(ref.inode)):
+        if wanted == ref.name or inode == ref.inode:
             return [ref]
     known = ", ".join(ref.name for ref in available if not ref.name.startswith("pid:"))
     raise LookupError(f"unknown network namespace {wanted!r} (known: all, {known}; see `ip netns list`)")

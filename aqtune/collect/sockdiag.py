@@ -70,7 +70,10 @@ class DumpProgress:
     done: bool = False
     meminfo_at: int = 0  # offset of SKMEMINFO within a message, learnt from the first one
     # Listeners share few addresses; formatting each once per dump saves a third of decode time.
-    ip_text: dict[tuple[int, bytes], str] = field(default_factory=dict)
+    ip_text: dict[tuple[int, bytes, int], str] = field(default_factory=dict)
+    # Interface names by index in the dumped namespace, for listeners bound to a device; ss shows
+    # them as 127.0.0.1%eth0:80, and two such listeners differ only there.
+    ifnames: dict[int, str] = field(default_factory=dict)
 
 
 def _request(payload: bytes, seq: int) -> bytes:
@@ -94,11 +97,15 @@ def unix_listen_request(seq: int = 1) -> bytes:
     return _request(payload, seq)
 
 
-def _ip_text(family: int, raw_addr: bytes) -> str:
-    """The address part of ``address``: ``127.0.0.1`` or ``[::1]`` (bracketed, so a port can follow)."""
+def _ip_text(family: int, raw_addr: bytes, ifindex: int, ifnames: dict[int, str]) -> str:
+    """The part of ``address`` before the port: ``127.0.0.1``, ``[::1]``, ``[fe80::1]%eth0``."""
     if family == socket.AF_INET:
-        return socket.inet_ntop(socket.AF_INET, raw_addr[:4])
-    return f"[{socket.inet_ntop(socket.AF_INET6, raw_addr)}]"
+        text = socket.inet_ntop(socket.AF_INET, raw_addr[:4])
+    else:
+        text = f"[{socket.inet_ntop(socket.AF_INET6, raw_addr)}]"
+    if ifindex:
+        text += "%" + ifnames.get(ifindex, str(ifindex))
+    return text
 
 
 def format_unix_path(raw: bytes) -> str:
@@ -157,7 +164,7 @@ def decode_inet(progress: DumpProgress, buf: bytes | bytearray | memoryview, siz
         if end - start < INET_MSG.size:
             progress.skipped += 1
             continue
-        (family, _state, _timer, _retrans, sport, _dport, src, _dst, _if, cookie_lo, cookie_hi,
+        (family, _state, _timer, _retrans, sport, _dport, src, _dst, ifindex, cookie_lo, cookie_hi,
          _expires, rqueue, wqueue, uid, inode) = unpack_msg(buf, start)
         drops = None
         attr = start + meminfo_at
@@ -176,10 +183,10 @@ def decode_inet(progress: DumpProgress, buf: bytes | bytearray | memoryview, siz
                     progress.meminfo_at = meminfo_at = attr - start
                     break
                 attr += (attr_len + 3) & ~3
-        key = (family, src)
+        key = (family, src, ifindex)
         ip = ips.get(key)
         if ip is None:
-            ip = ips[key] = _ip_text(family, src)
+            ip = ips[key] = _ip_text(family, src, ifindex, progress.ifnames)
         port = (sport[0] << 8) | sport[1]
         rows.append(Listener(netns, "tcp" if family == socket.AF_INET else "tcp6", f"{ip}:{port}", port,
                              rqueue, wqueue, drops, cookie_lo | (cookie_hi << 32), inode, uid))

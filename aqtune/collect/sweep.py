@@ -17,11 +17,12 @@ def read_namespace(ref: netns.NamespaceRef) -> tuple[Namespace, list[Listener]]:
     with netns.entered(ref):
         namespace.sysctls = procfs.read_sysctls()
         namespace.counters = procfs.read_counters()
+        ifnames = dict(socket.if_nameindex())
         with netlink.open_diag_socket() as sock:
             skipped = netlink.dump(sock, sockdiag.inet_listen_request(socket.AF_INET), sockdiag.decode_inet,
-                                   ref.name, rows)
+                                   ref.name, rows, ifnames)
             skipped += netlink.dump(sock, sockdiag.inet_listen_request(socket.AF_INET6), sockdiag.decode_inet,
-                                    ref.name, rows)
+                                    ref.name, rows, ifnames)
             try:
                 skipped += netlink.dump(sock, sockdiag.unix_listen_request(), sockdiag.decode_unix, ref.name, rows)
             except sockdiag.NetlinkError as exc:

@@ -1,0 +1,64 @@
+"""Each listener's processes are exactly the pids holding it, as /proc and `ss -p` see them."""
+
+from __future__ import annotations
+
+import pwd
+import shutil
+from collections.abc import Callable
+
+import pytest
+
+from aqtune.collect.sweep import sweep
+from tests.helpers.namespace import TestNamespace
+from tests.integration.expect import listeners_in
+
+pytestmark = pytest.mark.integration
+
+
+def read_comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read().rstrip("\n")
+
+
+def test_owners_are_every_pid_holding_the_socket(netns: Callable[[], TestNamespace]) -> None:
+    ns = netns()
+    helper = ns.listen("tcp4:4", "tcp6:4", f"abstract:2:{ns.name}-owned", forks=3)
+    ready = helper.ready()
+    parent, children = ready["pid"], set(ready["children"])
+    assert len(children) == 3
+
+    snapshot = sweep(ns.name)
+    ss = ns.ss_all(owners=True)
+    ours = listeners_in(snapshot, ns.name)
+    assert set(ours) == {listener["address"] for listener in ready["listeners"]}
+    for address, listener in ours.items():
+        pids = [process.pid for process in listener.processes]
+        assert sorted(pids) == sorted({parent, *children}), f"{address}: each holder once"
+        assert set(pids) == ss[address].pids
+        for process in listener.processes:
+            assert process.comm == read_comm(process.pid)
+            assert process.comm == ("aqt-listen" if process.pid == parent else "aqt-listen-kid")
+            # The children were forked, not exec'd: they share the parent's command line.
+            assert "tests/helpers/listen.py" in process.cmdline
+            assert "--forks 3" in process.cmdline
+
+
+def test_owner_and_uid_of_a_listener_run_as_another_user(netns: Callable[[], TestNamespace]) -> None:
+    if shutil.which("setpriv") is None:
+        pytest.skip("setpriv (util-linux) is needed to run the listener as nobody")
+    nobody = pwd.getpwnam("nobody").pw_uid
+    ns = netns()
+    # An abstract name, since nobody cannot create a socket file in our directory.
+    helper = ns.listen("tcp4:4", "tcp6:4", f"abstract:2:{ns.name}-nobody", user="nobody")
+    ready = helper.ready()
+    assert ready["uid"] == nobody
+
+    snapshot = sweep(ns.name)
+    ss = ns.ss_all()
+    ours = listeners_in(snapshot, ns.name)
+    assert len(ours) == 3
+    for address, listener in ours.items():
+        assert listener.uid == nobody
+        if listener.proto != "unix":
+            assert ss[address].uid == nobody
+        assert [(p.pid, p.comm) for p in listener.processes] == [(ready["pid"], "aqt-listen")]
