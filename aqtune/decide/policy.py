@@ -17,6 +17,7 @@ from typing import Any
 
 DEFAULT_PATH = "/etc/aqtune/policy.toml"
 SYSCTL_CEILING = 2**31 - 1  # the kernel stores both sysctls as int
+MAX_SIZE = 1 << 20  # a policy is a few KiB; anything this large is the wrong file
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,7 +119,8 @@ def _text(value: Any) -> str:
 def _within(check: Callable[[Any], Any], low: float, high: float, low_open: bool = False) -> Callable[[Any], Any]:
     def bounded(value: Any) -> Any:
         converted = check(value)
-        if converted > high or converted < low or (low_open and converted == low):
+        # Written so that NaN (which TOML allows) fails: every comparison with NaN is false.
+        if not (low <= converted <= high) or (low_open and converted == low):
             left = "(" if low_open else "["
             raise ValueError(f"must be in {left}{low:g}, {high:g}], got {value!r}")
         return converted
@@ -167,30 +169,41 @@ MATCH_KEYS = ("port", "address", "process", "unit", "netns")
 
 
 class _Locator:
-    """Finds the line of a dotted key in the source text; tomllib reports no positions."""
+    """Finds the line of a key in the source text, since tomllib reports no positions."""
 
     def __init__(self, text: str) -> None:
         self.lines = text.splitlines()
+        self.headers = [(i, m.group(1).strip()) for i, line in enumerate(self.lines)
+                        if (m := re.match(r"^\s*\[\[?([^\[\]]+)\]\]?\s*(#.*)?$", line))]
 
-    def line_of(self, table: str | None, key: str | None, index: int = 0) -> int | None:
-        start, end = 0, len(self.lines)
-        if table is not None:
-            header = re.compile(rf"^\s*\[\[?\s*{re.escape(table)}\s*\]\]?\s*(#.*)?$")
-            headers = [i for i, line in enumerate(self.lines) if header.match(line)]
-            if len(headers) <= index:
-                return None
-            start = headers[index]
-            if key is None:
-                return start + 1
-            following = (i for i in range(start + 1, end) if re.match(r"^\s*\[", self.lines[i]))
-            end = next(following, end)
-        elif key is not None:
-            first_table = (i for i, line in enumerate(self.lines) if re.match(r"^\s*\[", line))
-            end = next(first_table, end)
-        if key is None:
-            return None
-        pattern = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
-        return next((i + 1 for i in range(start, end) if pattern.match(self.lines[i])), None)
+    def table(self, name: str, index: int = 0) -> int | None:
+        """Line of the ``index``-th ``[name]`` or ``[[name]]`` header."""
+        found = [i for i, header in self.headers if header == name]
+        return found[index] + 1 if len(found) > index else None
+
+    def key(self, table: str | None, key: str, index: int = 0) -> int | None:
+        """Line of ``key = ...`` inside its table's section; failing that, anywhere it is assigned
+        (dotted keys and inline tables)."""
+        if table is None:
+            start, end = 0, self.headers[0][0] if self.headers else len(self.lines)
+        else:
+            header = self.table(table, index)
+            if header is None:
+                start = end = 0
+            else:
+                start = header
+                end = next((i for i, _ in self.headers if i >= header), len(self.lines))
+        assignment = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
+        found = next((i + 1 for i in range(start, end) if assignment.match(self.lines[i])), None)
+        if found is None:
+            anywhere = re.compile(rf"(^|[\s.{{,]){re.escape(key)}\s*=")
+            found = next((i + 1 for i, line in enumerate(self.lines) if anywhere.search(line)), None)
+        return found
+
+    def either(self, table: str | None, key: str, index: int = 0) -> int | None:
+        """A key that may have been written as a table header of its own."""
+        dotted = f"{table}.{key}" if table else key
+        return self.key(table, key, index) or self.table(dotted)
 
 
 def _check_table(values: dict[str, Any], schema: dict[str, Callable[[Any], Any]], table: str | None,
@@ -202,24 +215,28 @@ def _check_table(values: dict[str, Any], schema: dict[str, Callable[[Any], Any]]
         check = schema.get(key)
         if check is None:
             known = ", ".join(sorted(schema))
-            problems.append(Problem(path, locate.line_of(table, key, index), dotted,
+            problems.append(Problem(path, locate.either(table, key, index), dotted,
                                     f"unknown key (known here: {known})"))
             continue
         try:
             checked[key] = check(value)
         except ValueError as exc:
-            problems.append(Problem(path, locate.line_of(table, key, index), dotted, str(exc)))
+            problems.append(Problem(path, locate.key(table, key, index), dotted, str(exc)))
     return checked
 
 
 def parse(text: str, path: str = "<policy>") -> Policy:
     """Policy from TOML text; raises PolicyError listing every problem found."""
+    if text.startswith("\ufeff"):
+        raise PolicyError([Problem(path, 1, "", "starts with a byte-order mark: save it as UTF-8 without BOM")])
     try:
         document = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         match = re.search(r"\(at line (\d+), column \d+\)", str(exc))
         line = int(match.group(1)) if match else None
-        message = re.sub(r"\s*\(at line \d+, column \d+\)", "", str(exc))
+        if "(at end of document)" in str(exc):
+            line = max(len(text.splitlines()), 1)
+        message = re.sub(r"\s*\(at (line \d+, column \d+|end of document)\)", "", str(exc))
         raise PolicyError([Problem(path, line, "", f"TOML syntax error: {message}")]) from None
     locate = _Locator(text)
     problems: list[Problem] = []
@@ -230,11 +247,10 @@ def parse(text: str, path: str = "<policy>") -> Policy:
         check = SCHEMA.get(key)
         if check is None:
             known = ", ".join(sorted([*SCHEMA, "listener"]))
-            problems.append(Problem(path, locate.line_of(None, key) or locate.line_of(key, None), key,
-                                    f"unknown key (known: {known})"))
+            problems.append(Problem(path, locate.either(None, key), key, f"unknown key (known: {known})"))
         elif isinstance(check, dict):
             if not isinstance(value, dict):
-                problems.append(Problem(path, locate.line_of(None, key), key, f"must be a table [{key}]"))
+                problems.append(Problem(path, locate.either(None, key), key, f"must be a table [{key}]"))
                 continue
             settings[key] = _check_table(value, check, key, locate, path, problems)
         else:
@@ -242,20 +258,21 @@ def parse(text: str, path: str = "<policy>") -> Policy:
     rules = []
     raw_rules = document.get("listener", [])
     if not isinstance(raw_rules, list) or not all(isinstance(r, dict) for r in raw_rules):
-        problems.append(Problem(path, locate.line_of(None, "listener"), "listener",
+        problems.append(Problem(path, locate.either(None, "listener"), "listener",
                                 "must be an array of tables: [[listener]]"))
         raw_rules = []
     for index, raw in enumerate(raw_rules):
         rule = _check_table(raw, LISTENER_SCHEMA, "listener", locate, path, problems, index)
         if not any(key in rule for key in MATCH_KEYS) and not any(key in raw for key in MATCH_KEYS):
-            problems.append(Problem(path, locate.line_of("listener", None, index), f"listener[{index}]",
+            problems.append(Problem(path, locate.table("listener", index), f"listener[{index}]",
                                     f"matches every listener: give at least one of {', '.join(MATCH_KEYS)}"))
         if rule.get("ignore") and ("fill_ratio" in rule or "sustain" in rule):
-            problems.append(Problem(path, locate.line_of("listener", "ignore", index), f"listener[{index}].ignore",
+            problems.append(Problem(path, locate.key("listener", "ignore", index), f"listener[{index}].ignore",
                                     "an ignored listener takes no fill_ratio or sustain"))
         rules.append(ListenerRule(**rule))
     policy = _build(settings, tuple(rules), path)
-    problems += _cross_checks(policy, locate, path)
+    if not problems:
+        problems += _cross_checks(policy, settings, locate, path)
     if problems:
         raise PolicyError(problems)
     return policy
@@ -276,15 +293,25 @@ def _build(settings: dict[str, Any], rules: tuple[ListenerRule, ...], path: str)
     )
 
 
-def _cross_checks(policy: Policy, locate: _Locator, path: str) -> list[Problem]:
+def _cross_checks(policy: Policy, written: dict[str, Any], locate: _Locator, path: str) -> list[Problem]:
+    """Checks between two settings; the one the file sets is blamed, so the line points at it."""
     problems = []
-    if policy.saturation.clear_ratio > policy.saturation.fill_ratio:
-        problems.append(Problem(path, locate.line_of("saturation", "clear_ratio"), "saturation.clear_ratio",
-                                f"must not exceed saturation.fill_ratio ({policy.saturation.fill_ratio:g})"))
+
+    def conflict(table: str, low: str, high: str, low_value: float, high_value: float) -> None:
+        keys = written.get(table, {})
+        if low in keys or high not in keys:
+            problems.append(Problem(path, locate.key(table, low), f"{table}.{low}",
+                                    f"must not exceed {table}.{high} ({high_value:g})"))
+        else:
+            problems.append(Problem(path, locate.key(table, high), f"{table}.{high}",
+                                    f"must be at least {table}.{low} ({low_value:g}, its default)"))
+
+    saturation = policy.saturation
+    if saturation.clear_ratio > saturation.fill_ratio:
+        conflict("saturation", "clear_ratio", "fill_ratio", saturation.clear_ratio, saturation.fill_ratio)
     for name, limits in (("somaxconn", policy.somaxconn), ("syn_backlog", policy.syn_backlog)):
         if limits.min > limits.max:
-            problems.append(Problem(path, locate.line_of(name, "min"), f"{name}.min",
-                                    f"must not exceed {name}.max ({limits.max})"))
+            conflict(name, "min", "max", limits.min, limits.max)
     return problems
 
 
@@ -292,13 +319,15 @@ def read_text(path: str) -> str:
     """The file's text, or PolicyError saying what is wrong with the file itself."""
     try:
         with open(path, "rb") as f:
-            data = f.read(1 << 20)
+            data = f.read(MAX_SIZE + 1)
     except FileNotFoundError:
         raise PolicyError([Problem(path, None, "", "no such file; copy etc/aqtune/policy.toml there")]) from None
     except IsADirectoryError:
         raise PolicyError([Problem(path, None, "", "is a directory, not a policy file")]) from None
     except OSError as exc:
         raise PolicyError([Problem(path, None, "", f"cannot read: {exc.strerror}")]) from None
+    if len(data) > MAX_SIZE:
+        raise PolicyError([Problem(path, None, "", f"is larger than {MAX_SIZE // 1024} KiB: not a policy file")])
     if b"\0" in data:
         raise PolicyError([Problem(path, None, "", "is binary, not TOML text")])
     try:
