@@ -42,21 +42,23 @@ def socket_holders(inodes: set[int], proc: str = "/proc") -> dict[int, list[int]
 
 
 def unit_from_cgroup(text: str) -> str | None:
-    """The systemd unit in /proc/PID/cgroup: cgroup v2's ``0::`` line, else v1's name=systemd."""
-    path = None
+    """The systemd unit in /proc/PID/cgroup: from cgroup v2's ``0::`` line, else v1's name=systemd.
+
+    A v1 host that has cgroup2 mounted somewhere still lists ``0::/`` for every process, so an empty
+    v2 path must not hide the v1 one.
+    """
+    paths: list[str] = []
     for line in text.splitlines():
         hierarchy, _, rest = line.partition(":")
         controllers, _, cgroup = rest.partition(":")
         if hierarchy == "0" and controllers == "":
-            path = cgroup
-            break
-        if controllers == "name=systemd":
-            path = cgroup
-    if not path:
-        return None
-    for part in reversed(path.split("/")):
-        if _UNIT.fullmatch(part):
-            return part
+            paths.insert(0, cgroup)
+        elif controllers == "name=systemd":
+            paths.append(cgroup)
+    for path in paths:
+        for part in reversed(path.split("/")):
+            if _UNIT.fullmatch(part):
+                return part
     return None
 
 

@@ -38,6 +38,7 @@ UNIX_LISTENING_TYPES = (socket.SOCK_STREAM, socket.SOCK_SEQPACKET)
 NLMSG = struct.Struct("=IHHII")  # len, type, flags, seq, pid
 NLATTR = struct.Struct("=HH")  # len, type
 U32 = struct.Struct("=I")
+I32 = struct.Struct("=i")
 RQLEN = struct.Struct("=II")
 # inet_diag_req_v2: family, protocol, ext, pad, states, sockid (ports, addrs, if, cookie)
 INET_REQ = struct.Struct("=BBBBI4s16s16sIQ")
@@ -111,7 +112,8 @@ def _ip_text(family: int, raw_addr: bytes, ifindex: int, ifnames: dict[int, str]
 def format_unix_path(raw: bytes) -> str:
     """Abstract names start with NUL and are shown as ``@name``, as ss does."""
     if raw[:1] == b"\0":
-        return "@" + raw[1:].decode("utf-8", "backslashreplace")
+        # NULs inside an abstract name are shown as '@' too, as ss does: never raw into a terminal.
+        return "@" + raw[1:].replace(b"\0", b"@").decode("utf-8", "backslashreplace")
     return raw.rstrip(b"\0").decode("utf-8", "backslashreplace")
 
 
@@ -127,13 +129,11 @@ def _frames(progress: DumpProgress, buf: bytes | bytearray | memoryview, size: i
         if length < NLMSG.size or offset + length > size:
             progress.skipped += 1
             return
-        if msg_type == NLMSG_DONE:
-            progress.done = True
-            return
-        if msg_type == NLMSG_ERROR:
+        if msg_type in (NLMSG_DONE, NLMSG_ERROR):
+            # Both may carry a negative errno: a dump can end in an error, not only start with one.
             if length >= NLMSG.size + 4:
-                errno = -struct.unpack_from("=i", buf, offset + NLMSG.size)[0]
-                if errno:
+                errno = -I32.unpack_from(buf, offset + NLMSG.size)[0]
+                if errno > 0:
                     raise NetlinkError(errno)
             progress.done = True
             return
@@ -168,10 +168,11 @@ def decode_inet(progress: DumpProgress, buf: bytes | bytearray | memoryview, siz
          _expires, rqueue, wqueue, uid, inode) = unpack_msg(buf, start)
         drops = None
         attr = start + meminfo_at
-        if meminfo_at and attr + 4 <= end and unpack_attr(buf, attr)[1] == INET_DIAG_SKMEMINFO:
-            attr_len = unpack_attr(buf, attr)[0]
-            if attr + attr_len <= end:
-                drops = _meminfo_drops(buf, attr + 4, attr_len - 4)
+        attr_len = attr_type = 0
+        if meminfo_at and attr + 4 <= end:
+            attr_len, attr_type = unpack_attr(buf, attr)
+        if attr_type == INET_DIAG_SKMEMINFO and 4 <= attr_len <= end - attr:
+            drops = _meminfo_drops(buf, attr + 4, attr_len - 4)
         else:
             attr = start + INET_MSG.size
             while attr + 4 <= end:
@@ -181,8 +182,10 @@ def decode_inet(progress: DumpProgress, buf: bytes | bytearray | memoryview, siz
                 if attr_type == INET_DIAG_SKMEMINFO:
                     drops = _meminfo_drops(buf, attr + 4, attr_len - 4)
                     progress.meminfo_at = meminfo_at = attr - start
-                    break
                 attr += (attr_len + 3) & ~3
+            if attr < end:  # an attribute ran past its message: nothing in it can be trusted
+                progress.skipped += 1
+                continue
         key = (family, src, ifindex)
         ip = ips.get(key)
         if ip is None:
@@ -209,6 +212,7 @@ def decode_unix(progress: DumpProgress, buf: bytes | bytearray | memoryview, siz
         while attr + 4 <= end:
             attr_len, attr_type = NLATTR.unpack_from(buf, attr)
             if attr_len < 4 or attr + attr_len > end:
+                has_rqlen = False  # a broken attribute list: skip the whole message
                 break
             value_at, value_len = attr + 4, attr_len - 4
             if attr_type == UNIX_DIAG_NAME:
