@@ -9,8 +9,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tests.helpers.namespace import TestNamespace
+
+# CI must give the same verdict on the same code: property tests draw a fixed sequence there.
+# Locally they stay random, and AQTUNE_EXAMPLES deepens the decision properties.
+settings.register_profile("ci", derandomize=True, database=None, deadline=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 # The host values no test may change; tests write sysctls only inside their own namespaces.
 HOST_SYSCTLS = (

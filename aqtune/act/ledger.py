@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 from aqtune.decide.tuning import Managed
 
@@ -27,9 +27,10 @@ class Entry:
     applied: int  # what aqtune last wrote (== original until the first write completes)
     pending: int | None  # a write that was started but not confirmed
     changed_at: float
+    earlier: list[int] = field(default_factory=list)  # values applied before ``applied``
 
     def managed(self) -> Managed:
-        return Managed(self.original, self.applied, self.changed_at)
+        return Managed(self.original, self.applied, self.changed_at, tuple(self.earlier))
 
 
 class LedgerError(Exception):
@@ -95,6 +96,8 @@ class Ledger:
         entry = self.find(netns_inode, sysctl)
         if entry is None or entry.pending is None:
             return
+        if entry.applied != entry.original:
+            entry.earlier.append(entry.applied)
         entry.applied, entry.pending = entry.pending, None
         self._save()
 

@@ -56,7 +56,9 @@ def rollback_entry(entry: Entry, refs: dict[int, netns.NamespaceRef]) -> Rollbac
         return RollbackResult(entry.netns, entry.sysctl, "gone", "the namespace no longer exists")
     try:
         current = read_in(ref, entry.sysctl)
-        ours = {entry.applied, entry.original} | ({entry.pending} if entry.pending is not None else set())
+        ours = {entry.applied, entry.original, *entry.earlier}
+        if entry.pending is not None:
+            ours.add(entry.pending)
         if current not in ours:
             return RollbackResult(entry.netns, entry.sysctl, "left-alone",
                                   f"now {current}, not aqtune's {entry.applied}: changed by hand after aqtune")

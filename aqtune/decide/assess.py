@@ -53,7 +53,7 @@ def assess(snapshot: Snapshot, model: Model, policy: Policy, managed: dict[str, 
                                  0.0 if one_shot else sustain)
         result.windows[key] = window
         record = managed.get(listener.netns, {}).get(SOMAXCONN)
-        raised = Raised(record.original, record.applied) if record else None
+        raised = Raised(record.original, record.applied, record.earlier) if record else None
         findings = diagnose_listener(listener, window, somaxconn.get(listener.netns),
                                      (requested or {}).get(listener.cookie), raised, policy)
         if findings:

@@ -26,10 +26,11 @@ class Finding:
 
 @dataclass(frozen=True, slots=True)
 class Raised:
-    """A somaxconn value aqtune set in a namespace, and the value it replaced."""
+    """A somaxconn value aqtune set in a namespace, and the values it replaced."""
 
     original: int
     applied: int
+    earlier: tuple[int, ...] = ()  # values aqtune wrote before ``applied``
 
 
 def owner_label(processes: tuple[Process, ...]) -> str:
@@ -88,12 +89,17 @@ def suggested_backlog(listener: Listener, policy: Policy) -> int:
 
 def diagnose_listener(listener: Listener, window: ListenerWindow, somaxconn: int | None,
                       requested: int | None, raised: Raised | None, policy: Policy) -> list[Finding]:
-    """Findings for one listener, most actionable first; none when it is not saturated."""
+    """Findings for one listener, most actionable first.
+
+    Only a saturated listener gets advice about its backlog; one still waiting to call listen()
+    again after aqtune raised somaxconn is told so even when idle, until it does.
+    """
     owner = owner_label(listener.processes)
     findings: list[Finding] = []
     # Where eBPF saw the listen() call, a listener that asked for no more than it has is not waiting
     # for a re-listen.
-    relisten = (raised is not None and listener.backlog == raised.original < raised.applied
+    relisten = (raised is not None and listener.backlog < raised.applied
+                and listener.backlog in (raised.original, *raised.earlier)
                 and (requested is None or requested > listener.backlog))
     if window.saturated:
         drops = f", {window.drops} drops in the window" if window.drops else ""
@@ -145,9 +151,11 @@ def diagnose_listener(listener: Listener, window: ListenerWindow, somaxconn: int
         extra = ""
         if somaxconn is not None and target > somaxconn:
             extra = f" (and raise net.core.somaxconn in netns {listener.netns} to at least {target})"
+        limit = (f"is below somaxconn ({somaxconn})" if somaxconn is None or listener.backlog < somaxconn
+                 else f"is what it asked for (somaxconn is {somaxconn})")
         findings.append(Finding(
             "capped-by-app",
-            f"{listener.address}: backlog {listener.backlog} is below somaxconn ({somaxconn}), so the limit is "
+            f"{listener.address}: backlog {listener.backlog} {limit}, so the limit is "
             f"{owner}'s own: " + app_knob(listener.processes, target) + extra,
             {"backlog": listener.backlog, "somaxconn": somaxconn, "requested": requested, "target": target},
         ))

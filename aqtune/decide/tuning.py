@@ -23,6 +23,7 @@ class Managed:
     original: int  # the value before aqtune's first change
     applied: int  # the value aqtune last wrote
     changed_at: float
+    earlier: tuple[int, ...] = ()  # values aqtune wrote before ``applied``, oldest first
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,7 +44,10 @@ class NamespaceState:
 
 
 def _grow(current: int, wanted: int, limits: Limits) -> int:
-    return min(max(wanted, limits.min), int(current * limits.step), limits.max)
+    # A step too small to add a whole unit still adds one; from 0 (which the kernel accepts) no
+    # multiple helps, so the floor is the cap.
+    stepped = max(int(current * limits.step), current + 1) if current > 0 else limits.min
+    return min(max(wanted, limits.min), stepped, limits.max)
 
 
 def plan(namespace: NamespaceState, managed: dict[str, Managed], policy: Policy,
@@ -60,8 +64,8 @@ def plan(namespace: NamespaceState, managed: dict[str, Managed], policy: Policy,
                              f"{len(capped)} saturated listener(s) capped by somaxconn")
     current_syn = namespace.sysctls.get(SYN_BACKLOG)
     if current_syn is not None and any(f.id == "syn-backlog-limit" for f in namespace.namespace_findings):
-        wanted[SYN_BACKLOG] = (int(current_syn * policy.syn_backlog.step),
-                               "SYNs dropped by tcp_max_syn_backlog with syncookies off")
+        # No listener asks for a number here: one step at a time, as far as the policy allows.
+        wanted[SYN_BACKLOG] = (policy.syn_backlog.max, "SYNs dropped by tcp_max_syn_backlog with syncookies off")
     for sysctl, (want, reason) in wanted.items():
         limits = policy.somaxconn if sysctl == SOMAXCONN else policy.syn_backlog
         current = namespace.sysctls.get(sysctl)

@@ -112,7 +112,9 @@ class Model:
             key = (listener.netns, listener.cookie)
             seen.add(key)
             history = self.listeners.get(key)
-            if history is None:
+            # A new backlog means the listener called listen() again: what it suffered before
+            # (drops, a full queue) says nothing about the new queue, so its history restarts.
+            if history is None or (history.samples and history.samples[-1].backlog != listener.backlog):
                 history = self.listeners[key] = ListenerHistory()
             history.samples.append(_sample(snapshot.taken_at, listener, cpu_seconds))
         for key in self.listeners.keys() - seen:

@@ -45,18 +45,19 @@ class Runner:
         result = assess(snapshot, self.model, self.policy, managed)
         for key, window in result.windows.items():
             self.model.listeners[key].saturated = window.saturated
-        self._log_findings(snapshot, result)
         by_namespace = result.by_namespace(snapshot)
-        changes: list[Change] = []
+        changes: list[tuple[Change, int]] = []
+        held: dict[str, list[Finding]] = {}
         for namespace in snapshot.namespaces:
             state = NamespaceState(namespace.name, namespace.sysctls, by_namespace.get(namespace.name, []),
                                    result.namespace_findings.get(namespace.name, []))
-            wanted, held = plan(state, managed.get(namespace.name, {}), self.policy, snapshot.taken_at)
-            self._log_new(f"netns {namespace.name}", held, snapshot.taken_at)
-            for change in wanted:
-                self._act(change, namespace.inode)
-            changes += wanted
-        return snapshot, result, changes
+            wanted, held[namespace.name] = plan(state, managed.get(namespace.name, {}), self.policy,
+                                                snapshot.taken_at)
+            changes += [(change, namespace.inode) for change in wanted]
+        self._log_findings(snapshot, result, held)
+        for change, inode in changes:
+            self._act(change, inode)
+        return snapshot, result, [change for change, _ in changes]
 
     def _act(self, change: Change, inode: int) -> None:
         why_not = refusal(change, self.policy, self.dry_run)
@@ -86,7 +87,8 @@ class Runner:
             except OSError as exc:
                 self.log.error(f"could not persist to {self.sysctl_d_file}: {exc}; the change holds until reboot")
 
-    def _log_findings(self, snapshot: Snapshot, result: Assessment) -> None:
+    def _log_findings(self, snapshot: Snapshot, result: Assessment, held: dict[str, list[Finding]]) -> None:
+        """Log findings as they appear (and again every REMIND_AFTER), and say when they clear."""
         now = snapshot.taken_at
         active: set[tuple[str, str]] = set()
         for listener in snapshot.listeners:
@@ -94,7 +96,8 @@ class Runner:
             findings = result.listener_findings.get((listener.netns, listener.cookie), [])
             active |= {(subject, f.id) for f in findings}
             self._log_new(subject, findings, now)
-        for name, findings in result.namespace_findings.items():
+        for name in {*result.namespace_findings, *held}:
+            findings = result.namespace_findings.get(name, []) + held.get(name, [])
             active |= {(f"netns {name}", f.id) for f in findings}
             self._log_new(f"netns {name}", findings, now)
         for subject, finding_id in set(self.logged) - active:

@@ -1,0 +1,97 @@
+"""`aqtune run` and `aqtune rollback` as an operator runs them, for the tuning tests.
+
+The daemon's log (key=value lines on stderr) goes to a file that the tests read back while it runs,
+so they can wait for a log line instead of sleeping for a fixed time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tests.helpers.namespace import PYTHON, REPO
+
+COMMAND_TIMEOUT = 30.0
+
+
+def aqtune(*args: str) -> subprocess.CompletedProcess[str]:
+    """One aqtune command run to completion (status, rollback), from the work tree."""
+    return subprocess.run([PYTHON, "-m", "aqtune", *args], capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
+                          cwd=REPO, stdin=subprocess.DEVNULL)
+
+
+def write_policy(path: Path, text: str, mode: int = 0o644, uid: int = 0) -> Path:
+    """A policy file with the given permissions: apply mode is honoured only for root-owned, 0644-like files."""
+    path.write_text(text, encoding="utf-8")
+    os.chown(path, uid, -1)
+    os.chmod(path, mode)  # after chown, which may clear mode bits, and regardless of the umask
+    return path
+
+
+def ledger_changes(state_dir: Path) -> list[dict[str, Any]] | None:
+    """The entries of DIR/changes.json, or None when aqtune never wrote one."""
+    try:
+        document = json.loads((state_dir / "changes.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    assert document["version"] == 1, document
+    changes: list[dict[str, Any]] = document["changes"]
+    return changes
+
+
+class Daemon:
+    """`aqtune run ARGS` in the background, its stdout and stderr in ``log_path``."""
+
+    def __init__(self, args: Sequence[str], log_path: Path) -> None:
+        self.args = [PYTHON, "-m", "aqtune", "run", *args]
+        self.log_path = log_path
+        with open(log_path, "wb") as log:
+            self.popen = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                          cwd=REPO)
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def lines(self) -> list[str]:
+        return self.log_path.read_text(encoding="utf-8", errors="replace").splitlines()
+
+    def matching(self, *needles: str) -> list[int]:
+        """Indexes of the log lines containing every needle."""
+        return [index for index, line in enumerate(self.lines()) if all(needle in line for needle in needles)]
+
+    def count(self, *needles: str) -> int:
+        return len(self.matching(*needles))
+
+    def wait_for(self, *needles: str, after: int = -1, timeout: float = 15.0) -> int:
+        """Index of the first log line after line ``after`` containing every needle; fails early if the daemon
+        exits, and with the whole log otherwise, so a failure shows what aqtune did instead."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = [index for index in self.matching(*needles) if index > after]
+            if found:
+                return found[0]
+            exited = self.popen.poll()
+            if exited is not None or time.monotonic() >= deadline:
+                state = f"aqtune exited {exited}" if exited is not None else f"timed out after {timeout} s"
+                log = "\n".join(self.lines())
+                raise AssertionError(f"{state} before logging a line with {needles!r}; log:\n{log}")
+            time.sleep(0.05)
+
+    def stop(self, timeout: float = 10.0) -> int:
+        """SIGTERM, as systemd stops it; the exit status. The sweep under way finishes first."""
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+        return self.popen.wait(timeout=timeout)
+
+    def kill(self) -> None:
+        """SIGKILL and reap; safe to call more than once and after it exited."""
+        if self.popen.poll() is None:
+            self.popen.kill()
+        self.popen.wait(timeout=10)

@@ -1,0 +1,323 @@
+"""Example-based checks of the findings: when a listener is saturated, what limits it, whose knob fixes it."""
+
+from __future__ import annotations
+
+import pytest
+
+from aqtune.decide.diagnose import (
+    STALLED_CPU_SHARE,
+    Finding,
+    Raised,
+    app_knob,
+    diagnose_listener,
+    diagnose_namespace,
+    owner_label,
+)
+from aqtune.decide.policy import Limits, Policy
+from aqtune.model.history import ListenerWindow, Sample, listener_window
+from aqtune.records import Listener, Process
+
+# Built-in defaults: somaxconn min 1024, max 65535, step 4; saturation 0.9 / 10 s / clear 0.5.
+POLICY = Policy()
+NGINX = Process(321, "nginx", "nginx: master process /usr/sbin/nginx", "nginx.service")
+
+
+def listener(queue: int = 129, backlog: int = 128, processes: tuple[Process, ...] = (NGINX,),
+             drops: int | None = 0) -> Listener:
+    return Listener("ns1", "tcp", "0.0.0.0:80", 80, queue, backlog, drops, 7, 77, 0, processes)
+
+
+def window(saturated: bool = True, cpu_share: float | None = None, drops: int | None = 0,
+           span: float = 10.0) -> ListenerWindow:
+    return ListenerWindow(fill=1.0, peak_fill=1.0, high_for=span, drops=drops, cpu_share=cpu_share,
+                          saturated=saturated, span=span)
+
+
+def ids(findings: list[Finding]) -> list[str]:
+    return [f.id for f in findings]
+
+
+def by_id(findings: list[Finding], finding_id: str) -> Finding:
+    return next(f for f in findings if f.id == finding_id)
+
+
+# --- saturation: sustained, drops, hysteresis (listener_window) ---
+
+def samples(fills: list[float], backlog: int = 100, drops: list[int] | None = None,
+            interval: float = 1.0) -> list[Sample]:
+    drops = drops or [0] * len(fills)
+    return [Sample(i * interval, round(fill * backlog), backlog, d, None)
+            for i, (fill, d) in enumerate(zip(fills, drops, strict=True))]
+
+
+def saturated(fills: list[float], was_saturated: bool = False, sustain: float = 10.0,
+              drops: list[int] | None = None) -> bool:
+    return listener_window(samples(fills, drops=drops), was_saturated, 0.9, 0.5, sustain).saturated
+
+
+def test_full_queue_is_saturated_only_once_it_has_stayed_full_for_sustain_seconds() -> None:
+    # Ten samples 1 s apart span 9 s: a burst that long is what the queue is there to absorb.
+    assert not saturated([1.0] * 10)
+    assert saturated([1.0] * 11)
+    assert saturated([0.9] * 11)  # the threshold itself counts as high
+
+
+def test_a_dip_below_fill_ratio_restarts_the_sustain_clock() -> None:
+    assert not saturated([1.0] * 6 + [0.89] + [1.0] * 6)
+    assert saturated([0.0] * 5 + [1.0] * 11)
+
+
+def test_drops_in_the_window_saturate_even_a_short_queue() -> None:
+    # A drop is a lost connection: no need to wait for the fill to be sustained.
+    assert saturated([0.1, 0.1, 0.1], drops=[0, 0, 2])
+
+
+def test_drops_before_the_window_do_not_count() -> None:
+    fills = [0.1] * 20
+    assert not saturated(fills, drops=[0, 4] + [4] * 18, sustain=5.0)
+    assert saturated(fills, drops=[0] * 16 + [4] * 4, sustain=5.0)
+
+
+def test_zero_sustain_judges_the_latest_sample_alone() -> None:
+    # What a one-shot `aqtune status` does: one sample, "sustained" means "now".
+    assert saturated([1.0], sustain=0.0)
+    assert not saturated([1.0, 0.5], sustain=0.0)
+
+
+def test_saturated_stays_saturated_until_fill_falls_below_clear_ratio() -> None:
+    assert saturated([0.6], was_saturated=True)
+    assert saturated([0.5], was_saturated=True)  # clear_ratio itself still holds
+    assert not saturated([0.49], was_saturated=True)
+    # The same fill does not make an unsaturated listener saturated: that takes fill_ratio.
+    assert not saturated([0.6], was_saturated=False)
+
+
+def test_saturated_with_drops_stays_saturated_below_clear_ratio() -> None:
+    assert saturated([0.0, 0.0], was_saturated=True, drops=[0, 1])
+
+
+# --- the saturated finding itself ---
+
+def test_no_findings_for_an_unsaturated_listener() -> None:
+    assert diagnose_listener(listener(queue=10), window(saturated=False), 128, None, None, POLICY) == []
+
+
+def test_saturated_finding_comes_first_with_its_figures() -> None:
+    findings = diagnose_listener(listener(), window(drops=3), 128, None, None, POLICY)
+    first = findings[0]
+    assert first.id == "saturated"
+    assert "129/128" in first.text and "3 drops in the window" in first.text
+    assert first.evidence["queue"] == 129 and first.evidence["backlog"] == 128 and first.evidence["drops"] == 3
+
+
+def test_one_shot_saturation_says_now_and_the_drops_since_listen() -> None:
+    findings = diagnose_listener(listener(drops=40), window(span=0.0), 128, None, None, POLICY)
+    assert "now, 40 drops since it started listening" in findings[0].text
+
+
+# --- capped by somaxconn or by the application ---
+
+def test_backlog_at_somaxconn_with_unknown_request_is_capped_by_somaxconn() -> None:
+    findings = diagnose_listener(listener(), window(), 128, None, None, POLICY)
+    assert ids(findings) == ["saturated", "capped-by-somaxconn"]
+    capped = findings[1]
+    assert "unknown" in capped.text
+    # Target: backlog x step (512) but at least the policy's min (1024).
+    assert "raise somaxconn there to 1024" in capped.text
+    assert "netns ns1" in capped.text
+    assert capped.evidence == {"backlog": 128, "somaxconn": 128, "requested": None, "target": 1024}
+
+
+def test_request_above_somaxconn_is_capped_by_somaxconn_and_asks_for_the_request() -> None:
+    findings = diagnose_listener(listener(), window(), 128, 4096, None, POLICY)
+    assert ids(findings) == ["saturated", "capped-by-somaxconn"]
+    capped = findings[1]
+    assert "the application asked for 4096" in capped.text
+    assert "raise somaxconn there to 4096" in capped.text
+    assert "systemctl reload-or-restart nginx.service" in capped.text  # it must listen() again
+
+
+def test_request_equal_to_somaxconn_is_the_applications_own_limit() -> None:
+    # The application got all it asked for: raising somaxconn alone changes nothing.
+    findings = diagnose_listener(listener(), window(), 128, 128, None, POLICY)
+    assert ids(findings) == ["saturated", "capped-by-app"]
+    text = findings[1].text
+    assert "backlog=1024" in text
+    assert "raise net.core.somaxconn in netns ns1 to at least 1024" in text  # the new backlog needs room too
+
+
+def test_backlog_below_somaxconn_is_capped_by_app_without_a_somaxconn_change() -> None:
+    findings = diagnose_listener(listener(queue=101, backlog=100), window(), 4096, None, None, POLICY)
+    assert ids(findings) == ["saturated", "capped-by-app"]
+    assert "somaxconn" not in findings[1].text.split("own:")[1]
+    assert findings[1].evidence["target"] == 1024
+
+
+def test_capped_by_app_names_the_owner_pid_and_unit() -> None:
+    findings = diagnose_listener(listener(queue=101, backlog=100), window(), 4096, None, None, POLICY)
+    assert "nginx (pid 321, nginx.service)'s own" in findings[1].text
+
+
+def test_capped_advice_never_exceeds_the_policy_max() -> None:
+    policy = Policy(somaxconn=Limits(max=2000, min=1024, step=4.0))
+    findings = diagnose_listener(listener(queue=1001, backlog=1000), window(), 1000, None, None, policy)
+    assert by_id(findings, "capped-by-somaxconn").evidence["target"] == 2000
+
+
+SERVICE = "app.service"
+
+
+def proc(comm: str, cmdline: str | None = None, pid: int = 500, unit: str | None = SERVICE) -> Process:
+    return Process(pid, comm, cmdline if cmdline is not None else comm, unit)
+
+
+@pytest.mark.parametrize("processes,expected", [
+    ((proc("nginx"),), "add backlog=1024 to nginx's `listen` directive"),
+    ((proc("apache2"),), "`ListenBacklog 1024`"),
+    ((proc("httpd"),), "`ListenBacklog 1024`"),
+    ((proc("haproxy"),), "`backlog 1024` in the HAProxy frontend"),
+    ((proc("php-fpm8.2", "php-fpm: pool www"),), "`listen.backlog = 1024` in the php-fpm pool"),
+    ((proc("gunicorn"),), "start gunicorn with `--backlog 1024`"),
+    # gunicorn without setproctitle keeps the interpreter's comm: only its cmdline gives it away.
+    ((proc("python3", "/usr/bin/python3 -m gunicorn app:app"),), "start gunicorn with `--backlog 1024`"),
+    ((proc("uvicorn"),), "start uvicorn with `--backlog 1024`"),
+    ((proc("python3", "python3 -m uvicorn main:app"),), "start uvicorn with `--backlog 1024`"),
+    ((proc("node", "node server.js"),), "server.listen({port, backlog: 1024})"),
+    ((proc("nodejs"),), "server.listen({port, backlog: 1024})"),
+    ((proc("redis-server", "/usr/bin/redis-server 127.0.0.1:6379"),), "`tcp-backlog 1024` in redis.conf"),
+    ((proc("postgres", "/usr/lib/postgresql/15/bin/postgres"),), "fixed at 2 x max_connections"),
+    ((proc("postmaster"),), "fixed at 2 x max_connections"),
+    # Socket activation: systemd called listen(), so its Backlog= is what counts, whoever accepts.
+    ((proc("systemd", "/sbin/init", pid=1, unit="init.scope"), proc("nginx", unit="web.service")),
+     "set Backlog=1024 in the [Socket] section of the .socket unit that passes it to web.service"),
+    ((proc("systemd", "/sbin/init", pid=1, unit=None),), "passes it to the service"),
+    ((proc("myserver"),), "raise the backlog it passes to listen() to 1024"),
+    ((), "raise the backlog it passes to listen() to 1024"),
+])
+def test_capped_by_app_advice_names_the_owners_own_knob(processes: tuple[Process, ...], expected: str) -> None:
+    assert expected in app_knob(processes, 1024)
+    findings = diagnose_listener(listener(queue=101, backlog=100, processes=processes), window(), 4096, None,
+                                 None, POLICY)
+    assert expected in by_id(findings, "capped-by-app").text
+
+
+def test_owner_label_counts_the_other_holders_and_lists_their_units() -> None:
+    holders = (proc("nginx", pid=10, unit="b.service"), proc("nginx", pid=11, unit="a.service"),
+               proc("nginx", pid=12, unit=None))
+    assert owner_label(holders) == "nginx (pid 10 and 2 more, a.service, b.service)"
+    assert owner_label((proc("nginx", pid=10, unit=None),)) == "nginx (pid 10)"
+    assert owner_label(()) == "its owner (no process found holding the socket)"
+
+
+# --- relisten-needed ---
+
+def test_relisten_needed_when_somaxconn_was_raised_but_the_listener_kept_the_old_backlog() -> None:
+    findings = diagnose_listener(listener(), window(), 4096, None, Raised(original=128, applied=4096), POLICY)
+    assert ids(findings) == ["saturated", "relisten-needed"]
+    text = findings[1].text
+    assert "raised from 128 to 4096" in text and "still has backlog 128" in text
+    assert "`systemctl reload-or-restart nginx.service`" in text
+
+
+def test_relisten_advice_without_a_service_unit_says_restart_or_reload() -> None:
+    owner = (proc("myserver", unit="session-2.scope"),)
+    findings = diagnose_listener(listener(processes=owner), window(), 4096, None, Raised(128, 4096), POLICY)
+    assert by_id(findings, "relisten-needed").text.endswith("restart or reload it")
+
+
+def test_a_listener_that_relistened_is_judged_afresh() -> None:
+    # It now has the raised backlog, which is somaxconn's limit again: ask for more, not for a relisten.
+    findings = diagnose_listener(listener(queue=4097, backlog=4096), window(), 4096, None, Raised(128, 4096), POLICY)
+    assert ids(findings) == ["saturated", "capped-by-somaxconn"]
+
+
+def test_no_relisten_when_the_record_did_not_raise_anything() -> None:
+    findings = diagnose_listener(listener(), window(), 128, None, Raised(original=128, applied=128), POLICY)
+    assert "relisten-needed" not in ids(findings)
+
+
+def test_no_relisten_when_the_application_asked_for_no_more_than_it_has() -> None:
+    # eBPF saw listen(fd, 128); somaxconn was 128 and is now 4096: listen() again still gives 128.
+    findings = diagnose_listener(listener(), window(), 4096, 128, Raised(original=128, applied=4096), POLICY)
+    assert ids(findings) == ["saturated", "capped-by-app"]
+
+
+def test_relisten_needed_after_a_second_raise_for_a_listener_at_the_first_raised_value() -> None:
+    # Default policy from somaxconn 128: first raise 128 -> 512 (step 4), nginx reloads and gets 512,
+    # still full: 512 -> 2048. nginx has not reloaded again, so it must, not change its config.
+    findings = diagnose_listener(listener(queue=513, backlog=512), window(), 2048, None,
+                                 Raised(original=128, applied=2048, earlier=(512,)), POLICY)
+    assert "relisten-needed" in ids(findings)
+
+
+# --- stalled workers ---
+
+def test_stalled_workers_come_before_any_advice_to_lengthen_the_queue() -> None:
+    findings = diagnose_listener(listener(), window(cpu_share=0.01), 128, None, None, POLICY)
+    assert ids(findings) == ["saturated", "stalled-workers", "capped-by-somaxconn"]
+    assert "1.0% of a CPU" in findings[1].text and "nginx (pid 321, nginx.service)" in findings[1].text
+
+
+def test_stalled_workers_also_precede_capped_by_app() -> None:
+    findings = diagnose_listener(listener(queue=101, backlog=100), window(cpu_share=0.0), 4096, None, None, POLICY)
+    assert ids(findings) == ["saturated", "stalled-workers", "capped-by-app"]
+
+
+@pytest.mark.parametrize("cpu_share", [STALLED_CPU_SHARE, 0.5, 3.0, None])
+def test_busy_or_unmeasured_workers_are_not_stalled(cpu_share: float | None) -> None:
+    findings = diagnose_listener(listener(), window(cpu_share=cpu_share), 128, None, None, POLICY)
+    assert "stalled-workers" not in ids(findings)
+
+
+def test_idle_owners_of_an_unsaturated_queue_are_not_stalled() -> None:
+    assert diagnose_listener(listener(queue=0), window(saturated=False, cpu_share=0.0), 128, None, None,
+                             POLICY) == []
+
+
+# --- namespace (SYN queue) findings ---
+
+def ns(syncookies: int | None, **deltas: int) -> list[str]:
+    sysctls = {"net.ipv4.tcp_max_syn_backlog": 512}
+    if syncookies is not None:
+        sysctls["net.ipv4.tcp_syncookies"] = syncookies
+    return ids(diagnose_namespace("ns1", sysctls, deltas))
+
+
+def test_syn_queue_full_needs_syncookies_off_and_reqq_drops() -> None:
+    assert ns(0, TCPReqQFullDrop=5, ListenDrops=5) == ["syn-queue-full"]
+    assert ns(1, TCPReqQFullDrop=5, ListenDrops=5) == []
+    assert ns(0, ListenDrops=0) == []
+
+
+def test_syn_backlog_limit_counts_drops_no_other_counter_explains() -> None:
+    # ListenDrops also counts accept-queue overflows and full-SYN-queue drops; only the rest is the
+    # tcp_max_syn_backlog rule (or rarer causes), and raising it only helps with syncookies off.
+    assert ns(0, ListenDrops=10, ListenOverflows=3, TCPReqQFullDrop=2) == ["syn-queue-full", "syn-backlog-limit"]
+    assert ns(0, ListenDrops=10, ListenOverflows=10) == []
+    assert ns(0, ListenDrops=10, ListenOverflows=4, TCPReqQFullDrop=6) == ["syn-queue-full"]
+    assert ns(1, ListenDrops=10) == []
+
+
+def test_syn_backlog_limit_text_gives_the_unexplained_drops_and_the_sysctl() -> None:
+    findings = diagnose_namespace("ns1", {"net.ipv4.tcp_syncookies": 0, "net.ipv4.tcp_max_syn_backlog": 512},
+                                  {"ListenDrops": 9, "ListenOverflows": 2})
+    assert findings[0].id == "syn-backlog-limit"
+    assert "7 SYNs dropped" in findings[0].text and "(512)" in findings[0].text
+    assert findings[0].evidence["tcp_syncookies"] == 0
+
+
+@pytest.mark.parametrize("syncookies", [1, 2])
+@pytest.mark.parametrize("counter", ["TCPReqQFullDoCookies", "SyncookiesSent"])
+def test_syncookies_active_when_cookies_are_on_and_being_sent(syncookies: int, counter: str) -> None:
+    assert ns(syncookies, **{counter: 3}) == ["syncookies-active"]
+
+
+def test_cookie_counters_without_syncookies_on_are_not_syncookies_active() -> None:
+    assert ns(0, SyncookiesSent=3) == []
+
+
+@pytest.mark.parametrize("syncookies", [0, 1, 2, None])
+def test_flat_counters_give_no_namespace_findings(syncookies: int | None) -> None:
+    assert ns(syncookies, ListenOverflows=0, ListenDrops=0, TCPReqQFullDrop=0, TCPReqQFullDoCookies=0,
+              SyncookiesSent=0, SyncookiesFailed=0, TCPSynRetrans=0) == []
+    assert ns(syncookies) == []
