@@ -12,6 +12,7 @@ TEST_DEBS := python3-pytest python3-hypothesis nftables
 deps:
 	@$(PYTHON) -c 'import pyroute2, structlog, sdnotify, bcc' 2>/dev/null && command -v ss >/dev/null \
 		|| { $(APT) update -qq && $(APT) install $(RUNTIME_DEBS); }
+	@bash scripts/kernel-headers.sh
 
 test-deps: deps
 	@command -v nft >/dev/null && $(PYTHON) -c 'import pytest, hypothesis' 2>/dev/null \

@@ -110,7 +110,27 @@ def _run(args: argparse.Namespace) -> int:
         netns.select_namespaces(netns.list_namespaces(), args.netns)
     except LookupError as exc:
         raise CommandError(str(exc.args[0])) from None
-    return run(Runner(policy, args.netns, _ledger(args.state_dir), args.dry_run, log.configure()))
+    return run(Runner(policy, args.netns, _ledger(args.state_dir), args.dry_run, log.configure()),
+               ebpf=not args.no_ebpf)
+
+
+def _trace(args: argparse.Namespace) -> int:
+    from aqtune.collect import netns
+    from aqtune.collect.ebpf import EMIT_ALL, EventLayer, Unavailable
+    from aqtune.surfaces.trace import trace
+
+    _require_root("it loads eBPF programs")
+    try:
+        netns.select_namespaces(netns.list_namespaces(), args.netns)
+        layer = EventLayer.start(emit=EMIT_ALL)
+    except LookupError as exc:
+        raise CommandError(str(exc.args[0])) from None
+    except Unavailable as exc:
+        raise CommandError(f"eBPF unavailable: {exc}") from None
+    try:
+        return trace(layer, args.netns, args.port)
+    finally:
+        layer.close()
 
 
 def _rollback(args: argparse.Namespace) -> int:
@@ -160,7 +180,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="sweep, diagnose and recommend or apply, in the foreground")
     run.add_argument("--dry-run", action="store_true", help="compute every change but write none")
     run.add_argument("--netns", default="all", metavar="NAME", help="limit to one namespace (default all)")
+    run.add_argument("--no-ebpf", action="store_true", help="run on sock_diag sweeps alone, load no eBPF")
     run.set_defaults(handler=_run)
+
+    trace = commands.add_parser("trace", help="print accept-queue events live (eBPF)")
+    trace.add_argument("--netns", default="all", metavar="NAME", help="only this namespace (default all)")
+    trace.add_argument("--port", type=int, metavar="PORT", help="only listeners on this port")
+    trace.set_defaults(handler=_trace)
 
     rollback = commands.add_parser("rollback", help="restore every sysctl aqtune changed")
     rollback.set_defaults(handler=_rollback)

@@ -72,3 +72,18 @@ class Snapshot:
     duration: float  # seconds the sweep took
     namespaces: list[Namespace]
     listeners: list[Listener]
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerEvents:
+    """What eBPF saw happen to one listener since aqtune started watching it (counters), and
+    between the last two sweeps (peak_queue)."""
+
+    enqueued: int
+    peak_queue: int | None  # the longest queue an arrival saw since the previous sweep
+    ack_overflow: int  # handshake-completing ACKs dropped at a full queue
+    syn_overflow: int | None  # SYNs dropped at a full queue; None where no probe can see them
+    synack_retransmits: int
+    accepts: int
+    queue_wait_ms: dict[str, float] | None  # {"p50": ..., "p99": ...} of enqueue-to-accept time
+    requested_backlog: int | None  # the backlog the application passed to listen(), if seen

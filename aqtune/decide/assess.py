@@ -31,7 +31,7 @@ def assess(snapshot: Snapshot, model: Model, policy: Policy, managed: dict[str, 
            one_shot: bool = False, requested: dict[int, int] | None = None) -> Assessment:
     """Judge every listener of ``snapshot`` against ``policy`` using ``model``'s history.
 
-    ``managed`` maps namespace names to what aqtune changed there; ``requested`` maps socket cookies
+    ``managed`` maps namespace names to what aqtune changed there; ``requested`` maps socket inodes
     to the backlog the application passed to listen(), where eBPF saw it. A one-shot assessment has
     a single sample, so "sustained" means "now".
     """
@@ -55,7 +55,7 @@ def assess(snapshot: Snapshot, model: Model, policy: Policy, managed: dict[str, 
         record = managed.get(listener.netns, {}).get(SOMAXCONN)
         raised = Raised(record.original, record.applied, record.earlier) if record else None
         findings = diagnose_listener(listener, window, somaxconn.get(listener.netns),
-                                     (requested or {}).get(listener.cookie), raised, policy)
+                                     (requested or {}).get(listener.inode), raised, policy)
         if findings:
             result.listener_findings[key] = findings
     for namespace in snapshot.namespaces:

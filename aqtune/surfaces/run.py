@@ -11,6 +11,7 @@ from typing import Any
 from aqtune.act import persist, sysctl
 from aqtune.act.ledger import Ledger
 from aqtune.collect import netns, procfs
+from aqtune.collect.ebpf import EMIT_DROPS, EventLayer, Unavailable
 from aqtune.collect.sweep import sweep
 from aqtune.decide.assess import Assessment, assess
 from aqtune.decide.diagnose import Finding
@@ -32,6 +33,7 @@ class Runner:
     model: Model = field(default_factory=Model)
     logged: dict[tuple[str, str], float] = field(default_factory=dict)  # (subject, finding id) -> when
     recommended: dict[tuple[str, str], tuple[int, float]] = field(default_factory=dict)
+    events: EventLayer | None = None
     sysctl_d_file: str = persist.SYSCTL_D_FILE
 
     def tick(self) -> tuple[Snapshot, Assessment, list[Change]]:
@@ -42,7 +44,9 @@ class Runner:
         self.model.forget_before(snapshot.taken_at - horizon - 2 * self.policy.interval)
         inodes = {ns.name: ns.inode for ns in snapshot.namespaces}
         managed = {name: self.ledger.managed(inode) for name, inode in inodes.items()}
-        result = assess(snapshot, self.model, self.policy, managed)
+        observed = self.events.read() if self.events else {}
+        requested = {inode: e.requested_backlog for inode, e in observed.items() if e.requested_backlog}
+        result = assess(snapshot, self.model, self.policy, managed, requested=requested)
         for key, window in result.windows.items():
             self.model.listeners[key].saturated = window.saturated
         by_namespace = result.by_namespace(snapshot)
@@ -122,11 +126,27 @@ def _path_of(name: str, inode: int) -> str:
     raise netns.NamespaceGone(f"{name}: no longer exists")
 
 
-def run(runner: Runner) -> int:
+def start_events(log: Any) -> EventLayer | None:
+    """The eBPF layer, or None with the reason logged: aqtune then runs on the sweep alone."""
+    try:
+        layer = EventLayer.start(emit=EMIT_DROPS)
+    except Unavailable as exc:
+        log.warning(f"eBPF unavailable, running on sock_diag sweeps alone: {exc}", ebpf="unavailable")
+        return None
+    log.info(f"eBPF: {layer.mode}", ebpf="active", offsets=layer.offsets_from)
+    for probe, state in layer.probes.items():
+        if not state.startswith("attached"):
+            log.warning(f"eBPF probe {probe} {state}", probe=probe)
+    return layer
+
+
+def run(runner: Runner, ebpf: bool = True) -> int:
     """Loop until SIGTERM or SIGINT; one failed sweep is logged and retried, not fatal."""
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    if ebpf:
+        runner.events = start_events(runner.log)
     mode = "dry-run" if runner.dry_run else runner.policy.mode
     runner.log.info(f"aqtune running: mode {mode}, policy {runner.policy.source}, netns {runner.select}, "
                     f"state {runner.ledger.state_dir}", mode=mode)
@@ -139,5 +159,7 @@ def run(runner: Runner) -> int:
         except (OSError, LookupError) as exc:
             runner.log.error(f"sweep failed: {exc}")
         stop.wait(max(runner.policy.interval - (time.monotonic() - started), 0.0))
+    if runner.events:
+        runner.events.close()
     runner.log.info("aqtune stopped")
     return 0

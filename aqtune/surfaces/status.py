@@ -52,6 +52,7 @@ def listener_json(listener: Listener, findings: list[Finding]) -> dict[str, Any]
         "processes": [
             {"pid": p.pid, "comm": p.comm, "cmdline": p.cmdline, "unit": p.unit} for p in listener.processes
         ],
+        "events": None,
         "advice": _advice_json(findings),
     }
 
@@ -78,6 +79,8 @@ def snapshot_json(snapshot: Snapshot, advice: Assessment) -> dict[str, Any]:
                       for listener in worst_first(snapshot.listeners)],
         "namespaces": [namespace_json(namespace, advice.namespace_findings.get(namespace.name, []))
                        for namespace in snapshot.namespaces],
+        "ebpf": {"active": False, "probes": {},
+                 "mode": "one-shot status has no event history: `aqtune trace` shows events live"},
     }
 
 

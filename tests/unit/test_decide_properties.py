@@ -206,6 +206,7 @@ def test_only_apply_mode_without_dry_run_writes_and_only_where_allowed(change: C
 
 OWNER = Process(4242, "nginx", "nginx: master process", "nginx.service")
 COOKIE = 77
+INODE = 99
 START = 1_700_000_000.0
 
 
@@ -248,13 +249,13 @@ def simulate(policy: Policy, world: World, dry_run: bool = False) -> Trace:
         socket_drops += world.drops[tick]
         counters["ListenDrops"] += world.syn_drops[tick]
         listener = Listener(NETNS, "tcp", "0.0.0.0:80", 80, world.queue_at(tick, backlog), backlog, socket_drops,
-                            COOKIE, 99, 0, (OWNER,))
+                            COOKIE, INODE, 0, (OWNER,))
         snapshot = Snapshot(now, 0.01, [Namespace(NETNS, 4026532000, dict(sysctls), dict(counters))], [listener])
         # A busy owner (one core), so stalled-workers never stands in for the capacity advice.
         model.update(snapshot, {OWNER.pid: tick * world.interval})
         model.forget_before(now - policy.saturation.sustain - 2 * policy.interval)
         result = assess(snapshot, model, policy, {NETNS: dict(ledger)},
-                        requested={COOKIE: world.asked} if world.asked_known else None)
+                        requested={INODE: world.asked} if world.asked_known else None)
         for key, window in result.windows.items():
             model.listeners[key].saturated = window.saturated
         trace.fills.append(listener.fill)

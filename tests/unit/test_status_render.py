@@ -67,8 +67,11 @@ def test_snapshot_json() -> None:
         "fill": 1.25, "drops": 7, "cookie": 2, "inode": 1002, "uid": 0,
         "processes": [{"pid": 10, "comm": "nginx", "cmdline": "nginx: master", "unit": "nginx.service"},
                       {"pid": 11, "comm": "nginx", "cmdline": "nginx: worker", "unit": "nginx.service"}],
+        "events": None,
         "advice": [],
     }
+    # A one-shot sweep has no event history, and says so.
+    assert document["ebpf"]["active"] is False and "one-shot" in document["ebpf"]["mode"]
     unix = document["listeners"][1]
     assert (unix["port"], unix["drops"], unix["fill"], unix["proto"]) == (None, None, 1.0, "unix")
     assert [ns["name"] for ns in document["namespaces"]] == ["host", "web"]
