@@ -8,7 +8,7 @@ import json
 import os
 import sys
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from aqtune import __version__
 
@@ -61,8 +61,27 @@ def _ledger(state_dir: str) -> Ledger:
         raise CommandError(str(exc)) from None
 
 
-def _status(args: argparse.Namespace) -> int:
+def _status_document(args: argparse.Namespace, policy: Policy, ledger: Ledger) -> dict[str, Any]:
+    """The running daemon's state when there is one (it has history and events), else a sweep now."""
+    from aqtune.act.state import read_live_state
+    from aqtune.collect import netns
     from aqtune.collect.sweep import sweep
+    from aqtune.surfaces import status
+
+    try:
+        live = None if args.sweep else read_live_state(args.state_dir)
+        if live is not None:
+            netns.select_namespaces(netns.list_namespaces(), args.netns)
+            return status.only_namespace(live, args.netns)
+        snapshot = sweep(args.netns)
+    except LookupError as exc:
+        raise CommandError(str(exc.args[0])) from None
+    except PermissionError as exc:
+        raise CommandError(f"{exc}; run it as root") from None
+    return status.snapshot_json(snapshot, status.one_shot_advice(snapshot, policy, ledger))
+
+
+def _status(args: argparse.Namespace) -> int:
     from aqtune.surfaces import status
 
     _require_root("it enters every network namespace and reads other processes' file descriptors")
@@ -70,23 +89,17 @@ def _status(args: argparse.Namespace) -> int:
     ledger = _ledger(args.state_dir)
     previous: dict[int, int] | None = None
     while True:
-        try:
-            snapshot = sweep(args.netns)
-        except LookupError as exc:
-            raise CommandError(str(exc.args[0])) from None
-        except PermissionError as exc:
-            raise CommandError(f"{exc}; run it as root") from None
-        advice = status.one_shot_advice(snapshot, policy, ledger)
+        document = _status_document(args, policy, ledger)
         if args.json:
-            print(json.dumps(status.snapshot_json(snapshot, advice), separators=(",", ":") if args.watch else None,
+            print(json.dumps(document, separators=(",", ":") if args.watch else None,
                              indent=None if args.watch else 2), flush=True)
         else:
-            text = status.render(snapshot, advice, previous)
+            text = status.render(document, previous)
             # Home + clear-to-end repaints in place without the flicker of a full clear.
             print(("\x1b[H\x1b[J" if args.watch else "") + text, flush=True)
         if not args.watch:
             return 0
-        previous = {l.cookie: l.drops for l in snapshot.listeners if l.drops is not None}
+        previous = {l["cookie"]: l["drops"] for l in document["listeners"] if l["drops"] is not None}
         time.sleep(args.interval)
 
 
@@ -102,7 +115,8 @@ def _check(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from aqtune.act import log
     from aqtune.collect import netns
-    from aqtune.surfaces.run import Runner, run
+    from aqtune.surfaces.daemon import serve
+    from aqtune.surfaces.run import Runner
 
     _require_root("it enters network namespaces and writes sysctls there")
     policy = _policy(args.config, required=True)
@@ -110,8 +124,9 @@ def _run(args: argparse.Namespace) -> int:
         netns.select_namespaces(netns.list_namespaces(), args.netns)
     except LookupError as exc:
         raise CommandError(str(exc.args[0])) from None
-    return run(Runner(policy, args.netns, _ledger(args.state_dir), args.dry_run, log.configure()),
-               ebpf=not args.no_ebpf)
+    runner = Runner(policy, args.netns, _ledger(args.state_dir), args.dry_run, log.configure(),
+                    state_dir=args.state_dir)
+    return serve(runner, args.config, ebpf=not args.no_ebpf)
 
 
 def _trace(args: argparse.Namespace) -> int:
@@ -170,6 +185,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--netns", default="all", metavar="NAME",
                         help="a name under /run/netns, 'host', 'pid:N' or 'all' (default)")
     status.add_argument("--watch", action="store_true", help="refresh until interrupted")
+    status.add_argument("--sweep", action="store_true",
+                        help="sweep now even when a daemon runs (its state has history and eBPF events)")
     status.add_argument("--interval", type=_positive_float, default=2.0, metavar="SECONDS",
                         help="refresh period for --watch (default 2)")
     status.set_defaults(handler=_status)

@@ -136,3 +136,24 @@ def cpu_seconds(pids: set[int], proc: str = "/proc") -> dict[int, float]:
         fields = stat[stat.rfind(")") + 2:].split()
         times[pid] = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
     return times
+
+
+class OwnerCache:
+    """Owners by socket inode, rescanned only when unknown sockets appear or ``max_age`` passes.
+
+    The /proc fd scan is the most expensive part of a sweep (it reads every descriptor of every
+    process); a daemon sweeping quiet listeners every second need not repeat it each time.
+    """
+
+    def __init__(self, max_age: float = 30.0) -> None:
+        self.max_age = max_age
+        self.owners: dict[int, tuple[Process, ...]] = {}
+        self.scanned_at = float("-inf")
+
+    def lookup(self, inodes: set[int], now: float) -> dict[int, tuple[Process, ...]]:
+        if inodes - self.owners.keys() or now - self.scanned_at >= self.max_age:
+            found = find_owners(inodes)
+            # Sockets nobody readable holds are remembered as such, or every sweep would rescan.
+            self.owners = {inode: found.get(inode, ()) for inode in inodes}
+            self.scanned_at = now
+        return self.owners

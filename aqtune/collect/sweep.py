@@ -35,7 +35,7 @@ def read_namespace(ref: netns.NamespaceRef) -> tuple[Namespace, list[Listener]]:
     return namespace, rows
 
 
-def sweep(select: str = "all", owners: bool = True) -> Snapshot:
+def sweep(select: str = "all", owners: bool = True, owner_cache: procfs.OwnerCache | None = None) -> Snapshot:
     """Read every selected namespace; a namespace that vanishes mid-sweep is reported, not fatal.
 
     Raises LookupError for an unknown ``select`` and PermissionError when not privileged enough.
@@ -59,7 +59,8 @@ def sweep(select: str = "all", owners: bool = True) -> Snapshot:
         namespaces.append(namespace)
         listeners.extend(rows)
     if owners:
-        found = procfs.find_owners({listener.inode for listener in listeners})
+        inodes = {listener.inode for listener in listeners}
+        found = owner_cache.lookup(inodes, started) if owner_cache else procfs.find_owners(inodes)
         for listener in listeners:
             listener.processes = found.get(listener.inode, ())
     return Snapshot(started, time.perf_counter() - clock, namespaces, listeners)

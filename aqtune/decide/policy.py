@@ -59,6 +59,19 @@ class Limits:
 class Apply:
     namespaces: tuple[str, ...] = ("*",)
     persist: bool = False
+    rollback_on_exit: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class JournalPolicy:
+    window: float = 5.0  # seconds of drops gathered into one entry per listener
+    max_per_minute: int = 30  # entries a minute at most; the rest are counted as suppressed
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsPolicy:
+    # node_exporter's textfile collector reads *.prom here; "" turns the file off.
+    textfile: str = "/var/lib/prometheus/node-exporter/aqtune.prom"
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +94,8 @@ class Policy:
     somaxconn: Limits = field(default_factory=lambda: Limits(step=4.0))
     syn_backlog: Limits = field(default_factory=Limits)
     apply: Apply = field(default_factory=Apply)
+    journal: JournalPolicy = field(default_factory=JournalPolicy)
+    metrics: MetricsPolicy = field(default_factory=MetricsPolicy)
     listeners: tuple[ListenerRule, ...] = ()
     source: str = "built-in defaults"
     apply_refused: str | None = None  # why apply mode was downgraded to recommend, if it was
@@ -141,6 +156,12 @@ def _names(value: Any) -> tuple[str, ...]:
     return tuple(value)
 
 
+def _path(value: Any) -> str:
+    if not isinstance(value, str) or (value and not value.startswith("/")):
+        raise ValueError(f"must be an absolute path or \"\" (off), got {value!r}")
+    return value
+
+
 _RATIO = _within(_number, 0, 1, low_open=True)
 _SECONDS = _within(_number, 0, 86400 * 7)
 _SYSCTL_VALUE = _within(_integer, 1, SYSCTL_CEILING)
@@ -153,7 +174,9 @@ SCHEMA: dict[str, Any] = {
     "saturation": {"fill_ratio": _RATIO, "sustain": _SECONDS, "clear_ratio": _RATIO},
     "somaxconn": _LIMITS,
     "syn_backlog": _LIMITS,
-    "apply": {"namespaces": _names, "persist": _boolean},
+    "apply": {"namespaces": _names, "persist": _boolean, "rollback_on_exit": _boolean},
+    "journal": {"window": _within(_number, 0, 3600, low_open=True), "max_per_minute": _within(_integer, 1, 100000)},
+    "metrics": {"textfile": _path},
 }
 LISTENER_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "port": _within(_integer, 0, 65535),
@@ -288,6 +311,8 @@ def _build(settings: dict[str, Any], rules: tuple[ListenerRule, ...], path: str)
         somaxconn=replace(defaults.somaxconn, **settings.get("somaxconn", {})),
         syn_backlog=replace(defaults.syn_backlog, **settings.get("syn_backlog", {})),
         apply=Apply(**apply),
+        journal=JournalPolicy(**settings.get("journal", {})),
+        metrics=MetricsPolicy(**settings.get("metrics", {})),
         listeners=rules,
         source=path,
     )

@@ -1,8 +1,13 @@
-"""`aqtune status`: a snapshot as a JSON document or as tables a person reads at a glance."""
+"""The status document (`aqtune status --json`, the daemon's state file) and its rendering as tables.
+
+Everything a person or a script sees is built as one JSON-able document first, from a one-shot
+sweep or by the daemon; the table is rendered from that document, so both look the same.
+"""
 
 from __future__ import annotations
 
 import time
+from dataclasses import asdict
 from typing import Any
 
 from aqtune.act.ledger import Ledger
@@ -10,7 +15,7 @@ from aqtune.decide.assess import Assessment, assess
 from aqtune.decide.diagnose import Finding
 from aqtune.decide.policy import Policy
 from aqtune.model.history import Model
-from aqtune.records import Listener, Namespace, Snapshot
+from aqtune.records import Listener, ListenerEvents, Namespace, Snapshot
 
 SHORT_SYSCTL = {
     "net.core.somaxconn": "somaxconn",
@@ -18,6 +23,8 @@ SHORT_SYSCTL = {
     "net.ipv4.tcp_syncookies": "tcp_syncookies",
     "net.ipv4.tcp_abort_on_overflow": "tcp_abort_on_overflow",
 }
+ONE_SHOT_EBPF = {"active": False, "probes": {},
+                 "mode": "one-shot status has no event history: `aqtune trace` shows events live"}
 
 
 def one_shot_advice(snapshot: Snapshot, policy: Policy, ledger: Ledger) -> Assessment:
@@ -36,7 +43,7 @@ def worst_first(listeners: list[Listener]) -> list[Listener]:
     return sorted(listeners, key=lambda l: (-l.fill, -(l.drops or 0), l.netns, l.address))
 
 
-def listener_json(listener: Listener, findings: list[Finding]) -> dict[str, Any]:
+def listener_json(listener: Listener, findings: list[Finding], events: ListenerEvents | None = None) -> dict[str, Any]:
     return {
         "netns": listener.netns,
         "proto": listener.proto,
@@ -52,7 +59,7 @@ def listener_json(listener: Listener, findings: list[Finding]) -> dict[str, Any]
         "processes": [
             {"pid": p.pid, "comm": p.comm, "cmdline": p.cmdline, "unit": p.unit} for p in listener.processes
         ],
-        "events": None,
+        "events": asdict(events) if events is not None else None,
         "advice": _advice_json(findings),
     }
 
@@ -70,28 +77,40 @@ def namespace_json(namespace: Namespace, findings: list[Finding]) -> dict[str, A
     }
 
 
-def snapshot_json(snapshot: Snapshot, advice: Assessment) -> dict[str, Any]:
+def snapshot_json(snapshot: Snapshot, advice: Assessment, events: dict[int, ListenerEvents] | None = None,
+                  ebpf: dict[str, Any] | None = None, source: str = "sweep") -> dict[str, Any]:
+    """The status document; ``events`` maps socket inodes to what eBPF saw, where it runs."""
+    seen = events or {}
     return {
-        "source": "sweep",
+        "source": source,
         "taken_at": snapshot.taken_at,
         "duration_ms": round(snapshot.duration * 1000, 3),
-        "listeners": [listener_json(listener, advice.listener_findings.get((listener.netns, listener.cookie), []))
+        "listeners": [listener_json(listener, advice.listener_findings.get((listener.netns, listener.cookie), []),
+                                    seen.get(listener.inode))
                       for listener in worst_first(snapshot.listeners)],
         "namespaces": [namespace_json(namespace, advice.namespace_findings.get(namespace.name, []))
                        for namespace in snapshot.namespaces],
-        "ebpf": {"active": False, "probes": {},
-                 "mode": "one-shot status has no event history: `aqtune trace` shows events live"},
+        "ebpf": ebpf if ebpf is not None else ONE_SHOT_EBPF,
     }
 
 
-def owner_text(listener: Listener) -> str:
-    if not listener.processes:
+def only_namespace(document: dict[str, Any], name: str) -> dict[str, Any]:
+    """The document limited to one namespace (the daemon's state holds all it watches)."""
+    if name == "all":
+        return document
+    names = {ns["name"] for ns in document["namespaces"] if name in (ns["name"], str(ns["inode"]))}
+    return {**document, "listeners": [l for l in document["listeners"] if l["netns"] in names],
+            "namespaces": [ns for ns in document["namespaces"] if ns["name"] in names]}
+
+
+def owner_text(processes: list[dict[str, Any]]) -> str:
+    if not processes:
         return "-"
-    first = listener.processes[0]
-    text = f"{first.pid}/{first.comm}"
-    if len(listener.processes) > 1:
-        text += f" +{len(listener.processes) - 1}"
-    units = sorted({p.unit for p in listener.processes if p.unit})
+    first = processes[0]
+    text = f"{first['pid']}/{first['comm']}"
+    if len(processes) > 1:
+        text += f" +{len(processes) - 1}"
+    units = sorted({p["unit"] for p in processes if p["unit"]})
     if units:
         text += f" ({', '.join(units)})"
     return text
@@ -106,44 +125,50 @@ def _table(rows: list[list[str]], right: set[int]) -> list[str]:
     return lines
 
 
-def render(snapshot: Snapshot, advice: Assessment, previous_drops: dict[int, int] | None = None) -> str:
-    """Listeners worst first, then each namespace's sysctls and counters.
+def _plural(count: int, word: str) -> str:
+    return f"{count} {word}{'' if count == 1 else 's'}"
+
+
+def render(document: dict[str, Any], previous_drops: dict[int, int] | None = None) -> str:
+    """Listeners worst first, the advice, then each namespace's sysctls and counters.
 
     With ``previous_drops`` (cookie -> drops at the last refresh) the drops column also shows the
     increase since then, which is what a person watching wants to see move.
     """
-    when = time.strftime("%H:%M:%S", time.localtime(snapshot.taken_at))
+    when = time.strftime("%H:%M:%S", time.localtime(document["taken_at"]))
+    source = ("the running daemon's state" if document["source"] == "daemon" else "one-shot sweep")
+    listeners = document["listeners"]
     lines = [
-        f"aqtune status: one-shot sweep at {when} in {snapshot.duration * 1000:.1f} ms, "
-        f"{len(snapshot.listeners)} listeners in {len(snapshot.namespaces)} network namespaces",
+        f"aqtune status: {source} at {when} in {document['duration_ms']:.1f} ms, "
+        f"{_plural(len(listeners), 'listener')} in {_plural(len(document['namespaces']), 'network namespace')}",
+        f"eBPF: {'on' if document['ebpf']['active'] else 'off'}: {document['ebpf']['mode']}",
         "",
     ]
     rows = [["NETNS", "PROTO", "LISTENER", "QUEUE/BACKLOG", "FILL", "DROPS", "OWNER"]]
-    for listener in worst_first(snapshot.listeners):
-        drops = "-" if listener.drops is None else str(listener.drops)
-        if previous_drops is not None and listener.drops is not None:
-            drops += f" (+{listener.drops - previous_drops.get(listener.cookie, listener.drops)})"
+    for listener in listeners:
+        drops = "-" if listener["drops"] is None else str(listener["drops"])
+        if previous_drops is not None and listener["drops"] is not None:
+            drops += f" (+{listener['drops'] - previous_drops.get(listener['cookie'], listener['drops'])})"
         rows.append([
-            listener.netns, listener.proto, listener.address, f"{listener.queue}/{listener.backlog}",
-            f"{listener.fill:.2f}", drops, owner_text(listener),
+            listener["netns"], listener["proto"], listener["address"], f"{listener['queue']}/{listener['backlog']}",
+            f"{listener['fill']:.2f}", drops, owner_text(listener["processes"]),
         ])
     lines += _table(rows, right={3, 4, 5})
     lines.append("")
-    findings = [f for listener in worst_first(snapshot.listeners)
-                for f in advice.listener_findings.get((listener.netns, listener.cookie), [])]
-    findings += [f for group in advice.namespace_findings.values() for f in group]
-    if findings:
+    advice = [a for listener in listeners for a in listener["advice"]]
+    advice += [a for ns in document["namespaces"] for a in ns["advice"]]
+    if advice:
         lines.append("ADVICE")
-        lines += [f"  [{f.id}] {f.text}" for f in findings]
+        lines += [f"  [{a['id']}] {a['text']}" for a in advice]
         lines.append("")
-    for namespace in snapshot.namespaces:
-        lines.append(f"netns {namespace.name} (net:[{namespace.inode}]), {namespace.listeners} listeners")
-        if namespace.error:
-            lines.append(f"  ! {namespace.error}")
-        if namespace.skipped_messages:
-            lines.append(f"  ! {namespace.skipped_messages} malformed netlink messages skipped")
-        if namespace.sysctls:
-            lines.append("  " + "  ".join(f"{SHORT_SYSCTL[k]}={v}" for k, v in namespace.sysctls.items()))
-        if namespace.counters:
-            lines.append("  " + "  ".join(f"{k}={v}" for k, v in namespace.counters.items()))
+    for ns in document["namespaces"]:
+        lines.append(f"netns {ns['name']} (net:[{ns['inode']}]), {_plural(ns['listeners'], 'listener')}")
+        if ns["error"]:
+            lines.append(f"  ! {ns['error']}")
+        if ns["skipped_messages"]:
+            lines.append(f"  ! {ns['skipped_messages']} malformed netlink messages skipped")
+        if ns["sysctls"]:
+            lines.append("  " + "  ".join(f"{SHORT_SYSCTL.get(k, k)}={v}" for k, v in ns["sysctls"].items()))
+        if ns["counters"]:
+            lines.append("  " + "  ".join(f"{k}={v}" for k, v in ns["counters"].items()))
     return "\n".join(lines)

@@ -80,7 +80,7 @@ def test_snapshot_json() -> None:
 
 
 def test_render_table_worst_first() -> None:
-    text = render(snapshot(), Assessment())
+    text = render(snapshot_json(snapshot(), Assessment()))
     lines = text.splitlines()
     assert lines[0].startswith("aqtune status: one-shot sweep at ")
     assert "in 12.3 ms, 5 listeners in 2 network namespaces" in lines[0]
@@ -94,7 +94,7 @@ def test_render_table_worst_first() -> None:
 
 
 def test_render_namespace_section() -> None:
-    text = render(snapshot(), Assessment())
+    text = render(snapshot_json(snapshot(), Assessment()))
     assert "netns host (net:[4026531840]), 4 listeners" in text
     assert "  somaxconn=4096" in text
     assert "  ListenOverflows=7" in text
@@ -104,7 +104,7 @@ def test_render_namespace_section() -> None:
 
 def test_render_shows_drops_since_last_refresh() -> None:
     # cookie -> drops at the previous refresh; a listener not seen before shows +0.
-    text = render(snapshot(), Assessment(), previous_drops={2: 4, 3: 3})
+    text = render(snapshot_json(snapshot(), Assessment()), previous_drops={2: 4, 3: 3})
     rows = {line.split()[2]: line for line in text.splitlines() if line.startswith(("host", "web"))}
     assert "7 (+3)" in rows["127.0.0.1:81"]
     assert "3 (+0)" in rows["[::1]:443"]
@@ -113,8 +113,8 @@ def test_render_shows_drops_since_last_refresh() -> None:
 
 
 def test_render_of_an_empty_host() -> None:
-    text = render(Snapshot(0.0, 0.001, [Namespace("host", 1)], []), Assessment())
-    assert "0 listeners in 1 network namespaces" in text
+    text = render(snapshot_json(Snapshot(0.0, 0.001, [Namespace("host", 1)], []), Assessment()))
+    assert "0 listeners in 1 network namespace" in text
     assert "NETNS" in text
 
 
@@ -134,7 +134,7 @@ def test_advice_is_attached_to_its_listener_and_namespace_in_json() -> None:
 
 
 def test_render_lists_advice_worst_listener_first() -> None:
-    lines = render(snapshot(), _advice()).splitlines()
+    lines = render(snapshot_json(snapshot(), _advice())).splitlines()
     start = lines.index("ADVICE")
     assert lines[start + 1:start + 3] == ["  [queue-full] raise the backlog", "  [somaxconn-low] raise somaxconn"]
-    assert "ADVICE" not in render(snapshot(), Assessment())
+    assert "ADVICE" not in render(snapshot_json(snapshot(), Assessment()))

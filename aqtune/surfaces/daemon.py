@@ -1,0 +1,127 @@
+"""The service loop around Runner.tick: when to sweep, systemd notifications, reload and stop.
+
+Cost follows trouble: every short tick reads only each namespace's listen-drop counters (a file read
+per namespace); the full sweep runs when they move, or once per policy interval.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from typing import Any
+
+from aqtune.collect import netns, procfs
+from aqtune.decide import policy as policies
+from aqtune.surfaces.run import Runner
+
+SHORT_TICK = 0.25  # seconds between cheap checks
+CHEAP_COUNTERS = ("ListenOverflows", "ListenDrops", "TCPReqQFullDrop")
+
+
+class Notifier:
+    """sd_notify through the sdnotify package; silent when not started by systemd."""
+
+    def __init__(self) -> None:
+        self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
+        self.client: Any = None
+        if self.enabled:
+            import sdnotify
+
+            self.client = sdnotify.SystemdNotifier()
+        usec = os.environ.get("WATCHDOG_USEC", "")
+        # Ping at half the watchdog period, as sd_watchdog_enabled(3) advises.
+        self.watchdog_every = int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 else None
+        self.pinged = 0.0
+
+    def send(self, text: str) -> None:
+        if self.client is not None:
+            self.client.notify(text)
+
+    def watchdog(self, now: float) -> None:
+        if self.watchdog_every is not None and now - self.pinged >= self.watchdog_every:
+            self.send("WATCHDOG=1")
+            self.pinged = now
+
+
+def listen_counters(refs: list[netns.NamespaceRef]) -> dict[int, tuple[int, ...]]:
+    """Each namespace's listen-drop counters: the cheap check that decides on a full sweep."""
+    values = {}
+    for ref in refs:
+        try:
+            with netns.entered(ref):
+                counters = procfs.read_counters()
+        except (OSError, netns.NamespaceGone):
+            continue
+        values[ref.inode] = tuple(counters.get(name, 0) for name in CHEAP_COUNTERS)
+    return values
+
+
+def serve(runner: Runner, config_path: str, ebpf: bool = True) -> int:
+    """Run until SIGTERM or SIGINT. SIGHUP reloads the policy; a bad one keeps the last good one."""
+    stop, reload = threading.Event(), threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, lambda *_: reload.set())
+    notifier = Notifier()
+    log = runner.log
+    if ebpf:
+        runner.start_events()
+    mode = "dry-run" if runner.dry_run else runner.policy.mode
+    log.info(f"aqtune running: mode {mode}, policy {runner.policy.source}, netns {runner.select}, "
+             f"state {runner.state_dir}", mode=mode)
+    if runner.policy.apply_refused:
+        log.warning(runner.policy.apply_refused)
+    last_sweep = float("-inf")
+    counters: dict[int, tuple[int, ...]] = {}
+    refs: list[netns.NamespaceRef] = []
+    ready = False
+    while not stop.is_set():
+        now = time.monotonic()
+        if reload.is_set():
+            reload.clear()
+            _reload(runner, config_path)
+        moved = False
+        if now - last_sweep < runner.policy.interval:
+            latest = listen_counters(refs)
+            moved = latest != counters
+            counters = latest
+        if moved or now - last_sweep >= runner.policy.interval:
+            last_sweep = now
+            try:
+                runner.tick()
+            except (OSError, LookupError) as exc:
+                log.error(f"sweep failed: {exc}; retrying next interval")
+            try:
+                refs = netns.select_namespaces(netns.list_namespaces(), runner.select)
+            except (OSError, LookupError):
+                refs = []
+            counters = listen_counters(refs)
+            if not ready:
+                notifier.send("READY=1")
+                ready = True
+            notifier.send(f"STATUS={runner.summary()}")
+        notifier.watchdog(now)
+        stop.wait(SHORT_TICK)
+    notifier.send("STOPPING=1")
+    if runner.policy.apply.rollback_on_exit:
+        runner.rollback()
+    if runner.events:
+        runner.events.close()
+    log.info("aqtune stopped")
+    return 0
+
+
+def _reload(runner: Runner, config_path: str) -> None:
+    try:
+        new = policies.load(config_path)
+    except policies.PolicyError as exc:
+        problems = "; ".join(str(p) for p in exc.problems)
+        runner.log.error(f"policy reload refused, keeping the previous policy: {problems}", path=config_path)
+        return
+    runner.policy = new
+    runner.log.info(f"policy reloaded from {config_path}: mode {new.mode}, interval {new.interval:g} s",
+                    path=config_path)
+    if new.apply_refused:
+        runner.log.warning(new.apply_refused)
