@@ -12,6 +12,7 @@ import threading
 import time
 from typing import Any
 
+from aqtune.act.log import MESSAGE_IDS
 from aqtune.collect import netns, procfs
 from aqtune.decide import policy as policies
 from aqtune.surfaces.run import Runner
@@ -70,7 +71,7 @@ def serve(runner: Runner, config_path: str, ebpf: bool = True) -> int:
         runner.start_events()
     mode = "dry-run" if runner.dry_run else runner.policy.mode
     log.info(f"aqtune running: mode {mode}, policy {runner.policy.source}, netns {runner.select}, "
-             f"state {runner.state_dir}", mode=mode)
+             f"state {runner.state_dir}", message_id=MESSAGE_IDS["lifecycle"], mode=mode)
     if runner.policy.apply_refused:
         log.warning(runner.policy.apply_refused)
     last_sweep = float("-inf")
@@ -109,7 +110,7 @@ def serve(runner: Runner, config_path: str, ebpf: bool = True) -> int:
         runner.rollback()
     if runner.events:
         runner.events.close()
-    log.info("aqtune stopped")
+    log.info("aqtune stopped", message_id=MESSAGE_IDS["lifecycle"])
     return 0
 
 
@@ -118,10 +119,11 @@ def _reload(runner: Runner, config_path: str) -> None:
         new = policies.load(config_path)
     except policies.PolicyError as exc:
         problems = "; ".join(str(p) for p in exc.problems)
-        runner.log.error(f"policy reload refused, keeping the previous policy: {problems}", path=config_path)
+        runner.log.error(f"policy reload refused, keeping the previous policy: {problems}",
+                         message_id=MESSAGE_IDS["lifecycle"], path=config_path)
         return
     runner.policy = new
     runner.log.info(f"policy reloaded from {config_path}: mode {new.mode}, interval {new.interval:g} s",
-                    path=config_path)
+                    message_id=MESSAGE_IDS["lifecycle"], path=config_path)
     if new.apply_refused:
         runner.log.warning(new.apply_refused)
