@@ -5,18 +5,16 @@ VENV := .venv
 APT := apt-get -o DPkg::Lock::Timeout=600 -y -q --no-install-recommends
 
 RUNTIME_DEBS := python3-pyroute2 python3-structlog python3-sdnotify python3-bpfcc python3-venv iproute2 procps
-TEST_DEBS := python3-pytest python3-hypothesis nftables
+TEST_DEBS := python3-pytest python3-hypothesis nftables python3-seccomp prometheus-node-exporter python3-prometheus-client
 
 .PHONY: deps test-deps run test lint unit bench
 
 deps:
-	@$(PYTHON) -c 'import pyroute2, structlog, sdnotify, bcc' 2>/dev/null && command -v ss >/dev/null \
-		|| { $(APT) update -qq && $(APT) install $(RUNTIME_DEBS); }
+	@dpkg -s $(RUNTIME_DEBS) >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install $(RUNTIME_DEBS); }
 	@bash scripts/kernel-headers.sh
 
 test-deps: deps
-	@command -v nft >/dev/null && $(PYTHON) -c 'import pytest, hypothesis' 2>/dev/null \
-		|| { $(APT) update -qq && $(APT) install $(TEST_DEBS); }
+	@dpkg -s $(TEST_DEBS) >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install $(TEST_DEBS); }
 	@test -x $(VENV)/bin/ruff -a -x $(VENV)/bin/mypy || { \
 		$(PYTHON) -m venv --system-site-packages $(VENV) && \
 		$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt; }

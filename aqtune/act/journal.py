@@ -45,15 +45,22 @@ class Journal:
     def __init__(self, path: str | None = None) -> None:
         self.path = path or journal_socket()
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        # A stalled journald must not stall the loop (and its watchdog pings): a full socket
+        # queue drops the entry and counts it.
+        self.sock.setblocking(False)
         self.failures = 0
+        self.dropped = 0
 
     def send(self, fields: Mapping[str, object]) -> bool:
+        """False when journald is not there (the caller prints instead); a busy one drops."""
         try:
             self.sock.sendto(encode(fields), self.path)
-            return True
+        except BlockingIOError:
+            self.dropped += 1
         except OSError:
             self.failures += 1
             return False
+        return True
 
     def available(self) -> bool:
         return os.path.exists(self.path)

@@ -47,7 +47,8 @@ class Ledger:
         try:
             with open(self.path, encoding="utf-8") as f:
                 document = json.load(f)
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):
+            # Nothing recorded there; a state dir that cannot be created shows when writing.
             return []
         except (OSError, ValueError) as exc:
             raise LedgerError(f"{self.path}: unreadable change ledger ({exc}); it lists what aqtune changed: "

@@ -46,7 +46,8 @@ class EpisodeTracker:
     # (windows, closed at) of each listener's last episode: drops resuming within a window continue it.
     streak: dict[tuple[str, int], tuple[int, float]] = field(default_factory=dict)
     sent: deque[float] = field(default_factory=deque)
-    suppressed: int = 0
+    suppressed: int = 0  # since the last entry that got through
+    suppressed_total: int = 0
 
     def observe(self, key: tuple[str, int], now: float, drops: int, queue: int, backlog: int,
                 peers: list[str] | None = None) -> None:
@@ -87,6 +88,7 @@ class EpisodeTracker:
             self.sent.popleft()
         if len(self.sent) >= self.per_minute:
             self.suppressed += 1
+            self.suppressed_total += 1
             return None
         self.sent.append(now)
         suppressed, self.suppressed = self.suppressed, 0

@@ -40,6 +40,12 @@ class Notifier:
         if self.client is not None:
             self.client.notify(text)
 
+    def until_due(self, now: float) -> float:
+        """Seconds until the next watchdog ping is due (infinite without a watchdog)."""
+        if self.watchdog_every is None:
+            return float("inf")
+        return max(self.pinged + self.watchdog_every - now, 0.0)
+
     def watchdog(self, now: float) -> None:
         if self.watchdog_every is not None and now - self.pinged >= self.watchdog_every:
             self.send("WATCHDOG=1")
@@ -103,8 +109,9 @@ def serve(runner: Runner, config_path: str, ebpf: bool = True) -> int:
                 notifier.send("READY=1")
                 ready = True
             notifier.send(f"STATUS={runner.summary()}")
-        notifier.watchdog(now)
-        stop.wait(SHORT_TICK)
+        # After the sweep, not before: a slow sweep must not stretch the gap between pings.
+        notifier.watchdog(time.monotonic())
+        stop.wait(min(SHORT_TICK, notifier.until_due(time.monotonic())))
     notifier.send("STOPPING=1")
     if runner.policy.apply.rollback_on_exit:
         runner.rollback()

@@ -53,6 +53,7 @@ class Runner:
     started: float = field(default_factory=time.time)
     last: dict[str, Any] | None = None  # the last status document
     degraded_at: dict[str, float] = field(default_factory=dict)  # what -> when last reported
+    failed_writes: dict[tuple[str, str], float] = field(default_factory=dict)  # (netns, sysctl) -> when
 
     def start_events(self) -> None:
         """Load the eBPF layer, or say why aqtune runs on the sweep alone."""
@@ -101,6 +102,9 @@ class Runner:
                                result.namespace_findings.get(namespace.name, [])),
                 managed.get(namespace.name, {}), self.policy, snapshot.taken_at)
             changes += [(change, namespace.inode) for change in wanted]
+        for namespace in snapshot.namespaces:
+            if namespace.error and not namespace.error.startswith("vanished"):
+                self._degraded(f"netns {namespace.name}", f"netns {namespace.name} {namespace.error}")
         self._log_findings(snapshot, result, held)
         for change, inode in changes:
             self._act(change, inode)
@@ -127,13 +131,19 @@ class Runner:
                               f"(now {change.old}); not applied: {why_not}",
                               message_id=MESSAGE_IDS["recommendation"], **fields)
             return
+        key = (change.netns, change.sysctl)
+        now = time.time()
+        if now - self.failed_writes.get(key, float("-inf")) < REMIND_AFTER:
+            return  # it failed a moment ago (read-only /proc/sys...): retrying every sweep only adds noise
         try:
             ref = netns.NamespaceRef(change.netns, inode, _path_of(change.netns, inode))
             sysctl.apply_change(self.ledger, ref, change.sysctl, change.old, change.new)
         except (OSError, netns.NamespaceGone) as exc:
-            self.log.error(f"could not set {change.sysctl} in netns {change.netns}: {exc}",
-                           message_id=MESSAGE_IDS["sysctl-change"], **fields)
+            self.failed_writes[key] = now
+            self.log.error(f"could not set {change.sysctl} in netns {change.netns}: {exc}; "
+                           f"next try in {REMIND_AFTER:.0f} s", message_id=MESSAGE_IDS["sysctl-change"], **fields)
             return
+        self.failed_writes.pop(key, None)
         self.actions.append({**fields, "at": time.time(), "applied": True, "why_not": None})
         self.log.warning(f"set {change.sysctl} {change.old} -> {change.new} in netns {change.netns}: "
                          f"{change.reason}", message_id=MESSAGE_IDS["sysctl-change"], **fields)
@@ -248,7 +258,7 @@ class Runner:
             "pid": os.getpid(), "started": self.started, "interval": self.policy.interval,
             "mode": "dry-run" if self.dry_run else self.policy.mode, "policy": self.policy.source,
             "drops_last_minute": max(total - self.listen_drops[0][1], 0),
-            "journal_suppressed": self.episodes.suppressed, "actions": list(self.actions),
+            "journal_suppressed": self.episodes.suppressed_total, "actions": list(self.actions),
         }
         self.last = document
         if self.state_dir:
@@ -259,7 +269,7 @@ class Runner:
                                "`aqtune status` will sweep on its own")
         if self.policy.metrics.textfile:
             try:
-                metrics.write(self.policy.metrics.textfile, document, self.episodes.suppressed)
+                metrics.write(self.policy.metrics.textfile, document, self.episodes.suppressed_total)
             except OSError as exc:
                 self._degraded("metrics", f"cannot write {self.policy.metrics.textfile}: {exc.strerror}")
 

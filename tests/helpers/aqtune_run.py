@@ -27,7 +27,12 @@ def aqtune(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def write_policy(path: Path, text: str, mode: int = 0o644, uid: int = 0) -> Path:
-    """A policy file with the given permissions: apply mode is honoured only for root-owned, 0644-like files."""
+    """A policy file with the given permissions: apply mode is honoured only for root-owned, 0644-like files.
+
+    Without a [metrics] table the daemon would write the host's node_exporter textfile directory.
+    """
+    if "[metrics]" not in text:
+        text += '\n[metrics]\ntextfile = ""\n'
     path.write_text(text, encoding="utf-8")
     os.chown(path, uid, -1)
     os.chmod(path, mode)  # after chown, which may clear mode bits, and regardless of the umask
