@@ -5,9 +5,11 @@ VENV := .venv
 APT := apt-get -o DPkg::Lock::Timeout=600 -y -q --no-install-recommends
 
 RUNTIME_DEBS := python3-pyroute2 python3-structlog python3-sdnotify python3-bpfcc python3-venv iproute2 procps
-TEST_DEBS := python3-pytest python3-hypothesis nftables python3-seccomp prometheus-node-exporter python3-prometheus-client
+DEB_DEBS := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian
+TEST_DEBS := python3-pytest python3-hypothesis nftables python3-seccomp prometheus-node-exporter \
+	python3-prometheus-client systemd-container mmdebstrap $(DEB_DEBS)
 
-.PHONY: deps test-deps run test lint unit bench
+.PHONY: deps test-deps run test lint pytest unit kernel-tier bench deb
 
 deps:
 	@dpkg -s $(RUNTIME_DEBS) >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install $(RUNTIME_DEBS); }
@@ -19,19 +21,33 @@ test-deps: deps
 		$(PYTHON) -m venv --system-site-packages $(VENV) && \
 		$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt; }
 
-# The main job: the loop in the foreground, dry-run (never writes), with the shipped policy.
+# The main job: the daemon in the foreground, dry-run (never writes), with the shipped policy.
 run: deps
 	$(PYTHON) -m aqtune run --dry-run --config etc/aqtune/policy.toml
+
+# The whole suite: linters, unit + integration + system (.deb in nspawn) tests on this kernel,
+# then the kprobe/fentry tests on Debian's stock kernel under qemu.
+test: lint pytest kernel-tier
 
 lint: test-deps
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy aqtune
 
-test: lint
+pytest: test-deps
 	$(PYTHON) -m pytest tests
 
 unit: test-deps
 	$(PYTHON) -m pytest -q tests/unit
 
+kernel-tier: test-deps
+	bash tests/qemu/run-kernel-tier.sh
+
 bench: deps
 	$(PYTHON) bench/sweep_bench.py
+	$(PYTHON) bench/probe_overhead.py
+	$(PYTHON) bench/daemon_load.py
+
+# dist/aqtune_<version>_all.deb, built from a staged copy and checked by lintian.
+deb:
+	@dpkg -s $(DEB_DEBS) >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install $(DEB_DEBS); }
+	bash scripts/build-deb.sh

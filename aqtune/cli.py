@@ -85,7 +85,18 @@ def _status(args: argparse.Namespace) -> int:
     from aqtune.surfaces import status
 
     _require_root("it enters every network namespace and reads other processes' file descriptors")
-    policy = _policy(args.config, required=args.config != DEFAULT_CONFIG)
+    try:
+        policy = _policy(args.config, required=args.config != DEFAULT_CONFIG)
+    except ConfigError as exc:
+        if args.config != DEFAULT_CONFIG:
+            raise
+        # The installed policy being mid-edit must not blind status: the daemon keeps its last
+        # good policy too. The advice then follows the built-in defaults, and says so here.
+        from aqtune.decide.policy import Policy
+
+        print(f"aqtune status: {exc.problems[0]}; advice uses the built-in defaults "
+              f"(`aqtune check` lists every problem)", file=sys.stderr)
+        policy = Policy()
     ledger = _ledger(args.state_dir)
     previous: dict[int, int] | None = None
     while True:

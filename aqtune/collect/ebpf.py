@@ -306,7 +306,12 @@ class EventLayer:
         layer = cls(bpf, probes, describe_mode(probes, syn_seen), syn_seen, "BTF" if btf else "kernel headers")
         bpf["config"][ctypes.c_int(0)] = ctypes.c_uint32(emit)
         if emit:
-            bpf["events"].open_perf_buffer(layer._dispatch, page_cnt=64, lost_cb=layer._count_lost)
+            try:
+                bpf["events"].open_perf_buffer(layer._dispatch, page_cnt=64, lost_cb=layer._count_lost)
+            except Exception as exc:  # bcc raises bare Exception when perf_event_open is refused
+                bpf.cleanup()
+                raise Unavailable(f"cannot open the perf buffer ({exc}): perf_event_open refused "
+                                  "(CAP_PERFMON, a seccomp filter or perf_event_paranoid)") from None
         return layer
 
     def _dispatch(self, _cpu: int, data: Any, size: int) -> None:

@@ -270,6 +270,13 @@ class Runner:
         if self.policy.metrics.textfile:
             try:
                 metrics.write(self.policy.metrics.textfile, document, self.episodes.suppressed_total)
+            except FileNotFoundError:
+                # No node_exporter textfile directory: nothing collects the file, which is a choice,
+                # not a fault; said once.
+                if "metrics" not in self.degraded_at:
+                    self.degraded_at["metrics"] = time.time()
+                    self.log.info(f"metrics not written: no directory for {self.policy.metrics.textfile} "
+                                  "(install prometheus-node-exporter, or set [metrics] textfile)")
             except OSError as exc:
                 self._degraded("metrics", f"cannot write {self.policy.metrics.textfile}: {exc.strerror}")
 

@@ -1,0 +1,197 @@
+#!/bin/bash
+# The stock-kernel test tier: runs every test marked "kernel" (kprobes, fentry) inside qemu on
+# Debian's stock 6.1 cloud kernel, for hosts whose own kernel lacks them.
+#
+#   bash tests/qemu/run-kernel-tier.sh        (as root, on Debian 12)
+#
+# Builds the guest with build-guest.sh, unless $AQ_QEMU_DIR already holds an image of this very
+# checkout, kernel and package set; boots it once under TCG (about 3 min in all, most of it
+# bcc compiling under emulation); prints the guest's pytest summary, then
+# "kernel-tier: N passed, N failed, N skipped" as the last line; and exits with the guest's
+# pytest code: 0 passed, 1 failed, 2 interrupted, 5 no test collected (a failure here too),
+# 124 guest test timeout, 3 the guest never reported (boot failure, panic, qemu timeout),
+# 6 the guest could not be built. The last run's serial log and results stay in $AQ_QEMU_DIR/last-run.
+#
+# Environment (see also common.sh and build-guest.sh):
+#   AQ_QEMU_DIR      work directory; default /var/tmp/aqtune-qemu
+#   AQ_QEMU_REBUILD  1 builds a new image even if the existing one matches
+#   AQ_QEMU_CLEAN    1 deletes the image and kernel after the run (about 0.6 GB)
+#   AQ_QEMU_TIMEOUT  seconds for the whole qemu run; default 1500 (the guest's tests get 120 s less)
+#   AQ_QEMU_ACCEL    tcg (default: works everywhere) or kvm (much faster where nested
+#                    virtualisation works; on our VMs /dev/kvm exists but qemu aborts on it)
+#   AQ_QEMU_SMP, AQ_QEMU_MEM  guest CPUs and memory; default 2 and 4G
+set -euo pipefail
+PROG=kernel-tier
+QEMU_HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
+# shellcheck source=common.sh
+. "$QEMU_HERE/common.sh"
+
+TIMEOUT=${AQ_QEMU_TIMEOUT:-1500}
+SMP=${AQ_QEMU_SMP:-2}
+MEM=${AQ_QEMU_MEM:-4G}
+ACCEL=${AQ_QEMU_ACCEL:-tcg}
+W=$AQ_QEMU_DIR
+RUN=$W/last-run
+EXIT_NO_REPORT=3
+EXIT_BUILD_FAILED=6
+
+case "${1:-}" in
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    "") ;;
+    *) die "no arguments expected (see --help)" ;;
+esac
+[ "$(id -u)" = 0 ] || die "must run as root (it installs qemu and debootstraps the guest)"
+case "$TIMEOUT" in ''|*[!0-9]*) die "AQ_QEMU_TIMEOUT must be whole seconds, not '$TIMEOUT'" ;; esac
+[ "$TIMEOUT" -ge 300 ] || die "AQ_QEMU_TIMEOUT=$TIMEOUT is too short: one bcc compile alone takes about 45 s under TCG"
+
+check_workdir
+lock_workdir
+
+qemu_pid='' tail_pid=''
+# shellcheck disable=SC2317  # run by the EXIT trap
+cleanup() {
+    local rc=$?
+    # timeout(1) passes the TERM on to qemu, and kills it 10 s later if it is still there.
+    [ -z "$qemu_pid" ] || kill "$qemu_pid" 2>/dev/null || true
+    [ -z "$tail_pid" ] || kill "$tail_pid" 2>/dev/null || true
+    [ -z "$qemu_pid" ] || wait "$qemu_pid" 2>/dev/null || true
+    rm -f "$RUN/results.img"
+    if [ "${AQ_QEMU_CLEAN:-0}" = 1 ]; then
+        rm -f "$W/rootfs.img" "$W/vmlinuz" "$W/manifest"
+    fi
+    return "$rc"
+}
+trap cleanup EXIT
+trap 'note "interrupted (SIGINT), cleaning up"; exit 130' INT
+trap 'note "terminated (SIGTERM), cleaning up"; exit 143' TERM
+
+manifest() { sed -n "s/^$1=//p" "$W/manifest" 2>/dev/null; }
+
+# --- the image: reuse it if it holds this checkout, kernel and package set --------------------------
+t0=$EPOCHREALTIME
+build_note="reused image"
+reuse=0
+if [ "${AQ_QEMU_REBUILD:-0}" != 1 ] && [ -f "$W/rootfs.img" ] && [ -f "$W/vmlinuz" ] && [ -f "$W/manifest" ]; then
+    # Not resolve_kernel's die: without apt lists the image is simply rebuilt (after apt-get update).
+    if (resolve_kernel >/dev/null 2>&1); then
+        resolve_kernel
+        if [ "$(image_stamp)" = "$(manifest stamp)" ]; then reuse=1; fi
+    fi
+fi
+if [ "$reuse" = 1 ]; then
+    note "reusing $W/rootfs.img: same checkout, kernel $(manifest kv) and packages"
+else
+    note "building the guest (build-guest.sh)"
+    if ! bash "$QEMU_HERE/build-guest.sh"; then
+        echo "kernel-tier: the guest could not be built (see the messages above and $W/logs)"
+        echo "kernel-tier: 0 passed, 0 failed"
+        exit "$EXIT_BUILD_FAILED"
+    fi
+    build_note="built image"
+fi
+build_s=$(since "$t0")
+KV=$(manifest kv)
+[ -n "$KV" ] || die "$W/manifest names no kernel"
+
+# --- boot ------------------------------------------------------------------------------------------
+# shellcheck disable=SC2054  # tcg,thread=multi is one qemu argument
+case "$ACCEL" in
+    tcg) accel=(-accel tcg,thread=multi -cpu max) ;;
+    kvm) accel=(-accel kvm -cpu host) ;;
+    *) die "AQ_QEMU_ACCEL must be tcg or kvm, not '$ACCEL'" ;;
+esac
+
+rm -rf "$RUN"
+mkdir -p "$RUN/results"
+truncate -s 64M "$RUN/results.img"     # the guest writes a tar onto it
+append="console=ttyS0 root=/dev/nvme0n1 rootfstype=ext4 rw init=$GUEST_INIT panic=-1 mitigations=off"
+append+=" aqtune.timeout=$((TIMEOUT - 120))"
+
+note "booting $KV under qemu ($ACCEL, $SMP CPUs, $MEM), at most $TIMEOUT s"
+t0=$EPOCHREALTIME
+# NVMe is built into Debian's cloud kernel (virtio-blk is a module), so no initramfs is needed.
+# snapshot=on sends the guest's writes to a throw-away overlay: the image stays reusable.
+# -no-reboot with panic=-1 turns a guest panic into qemu's exit; -nic none: no network at all.
+timeout --kill-after=10 "$TIMEOUT" qemu-system-x86_64 -name aqtune-kernel-tier \
+    "${accel[@]}" -smp "$SMP" -m "$MEM" \
+    -display none -monitor none -serial stdio -no-reboot -nic none \
+    -kernel "$W/vmlinuz" -append "$append" \
+    -drive file="$W/rootfs.img",format=raw,if=none,id=root,snapshot=on \
+    -device nvme,drive=root,serial=aqtune-root \
+    -drive file="$RUN/results.img",format=raw,if=none,id=results \
+    -device nvme,drive=results,serial=aqtune-results \
+    </dev/null >"$RUN/serial.log" 2>&1 &
+qemu_pid=$!
+# Live progress: the console without the kernel's own messages (all of them are in serial.log).
+tail -n +1 -f --pid="$qemu_pid" "$RUN/serial.log" 2>/dev/null |
+    sed -u -e 's/\r$//' -e '/^\[ *[0-9]*\.[0-9]*\] /d' -e 's/^/guest| /' &
+tail_pid=$!
+qemu_rc=0
+wait "$qemu_pid" || qemu_rc=$?
+qemu_pid=''
+wait "$tail_pid" 2>/dev/null || true
+tail_pid=''
+qemu_s=$(since "$t0")
+case "$qemu_rc" in
+    0) ;;
+    124|137) note "qemu was stopped after $TIMEOUT s (AQ_QEMU_TIMEOUT)" ;;
+    *) note "qemu exited $qemu_rc" ;;
+esac
+
+# --- results ---------------------------------------------------------------------------------------
+if ! tar -C "$RUN/results" -xf "$RUN/results.img" 2>/dev/null || [ ! -e "$RUN/results/exit-code" ]; then
+    note "the guest wrote no results to its results disk"
+fi
+rm -f "$RUN/results.img"
+console() { tr -d '\r' <"$RUN/serial.log"; }
+guest_rc=$(console | sed -n 's/^QEMU-CI-EXIT=\([0-9][0-9]*\)$/\1/p' | tail -n1)
+boot_s=$(console | sed -n 's/^aqtune-guest: up after \([0-9.]*\) s.*/\1/p' | tail -n1)
+tests_s=$(console | sed -n 's/^aqtune-guest: tests took \([0-9.]*\) s$/\1/p' | tail -n1)
+
+# The guest's pytest summary: from "short test summary info" to pytest's closing line.
+log=$RUN/results/pytest.log
+[ -s "$log" ] || log=$RUN/serial.log
+echo
+echo "===== guest pytest summary ($KV) ====="
+summary=$(tr -d '\r' <"$log" | grep -v '^\[ *[0-9]*\.[0-9]*\] ' |
+          sed -n '/short test summary info/,/^=\{3,\} .* in [0-9.]*s/p' || true)
+if [ -n "$summary" ]; then
+    echo "$summary"
+else    # no summary section (nothing collected, or the guest died): pytest's or the console's last words
+    tr -d '\r' <"$log" | grep -v '^\[ *[0-9]*\.[0-9]*\] ' | tail -n 15 || true
+fi
+echo "======================================"
+
+counts=$(/usr/bin/python3 - "$RUN/results/junit.xml" <<'EOF'
+import sys
+import xml.etree.ElementTree as ET
+
+try:
+    root = ET.parse(sys.argv[1]).getroot()
+except (OSError, ET.ParseError):
+    print("0 0 0 0")
+    sys.exit()
+suites = [root] if root.tag == "testsuite" else root.iter("testsuite")
+tests = failures = errors = skipped = 0
+for suite in suites:
+    tests += int(suite.get("tests", 0))
+    failures += int(suite.get("failures", 0))
+    errors += int(suite.get("errors", 0))
+    skipped += int(suite.get("skipped", 0))
+print(tests - failures - errors - skipped, failures + errors, skipped, tests)
+EOF
+)
+read -r passed failed skipped collected <<<"$counts"
+
+rc=${guest_rc:-$EXIT_NO_REPORT}
+if [ -z "$guest_rc" ]; then
+    echo "kernel-tier: the guest never reported (boot failure, panic or timeout); console: $RUN/serial.log"
+elif [ "$rc" = 5 ]; then
+    echo "kernel-tier: no test marked kernel was collected; the tier exists to run them"
+elif [ "$rc" = 0 ] && [ "$passed" = 0 ]; then
+    echo "kernel-tier: $collected kernel tests collected but none passed"
+    rc=5
+fi
+echo "kernel-tier: kernel $KV, $ACCEL; $build_note ${build_s} s, boot ${boot_s:-?} s, tests ${tests_s:-?} s, qemu ${qemu_s} s; guest exit ${guest_rc:-none}; logs in $RUN"
+echo "kernel-tier: $passed passed, $failed failed, $skipped skipped"
+exit "$rc"
