@@ -147,8 +147,8 @@ def _trace(args: argparse.Namespace) -> int:
 
     _require_root("it loads eBPF programs")
     try:
-        netns.select_namespaces(netns.list_namespaces(), args.netns)
-        layer = EventLayer.start(emit=EMIT_ALL)
+        selected = netns.select_namespaces(netns.list_namespaces(), args.netns)
+        layer = EventLayer.start(emit=EMIT_ALL, netns_inode=selected[0].inode if args.netns != "all" else 0)
     except LookupError as exc:
         raise CommandError(str(exc.args[0])) from None
     except Unavailable as exc:

@@ -64,6 +64,7 @@ class Namespace:
     listeners: int = 0
     skipped_messages: int = 0  # malformed netlink messages the decoder skipped
     error: str | None = None  # why this namespace could not be read, if it could not
+    path: str = ""  # the file that opened it (/run/netns/NAME, /proc/PID/ns/net)
 
 
 @dataclass(slots=True)

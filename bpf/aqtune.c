@@ -17,6 +17,7 @@
 
 #define TCP_ESTABLISHED 1
 #define TCP_SYN_RECV 3
+#define TCP_CLOSE 7
 #define TCP_LISTEN 10
 #define AF_UNIX 1
 #define AF_INET 2
@@ -90,7 +91,7 @@ BPF_TABLE("lru_hash", u64, u32, peaks, 16384);           /* inode -> peak queue 
 BPF_TABLE("lru_hash", u64, u64, queued_at, 65536);       /* child sock -> when it entered the queue */
 BPF_TABLE("lru_hash", u64, s32, accepting, 4096);        /* thread -> listener fd inside accept() */
 BPF_TABLE("lru_hash", u64, struct listen_call, listening, 4096);  /* thread -> listen() arguments */
-BPF_ARRAY(config, u32, 1);
+BPF_ARRAY(config, u32, 2);
 BPF_PERF_OUTPUT(events);
 
 static __always_inline u64 sock_inode(const void *sk)
@@ -113,15 +114,20 @@ static __always_inline struct listener_stats *stats_of(u64 inode, u32 netns)
 	return stats.lookup(&inode);
 }
 
-static __always_inline int wanted(u32 kind)
+/* Whether an event of this kind on this listener goes out: config[0] holds the EMIT_* flags,
+ * config[1] a network namespace inode to keep (0: all), so a trace of one namespace is not drowned
+ * by a busy neighbour's events in the perf buffer. */
+static __always_inline int wanted(u32 kind, const void *sk)
 {
 	int key = 0;
 	u32 *flags = config.lookup(&key);
-	if (!flags)
+	if (!flags || !*flags)
 		return 0;
-	if (*flags & EMIT_ALL)
-		return 1;
-	return (*flags & EMIT_DROPS) && (kind == EV_ACK_OVERFLOW || kind == EV_SYN_OVERFLOW);
+	if (!(*flags & EMIT_ALL) && !(kind == EV_ACK_OVERFLOW || kind == EV_SYN_OVERFLOW))
+		return 0;
+	key = 1;
+	u32 *only = config.lookup(&key);
+	return !only || !*only || *only == sock_netns(sk);
 }
 
 static __always_inline void fill_listener(struct event *e, const void *sk)
@@ -178,7 +184,7 @@ static __always_inline void note_enqueue(void *ctx, const void *sk, u32 queue)
 		peaks.update(&inode, &queue);
 	else if (queue > *peak)
 		*peak = queue;
-	if (wanted(EV_ENQUEUE)) {
+	if (wanted(EV_ENQUEUE, sk)) {
 		struct event e = {};
 		fill_listener(&e, sk);
 		e.kind = EV_ENQUEUE;
@@ -198,7 +204,7 @@ static __always_inline void note_overflow(void *ctx, const void *sk, const void 
 		else
 			__sync_fetch_and_add(&s->syn_overflow, 1);
 	}
-	if (wanted(kind)) {
+	if (wanted(kind, sk)) {
 		struct event e = {};
 		fill_listener(&e, sk);
 		e.kind = kind;
@@ -232,26 +238,40 @@ int on_sk_data_ready(struct bpf_raw_tracepoint_args *ctx)
 	return 0;
 }
 
-/* inet_csk_reqsk_queue_add(sk, req, child): where sk_data_ready has no tracepoint (before 6.6).
- * At entry the child is not counted yet. */
-int on_reqsk_queue_add(struct pt_regs *ctx)
+/* inet_csk_complete_hashdance(sk, child, req, own_req): where sk_data_ready has no tracepoint
+ * (before 6.6). It queues the child when own_req; at entry the child is not counted yet. (Not
+ * inet_csk_reqsk_queue_add: measured on Debian's 6.1, it is inlined into this caller and a probe
+ * on its out-of-line copy never fires.) */
+int on_complete_hashdance(struct pt_regs *ctx)
 {
 	const void *sk = (const void *)PT_REGS_PARM1(ctx);
-	note_enqueue(ctx, sk, KREAD(u32, sk, OFF_ACK_BACKLOG) + 1);
+	if ((u8)PT_REGS_PARM4(ctx))
+		note_enqueue(ctx, sk, KREAD(u32, sk, OFF_ACK_BACKLOG) + 1);
 	return 0;
 }
 
-#ifdef FENTRY_REQSK_QUEUE_ADD
-KFUNC_PROBE(inet_csk_reqsk_queue_add, void *sk)
+#ifdef FENTRY_COMPLETE_HASHDANCE
+KFUNC_PROBE(inet_csk_complete_hashdance, void *sk, void *child, void *req, bool own_req)
 {
-	note_enqueue(ctx, sk, KREAD(u32, sk, OFF_ACK_BACKLOG) + 1);
+	if (own_req)
+		note_enqueue(ctx, sk, KREAD(u32, sk, OFF_ACK_BACKLOG) + 1);
 	return 0;
 }
 #endif
 
-/* sock:inet_sock_set_state(sk, old, new): a child becomes ESTABLISHED as it enters the queue. */
+/* sock:inet_sock_set_state(sk, old, new): a child becomes ESTABLISHED as it enters the queue; a
+ * listener that closes takes its entries with it (its socket is still attached at this point), so
+ * listener churn cannot fill the maps with the dead. */
 int on_inet_sock_set_state(struct bpf_raw_tracepoint_args *ctx)
 {
+	if ((int)ctx->args[1] == TCP_LISTEN && (int)ctx->args[2] == TCP_CLOSE) {
+		u64 inode = sock_inode((const void *)ctx->args[0]);
+		if (inode) {
+			stats.delete(&inode);
+			peaks.delete(&inode);
+		}
+		return 0;
+	}
 	if ((int)ctx->args[1] != TCP_SYN_RECV || (int)ctx->args[2] != TCP_ESTABLISHED)
 		return 0;
 	u64 child = ctx->args[0], now = bpf_ktime_get_ns();
@@ -330,7 +350,7 @@ int on_retransmit_synack(struct bpf_raw_tracepoint_args *ctx)
 	struct listener_stats *s = inode ? stats_of(inode, sock_netns(sk)) : 0;
 	if (s)
 		__sync_fetch_and_add(&s->synack_retrans, 1);
-	if (wanted(EV_SYNACK_RETRANS)) {
+	if (wanted(EV_SYNACK_RETRANS, sk)) {
 		struct event e = {};
 		fill_listener(&e, sk);
 		e.kind = EV_SYNACK_RETRANS;
@@ -391,7 +411,7 @@ int on_accept_exit(struct syscall_exit *ctx)
 				bucket = i + 1;
 		__sync_fetch_and_add(&s->wait_log2_us[bucket & (WAIT_BUCKETS - 1)], 1);
 	}
-	if (wanted(EV_ACCEPT)) {
+	if (wanted(EV_ACCEPT, listener)) {
 		struct event e = {};
 		fill_listener(&e, listener);
 		e.kind = EV_ACCEPT;
@@ -426,7 +446,7 @@ int on_listen_exit(struct syscall_exit *ctx)
 	struct listener_stats *s = inode ? stats_of(inode, sock_netns(sk)) : 0;
 	if (s)
 		s->requested_backlog = made.backlog;
-	if (wanted(EV_LISTEN)) {
+	if (wanted(EV_LISTEN, sk)) {
 		struct event e = {};
 		fill_listener(&e, sk);
 		e.kind = EV_LISTEN;

@@ -43,7 +43,7 @@ def read_live_state(state_dir: str, now: float | None = None) -> dict[str, Any] 
     except (KeyError, ValueError, TypeError, ProcessLookupError, PermissionError):
         return None
     # Three missed sweeps means the loop is stuck or gone: a fresh sweep is then more honest.
-    max_age = 3 * float(daemon.get("interval", 1.0)) + 2.0
+    max_age = 3 * max(float(daemon.get("interval", 1.0)), float(daemon.get("publish_every", 0.0))) + 2.0
     if (now or time.time()) - float(document.get("taken_at", 0)) > max_age:
         return None
     return document

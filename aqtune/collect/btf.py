@@ -74,24 +74,25 @@ class Btf:
                 return type_id
             type_id = target
 
-    def _members(self, type_id: int) -> Iterator[tuple[str, int, int]]:
+    def _members(self, type_id: int) -> Iterator[tuple[str, int, int, int]]:
+        """(name, type id, bit offset, bitfield size or 0) of each member."""
         position, _, kind, vlen, bitfields, _ = self._type(type_id)
         if kind not in (STRUCT, UNION):
             return
         for i in range(vlen):
             name_off, member_type, offset = TYPE.unpack_from(self.data, position + TYPE.size + TYPE.size * i)
-            bits = offset & 0xFFFFFF if bitfields else offset
-            yield (self._string(name_off) if name_off else ""), member_type, bits
+            bits, size = (offset & 0xFFFFFF, offset >> 24) if bitfields else (offset, 0)
+            yield (self._string(name_off) if name_off else ""), member_type, bits, size
 
-    def _member(self, type_id: int, name: str) -> tuple[int, int] | None:
-        """(bit offset, type id) of ``name``, looking inside anonymous struct/union members too."""
-        for member, member_type, bits in self._members(type_id):
+    def _member(self, type_id: int, name: str) -> tuple[int, int, int] | None:
+        """(bit offset, type id, bitfield size) of ``name``, looking inside anonymous members too."""
+        for member, member_type, bits, size in self._members(type_id):
             if member == name:
-                return bits, member_type
+                return bits, member_type, size
             if not member:
                 inner = self._member(self._strip(member_type), name)
                 if inner is not None:
-                    return bits + inner[0], inner[1]
+                    return bits + inner[0], inner[1], inner[2]
         return None
 
     def offset(self, path: str) -> int:
@@ -107,6 +108,8 @@ class Btf:
                 raise BtfError(f"{path}: no member {name!r}")
             bits += found[0]
             type_id = found[1]
+            if found[2]:
+                raise BtfError(f"{path}: a {found[2]}-bit bitfield, not addressable")
         if bits % 8:
             raise BtfError(f"{path}: a bitfield (bit {bits}), not addressable")
         return bits // 8
@@ -115,10 +118,11 @@ class Btf:
         type_id = self.named.get(("enum", enum))
         if type_id is None:
             raise BtfError(f"no enum {enum} in BTF")
-        position, _, kind, vlen, _, _ = self._type(type_id)
-        entry = struct.Struct("<Ii" if kind == ENUM else "<Iii")
+        position, _, kind, vlen, signed, _ = self._type(type_id)
+        # kind_flag set means signed values; clear (most kernel enums), unsigned.
+        entry = struct.Struct(("<Ii" if signed else "<II") if kind == ENUM else ("<IIi" if signed else "<III"))
         for i in range(vlen):
             name_off, value, *high = entry.unpack_from(self.data, position + TYPE.size + entry.size * i)
             if self._string(name_off) == name:
-                return int(value) if not high else (int(high[0]) << 32) | (value & 0xFFFFFFFF)
+                return int(value) if not high else (int(high[0]) << 32) | int(value)
         raise BtfError(f"enum {enum} has no {name}")

@@ -90,7 +90,8 @@ class Way:
 
 CAPABILITIES: dict[str, tuple[Way, ...]] = {
     "enqueue": (Way("raw_tracepoint", "sock:sk_data_ready", "on_sk_data_ready"),
-                Way("function", "inet_csk_reqsk_queue_add", "on_reqsk_queue_add", "FENTRY_REQSK_QUEUE_ADD")),
+                Way("function", "inet_csk_complete_hashdance", "on_complete_hashdance",
+                    "FENTRY_COMPLETE_HASHDANCE")),
     "ack_overflow": (Way("raw_tracepoint", "skb:kfree_skb", "on_kfree_skb"),
                      Way("function", "tcp_v4_syn_recv_sock+tcp_v6_syn_recv_sock", "on_syn_recv_sock",
                          "FENTRY_SYN_RECV_SOCK")),
@@ -247,8 +248,12 @@ class EventLayer:
     _handlers: list[Callable[[Event], None]] = field(default_factory=list)
 
     @classmethod
-    def start(cls, emit: int = 0) -> EventLayer:
-        """Compile and attach; raises Unavailable (with the reason) when eBPF cannot run at all."""
+    def start(cls, emit: int = 0, netns_inode: int = 0) -> EventLayer:
+        """Compile and attach; raises Unavailable (with the reason) when eBPF cannot run at all.
+
+        ``emit`` chooses the events sent to userspace (EMIT_*); ``netns_inode`` keeps only one
+        namespace's, filtered in the kernel.
+        """
         ensure_tracefs()
         try:
             from bcc import BPF
@@ -290,6 +295,11 @@ class EventLayer:
             except Exception as exc:  # bcc's compile and load errors too
                 captured.seek(0)
                 details = captured.read().decode(errors="replace").strip().splitlines()[-5:]
+                said = f"{exc} {' '.join(details)}"
+                if "Operation not permitted" in said or "super-user" in said:
+                    raise Unavailable("BPF refused (EPERM): aqtune needs CAP_BPF and CAP_PERFMON (or "
+                                      "CAP_SYS_ADMIN), and no seccomp filter on bpf()"
+                                      + (f"; bcc said: {details[-1]}" if details else "")) from None
                 raise Unavailable(f"bcc could not compile or load bpf/aqtune.c: {exc}"
                                   + (": " + " | ".join(details) if details else "")) from None
             finally:
@@ -305,9 +315,12 @@ class EventLayer:
         syn_seen = probes.get("tcp_conn_request", "").startswith("attached")
         layer = cls(bpf, probes, describe_mode(probes, syn_seen), syn_seen, "BTF" if btf else "kernel headers")
         bpf["config"][ctypes.c_int(0)] = ctypes.c_uint32(emit)
+        bpf["config"][ctypes.c_int(1)] = ctypes.c_uint32(netns_inode)
         if emit:
             try:
-                bpf["events"].open_perf_buffer(layer._dispatch, page_cnt=64, lost_cb=layer._count_lost)
+                # Every event (trace) needs room for bursts; drops alone are few.
+                pages = 256 if emit & EMIT_ALL else 64
+                bpf["events"].open_perf_buffer(layer._dispatch, page_cnt=pages, lost_cb=layer._count_lost)
             except Exception as exc:  # bcc raises bare Exception when perf_event_open is refused
                 bpf.cleanup()
                 raise Unavailable(f"cannot open the perf buffer ({exc}): perf_event_open refused "
@@ -331,23 +344,16 @@ class EventLayer:
 
     def read(self) -> dict[int, ListenerEvents]:
         """Per-listener events by socket inode; drains the peak-queue map (peaks since last read)."""
-        peaks = {}
-        table = self.bpf["peaks"]
-        for key, value in list(table.items()):
-            peaks[key.value] = value.value
-            try:
-                del table[key]
-            except KeyError:
-                continue
+        peaks = {_number(key): _number(value) for key, value in _drain(self.bpf["peaks"])}
         result = {}
-        for key, stats in self.bpf["stats"].items():
+        for key, stats in _entries(self.bpf["stats"]):
             histogram = list(stats.wait_log2_us)
             requested = stats.requested_backlog
             waits = None
             if any(histogram):
                 waits = {"p50": percentile(histogram, 0.5), "p99": percentile(histogram, 0.99)}
-            result[key.value] = ListenerEvents(
-                enqueued=stats.enqueued, peak_queue=peaks.get(key.value),
+            result[_number(key)] = ListenerEvents(
+                enqueued=stats.enqueued, peak_queue=peaks.get(_number(key)),
                 ack_overflow=stats.ack_overflow,
                 syn_overflow=stats.syn_overflow if self.syn_overflow_seen else None,
                 synack_retransmits=stats.synack_retrans, accepts=stats.accepts, queue_wait_ms=waits,
@@ -362,6 +368,34 @@ class EventLayer:
 
     def close(self) -> None:
         self.bpf.cleanup()
+
+
+def _number(value: Any) -> int:
+    """A map key or value as int: bcc gives ctypes objects from items(), ints from batch reads."""
+    return int(getattr(value, "value", value))
+
+
+def _entries(table: Any) -> list[tuple[Any, Any]]:
+    """All entries with batch lookups (one syscall per batch, not two per entry) where the kernel
+    has them (5.6+)."""
+    try:
+        return list(table.items_lookup_batch())
+    except Exception:  # bcc raises bare Exception where batch operations are missing
+        return list(table.items())
+
+
+def _drain(table: Any) -> list[tuple[Any, Any]]:
+    """All entries, deleted as they are read, so what arrives meanwhile counts for the next read."""
+    try:
+        return list(table.items_lookup_and_delete_batch())
+    except Exception:  # no batch operations: read, then delete one by one
+        entries = list(table.items())
+        for key, _ in entries:
+            try:
+                del table[key]
+            except KeyError:
+                continue
+        return entries
 
 
 def _errno_text(exc: Exception) -> str:

@@ -145,13 +145,15 @@ class OwnerCache:
     process); a daemon sweeping quiet listeners every second need not repeat it each time.
     """
 
-    def __init__(self, max_age: float = 30.0) -> None:
+    def __init__(self, max_age: float = 30.0, min_gap: float = 5.0) -> None:
         self.max_age = max_age
+        self.min_gap = min_gap  # under listener churn, new sockets wait this long for their owners
         self.owners: dict[int, tuple[Process, ...]] = {}
         self.scanned_at = float("-inf")
 
     def lookup(self, inodes: set[int], now: float) -> dict[int, tuple[Process, ...]]:
-        if inodes - self.owners.keys() or now - self.scanned_at >= self.max_age:
+        age = now - self.scanned_at
+        if (inodes - self.owners.keys() and age >= self.min_gap) or age >= self.max_age:
             found = find_owners(inodes)
             # Sockets nobody readable holds are remembered as such, or every sweep would rescan.
             self.owners = {inode: found.get(inode, ()) for inode in inodes}

@@ -13,7 +13,7 @@ from aqtune.records import Listener, Namespace, Snapshot
 def read_namespace(ref: netns.NamespaceRef) -> tuple[Namespace, list[Listener]]:
     """Listeners, sysctls and TcpExt counters of one namespace, read from inside it."""
     rows: list[Listener] = []
-    namespace = Namespace(ref.name, ref.inode)
+    namespace = Namespace(ref.name, ref.inode, path=ref.path)
     with netns.entered(ref):
         namespace.sysctls = procfs.read_sysctls()
         namespace.counters = procfs.read_counters()

@@ -49,20 +49,27 @@ def assess(snapshot: Snapshot, model: Model, policy: Policy, managed: dict[str, 
         fill_ratio = rule.fill_ratio if rule and rule.fill_ratio is not None else policy.saturation.fill_ratio
         sustain = rule.sustain if rule and rule.sustain is not None else policy.saturation.sustain
         clear_ratio = min(policy.saturation.clear_ratio, fill_ratio)
+        record = managed.get(listener.netns, {}).get(SOMAXCONN)
+        samples = history.samples
+        # Most listeners are quiet: below the threshold, not saturated, no drop in all the history
+        # kept (which covers the window), nothing aqtune changed that they might wait on. They can
+        # have no finding, so the window is not worked out for them.
+        if (record is None and not history.saturated and samples[-1].fill < fill_ratio
+                and samples[-1].drops == samples[0].drops):
+            continue
         window = listener_window(history.samples, history.saturated, fill_ratio, clear_ratio,
                                  0.0 if one_shot else sustain)
         result.windows[key] = window
-        record = managed.get(listener.netns, {}).get(SOMAXCONN)
         raised = Raised(record.original, record.applied, record.earlier) if record else None
         findings = diagnose_listener(listener, window, somaxconn.get(listener.netns),
                                      (requested or {}).get(listener.inode), raised, policy)
         if findings:
             result.listener_findings[key] = findings
     for namespace in snapshot.namespaces:
-        samples = model.namespaces.get(namespace.name)
-        if not samples or len(samples) < 2:
+        counters = model.namespaces.get(namespace.name)
+        if not counters or len(counters) < 2:
             continue
-        deltas = counter_deltas(samples, policy.saturation.sustain)
+        deltas = counter_deltas(counters, policy.saturation.sustain)
         findings = diagnose_namespace(namespace.name, namespace.sysctls, deltas)
         if findings:
             result.namespace_findings[namespace.name] = findings
@@ -70,6 +77,8 @@ def assess(snapshot: Snapshot, model: Model, policy: Policy, managed: dict[str, 
 
 
 def _rule(policy: Policy, listener: Listener) -> ListenerRule | None:
+    if not policy.listeners:
+        return None
     comms = tuple(p.comm for p in listener.processes)
     units = tuple(p.unit for p in listener.processes if p.unit)
     return rule_for(policy, listener.netns, listener.address, listener.port, comms, units)

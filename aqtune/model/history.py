@@ -116,7 +116,14 @@ class Model:
             # (drops, a full queue) says nothing about the new queue, so its history restarts.
             if history is None or (history.samples and history.samples[-1].backlog != listener.backlog):
                 history = self.listeners[key] = ListenerHistory()
-            history.samples.append(_sample(snapshot.taken_at, listener, cpu_seconds))
+            sample = _sample(snapshot.taken_at, listener, cpu_seconds)
+            samples = history.samples
+            # A run of identical samples keeps its first and its latest: the windows see the same
+            # thing, and a quiet listener costs two samples, not one per sweep.
+            if len(samples) >= 2 and _same(samples[-1], sample) and _same(samples[-2], sample):
+                samples[-1] = sample
+            else:
+                samples.append(sample)
         for key in self.listeners.keys() - seen:
             del self.listeners[key]
         present = set()
@@ -124,8 +131,8 @@ class Model:
             if namespace.error and not namespace.counters:
                 continue
             present.add(namespace.name)
-            samples = self.namespaces.setdefault(namespace.name, deque(maxlen=MAX_SAMPLES))
-            samples.append(CounterSample(snapshot.taken_at, dict(namespace.counters)))
+            counters = self.namespaces.setdefault(namespace.name, deque(maxlen=MAX_SAMPLES))
+            counters.append(CounterSample(snapshot.taken_at, dict(namespace.counters)))
         for name in self.namespaces.keys() - present:
             del self.namespaces[name]
 
@@ -141,6 +148,10 @@ def _trim(samples: deque[Sample] | deque[CounterSample], cutoff: float) -> None:
     # Keep one sample older than the cutoff: it is the baseline for the oldest window.
     while len(samples) > 2 and samples[1].at < cutoff:
         samples.popleft()
+
+
+def _same(a: Sample, b: Sample) -> bool:
+    return a.queue == b.queue and a.backlog == b.backlog and a.drops == b.drops
 
 
 def _sample(at: float, listener: Listener, cpu_seconds: dict[int, float]) -> Sample:

@@ -1,7 +1,9 @@
 """The service loop around Runner.tick: when to sweep, systemd notifications, reload and stop.
 
 Cost follows trouble: every short tick reads only each namespace's listen-drop counters (a file read
-per namespace); the full sweep runs when they move, or once per policy interval.
+per namespace); the full sweep runs when they move, or once per policy interval, or while everything
+is quiet (no finding, every queue short) once per QUIET_PERIOD: a queue filling up without drops then
+shows within a few seconds, well inside the policy's sustain window.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from aqtune.decide import policy as policies
 from aqtune.surfaces.run import Runner
 
 SHORT_TICK = 0.25  # seconds between cheap checks
+QUIET_PERIOD = 5.0  # at most; never more than half the sustain window
 CHEAP_COUNTERS = ("ListenOverflows", "ListenDrops", "TCPReqQFullDrop")
 
 
@@ -81,6 +84,7 @@ def serve(runner: Runner, config_path: str, ebpf: bool = True) -> int:
     if runner.policy.apply_refused:
         log.warning(runner.policy.apply_refused)
     last_sweep = float("-inf")
+    sweep_took = 0.0
     counters: dict[int, tuple[int, ...]] = {}
     refs: list[netns.NamespaceRef] = []
     ready = False
@@ -90,20 +94,25 @@ def serve(runner: Runner, config_path: str, ebpf: bool = True) -> int:
             reload.clear()
             _reload(runner, config_path)
         moved = False
-        if now - last_sweep < runner.policy.interval:
+        # Counters moving bring the next sweep forward, but no closer than twice the last sweep's
+        # time: under a flood they move every tick, and back-to-back sweeps would starve the loop.
+        period = runner.policy.interval
+        if runner.quiet():
+            period = max(period, min(QUIET_PERIOD, runner.policy.saturation.sustain / 2))
+        if now - last_sweep < period and now - last_sweep >= 2 * sweep_took:
             latest = listen_counters(refs)
             moved = latest != counters
             counters = latest
-        if moved or now - last_sweep >= runner.policy.interval:
+        if moved or now - last_sweep >= period:
             last_sweep = now
             try:
-                runner.tick()
+                snapshot = runner.tick()[0]
+                refs = [netns.NamespaceRef(ns.name, ns.inode, ns.path) for ns in snapshot.namespaces
+                        if ns.path and not ns.error]
             except (OSError, LookupError) as exc:
                 log.error(f"sweep failed: {exc}; retrying next interval")
-            try:
-                refs = netns.select_namespaces(netns.list_namespaces(), runner.select)
-            except (OSError, LookupError):
                 refs = []
+            sweep_took = time.monotonic() - now
             counters = listen_counters(refs)
             if not ready:
                 notifier.send("READY=1")

@@ -27,6 +27,9 @@ from aqtune.records import Listener, ListenerEvents, Snapshot
 from aqtune.surfaces import status
 
 REMIND_AFTER = 300.0  # seconds before a finding that persists is logged again
+# The state file and metrics are rewritten every sweep, unless that costs over a tenth of the
+# interval (at 10,000 listeners they are megabytes): then when what they show changes, else this often.
+PUBLISH_EVERY = 5.0
 RECENT_ACTIONS = 20
 
 
@@ -54,6 +57,9 @@ class Runner:
     last: dict[str, Any] | None = None  # the last status document
     degraded_at: dict[str, float] = field(default_factory=dict)  # what -> when last reported
     failed_writes: dict[tuple[str, str], float] = field(default_factory=dict)  # (netns, sysctl) -> when
+    published: tuple[float, tuple[int, ...]] = (float("-inf"), ())  # when, and what it showed
+    calm: bool = False  # every queue below clear_ratio at the last sweep
+    publish_took: float = 0.0  # seconds the last state and metrics write took
 
     def start_events(self) -> None:
         """Load the eBPF layer, or say why aqtune runs on the sweep alone."""
@@ -106,15 +112,17 @@ class Runner:
             if namespace.error and not namespace.error.startswith("vanished"):
                 self._degraded(f"netns {namespace.name}", f"netns {namespace.name} {namespace.error}")
         self._log_findings(snapshot, result, held)
+        paths = {ns.inode: ns.path for ns in snapshot.namespaces}
         for change, inode in changes:
-            self._act(change, inode)
+            self._act(change, inode, paths.get(inode, ""))
         self._log_drops(snapshot, observed, result)
+        self.calm = all(l.fill < self.policy.saturation.clear_ratio for l in snapshot.listeners)
         self._publish(snapshot, result, observed)
         return snapshot, result, [change for change, _ in changes]
 
     # --- acting ---
 
-    def _act(self, change: Change, inode: int) -> None:
+    def _act(self, change: Change, inode: int, path: str) -> None:
         why_not = refusal(change, self.policy, self.dry_run)
         fields = {"netns": change.netns, "sysctl": change.sysctl, "old": change.old, "new": change.new,
                   "reason": change.reason}
@@ -136,7 +144,7 @@ class Runner:
         if now - self.failed_writes.get(key, float("-inf")) < REMIND_AFTER:
             return  # it failed a moment ago (read-only /proc/sys...): retrying every sweep only adds noise
         try:
-            ref = netns.NamespaceRef(change.netns, inode, _path_of(change.netns, inode))
+            ref = netns.NamespaceRef(change.netns, inode, path)
             sysctl.apply_change(self.ledger, ref, change.sysctl, change.old, change.new)
         except (OSError, netns.NamespaceGone) as exc:
             self.failed_writes[key] = now
@@ -196,8 +204,10 @@ class Runner:
         tracker.window, tracker.per_minute = self.policy.journal.window, self.policy.journal.max_per_minute
         by_key = {(l.netns, l.cookie): l for l in snapshot.listeners}
         for key, listener in by_key.items():
-            tracker.observe(key, snapshot.taken_at, self._new_drops(listener, observed), listener.queue,
-                            listener.backlog, self.peers.pop(listener.inode, None))
+            drops = self._new_drops(listener, observed)
+            if drops or key in tracker.open:
+                tracker.observe(key, snapshot.taken_at, drops, listener.queue, listener.backlog,
+                                self.peers.get(listener.inode))
         self.peers.clear()
         self.previous_events = observed
         for episode in tracker.close_due(snapshot.taken_at, set(by_key)):
@@ -244,18 +254,27 @@ class Runner:
 
     def _publish(self, snapshot: Snapshot, result: Assessment, observed: dict[int, ListenerEvents]) -> None:
         """The state `aqtune status` shows while the daemon runs, and the metrics file."""
+        total = sum(ns.counters.get("ListenDrops", 0) for ns in snapshot.namespaces)
+        self.listen_drops.append((snapshot.taken_at, total))
+        while len(self.listen_drops) > 1 and snapshot.taken_at - self.listen_drops[1][0] >= 60:
+            self.listen_drops.popleft()
+        shown = (len(snapshot.listeners), sum(l.queue for l in snapshot.listeners),
+                 sum(l.drops or 0 for l in snapshot.listeners), total, len(result.listener_findings),
+                 len(self.actions), sum(observed[l.inode].enqueued for l in snapshot.listeners if l.inode in observed))
+        costly = self.publish_took > 0.1 * self.policy.interval
+        if costly and shown == self.published[1] and snapshot.taken_at - self.published[0] < PUBLISH_EVERY:
+            return
+        self.published = (snapshot.taken_at, shown)
+        started = time.monotonic()
         document = status.snapshot_json(snapshot, result, observed, self.ebpf_status, source="daemon")
         for listener in document["listeners"]:
             window = result.windows.get((listener["netns"], listener["cookie"]))
             if window is not None:
                 listener["history"] = {"peak_fill": round(window.peak_fill, 4), "saturated": window.saturated,
                                        "high_for": round(window.high_for, 1), "drops_in_window": window.drops}
-        total = sum(ns.counters.get("ListenDrops", 0) for ns in snapshot.namespaces)
-        self.listen_drops.append((snapshot.taken_at, total))
-        while len(self.listen_drops) > 1 and snapshot.taken_at - self.listen_drops[1][0] >= 60:
-            self.listen_drops.popleft()
         document["daemon"] = {
             "pid": os.getpid(), "started": self.started, "interval": self.policy.interval,
+            "publish_every": PUBLISH_EVERY,
             "mode": "dry-run" if self.dry_run else self.policy.mode, "policy": self.policy.source,
             "drops_last_minute": max(total - self.listen_drops[0][1], 0),
             "journal_suppressed": self.episodes.suppressed_total, "actions": list(self.actions),
@@ -279,6 +298,7 @@ class Runner:
                                   "(install prometheus-node-exporter, or set [metrics] textfile)")
             except OSError as exc:
                 self._degraded("metrics", f"cannot write {self.policy.metrics.textfile}: {exc.strerror}")
+        self.publish_took = time.monotonic() - started
 
     def _degraded(self, what: str, text: str) -> None:
         # Once per REMIND_AFTER, not every sweep: a read-only disk should not flood the journal.
@@ -286,6 +306,10 @@ class Runner:
         if now - self.degraded_at.get(what, 0.0) >= REMIND_AFTER:
             self.degraded_at[what] = now
             self.log.error(text, message_id=MESSAGE_IDS["degraded"], component=what)
+
+    def quiet(self) -> bool:
+        """Nothing to watch closely: no finding, no drop episode under way, every queue short."""
+        return self.calm and not self.episodes.open and not self.logged
 
     def summary(self) -> str:
         """The one line systemd shows as the service's status."""
@@ -301,9 +325,3 @@ class Runner:
                 f"{document['daemon']['drops_last_minute']} drops in the last minute; "
                 f"mode {document['daemon']['mode']}; {ebpf_text}")
 
-
-def _path_of(name: str, inode: int) -> str:
-    for ref in netns.list_namespaces():
-        if ref.inode == inode:
-            return ref.path
-    raise netns.NamespaceGone(f"{name}: no longer exists")

@@ -7,7 +7,6 @@ sweep or by the daemon; the table is rendered from that document, so both look t
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from typing import Any
 
 from aqtune.act.ledger import Ledger
@@ -59,9 +58,17 @@ def listener_json(listener: Listener, findings: list[Finding], events: ListenerE
         "processes": [
             {"pid": p.pid, "comm": p.comm, "cmdline": p.cmdline, "unit": p.unit} for p in listener.processes
         ],
-        "events": asdict(events) if events is not None else None,
+        "events": _events_json(events) if events is not None else None,
         "advice": _advice_json(findings),
     }
+
+
+def _events_json(events: ListenerEvents) -> dict[str, Any]:
+    # By hand, not dataclasses.asdict: that deep-copies, and the daemon does this per listener per sweep.
+    return {"enqueued": events.enqueued, "peak_queue": events.peak_queue, "ack_overflow": events.ack_overflow,
+            "syn_overflow": events.syn_overflow, "synack_retransmits": events.synack_retransmits,
+            "accepts": events.accepts, "queue_wait_ms": events.queue_wait_ms,
+            "requested_backlog": events.requested_backlog}
 
 
 def namespace_json(namespace: Namespace, findings: list[Finding]) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import TextIO
 from aqtune.collect import netns
 from aqtune.collect.ebpf import Event, EventLayer
 
-COLUMNS = "{time:<12} {kind:<14} {netns:<14} {listener:<28} {queue:>11} {peer:<28} {detail}"
+COLUMNS = "{time:<12} {kind:<14} {netns:<14} {listener:<28} {queue:>13} {peer:<28} {detail}"
 HEADER = COLUMNS.format(time="TIME", kind="EVENT", netns="NETNS", listener="LISTENER", queue="QUEUE/BACKLOG",
                         peer="PEER", detail="DETAIL")
 

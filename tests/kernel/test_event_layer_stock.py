@@ -3,7 +3,7 @@
 On Debian's 6.1 (the qemu tier) there is no sock:sk_data_ready tracepoint and skb:kfree_skb has no
 listener, so the layer must choose functions instead: tcp_conn_request for SYN-stage drops (with
 the client's address), tcp_v4_syn_recv_sock for ACK-stage drops (fentry cannot attach there on
-6.1.0-54 and later: 7 arguments; the kprobe fallback must), inet_csk_reqsk_queue_add for arrivals.
+6.1.0-54 and later: 7 arguments; the kprobe fallback must), inet_csk_complete_hashdance for arrivals.
 The layer is compiled once for the module: under TCG one bcc compile takes about a minute.
 """
 
@@ -41,7 +41,7 @@ def test_function_probes_replace_the_missing_tracepoints(layer: tuple[EventLayer
     assert probes["tcp_conn_request"].startswith("attached"), probes
     assert probes["tcp_v4_syn_recv_sock"].startswith("attached"), probes
     if "sock:sk_data_ready" not in probes:
-        assert probes["inet_csk_reqsk_queue_add"].startswith("attached"), probes
+        assert probes["inet_csk_complete_hashdance"].startswith("attached"), probes
     assert layer[0].syn_overflow_seen
     assert "tcp_conn_request" not in layer[0].mode
 
@@ -66,11 +66,12 @@ def test_syn_stage_drops_are_counted_with_the_client_address(
     wait_until(lambda: dropped() >= CONNECTS - FULL, "SYN-stage drops of the clients that found the queue full",
                timeout=20)
     flood.stop()
-    listener.stop()
     time.sleep(0.2)
     events_layer.poll(50)
     after = ns.nstat()
+    # Read while the listener lives: closing it removes its entries from the maps.
     seen = events_layer.read()[inode]
+    listener.stop()
     overflows = after.get("TcpExtListenOverflows", 0) - before.get("TcpExtListenOverflows", 0)
     print(f"{seen}; ListenOverflows {overflows}")
     assert seen.enqueued == FULL

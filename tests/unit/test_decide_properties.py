@@ -260,7 +260,9 @@ def simulate(policy: Policy, world: World, dry_run: bool = False) -> Trace:
             model.listeners[key].saturated = window.saturated
         trace.fills.append(listener.fill)
         trace.backlogs.append(backlog)
-        trace.saturated.append(result.windows[(NETNS, COOKIE)].saturated)
+        # A quiet listener gets no window worked out: it is not saturated.
+        window = result.windows.get((NETNS, COOKIE))
+        trace.saturated.append(window is not None and window.saturated)
         state = NamespaceState(NETNS, dict(sysctls), result.by_namespace(snapshot).get(NETNS, []),
                                result.namespace_findings.get(NETNS, []))
         wanted, _ = plan(state, dict(ledger), policy, now)

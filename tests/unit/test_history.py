@@ -98,7 +98,9 @@ def test_listener_samples_are_bounded_by_count() -> None:
 def _model_with_samples(times: list[float]) -> Model:
     model = Model()
     for at in times:
-        model.update(snapshot(at, [listener(1)], [Namespace("host", 1, counters={"ListenDrops": int(at)})]), {})
+        # A different queue each time: identical samples would be collapsed (see below).
+        model.update(snapshot(at, [listener(1, queue=int(at))],
+                              [Namespace("host", 1, counters={"ListenDrops": int(at)})]), {})
     return model
 
 
@@ -128,6 +130,14 @@ def test_forget_before_the_oldest_sample_keeps_everything() -> None:
     model = _model_with_samples([1.0, 2.0, 3.0])
     model.forget_before(0.5)
     assert len(model.listeners[("host", 1)].samples) == 3
+
+
+def test_a_run_of_identical_samples_keeps_its_first_and_its_latest() -> None:
+    model = Model()
+    for at in (1.0, 2.0, 3.0, 4.0):
+        model.update(snapshot(at, [listener(1)]), {})
+    model.update(snapshot(5.0, [listener(1, queue=3)]), {})
+    assert [(s.at, s.queue) for s in model.listeners[("host", 1)].samples] == [(1.0, 0), (4.0, 0), (5.0, 3)]
 
 
 # --- counter_deltas ---
