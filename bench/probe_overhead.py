@@ -46,6 +46,8 @@ from math import comb
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from helper_pipe import read_line, stop
+
 if TYPE_CHECKING:
     from aqtune.collect.ebpf import Event, EventLayer
 
@@ -142,25 +144,6 @@ def load() -> int:
 
 # --- the benchmark proper ---------------------------------------------------------------------------------
 
-def _read_line(process: subprocess.Popen[str], timeout: float) -> str:
-    assert process.stdout is not None
-    readable, _, _ = select.select([process.stdout], [], [], timeout)
-    if not readable:
-        raise TimeoutError(f"helper said nothing within {timeout:.0f} s")
-    return process.stdout.readline().strip()
-
-
-def _stop(process: subprocess.Popen[str]) -> None:
-    if process.stdin is not None and not process.stdin.closed:
-        with suppress(BrokenPipeError):  # the helper already exited
-            process.stdin.close()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
-
-
 def cpu_seconds(pids: list[int]) -> float:
     """CPU time the processes' threads have run, from the scheduler's exact runtime (schedstat), not
     from tick-sampled utime/stime. Loopback packets are processed in softirq context on the sending
@@ -213,7 +196,7 @@ class Bench:
                 timeout = 0.0
             readable, _, _ = select.select(list(pending), [], [], timeout)
             for stream in readable:
-                answers.append(_read_line(pending.pop(stream), 0).split())
+                answers.append(read_line(pending.pop(stream), 0).split())
         cpu = cpu_seconds(pids) - cpu_before
         if bad := [answer for answer in answers if len(answer) != 2 or not answer[0].isdigit()]:
             raise RuntimeError(f"client failed: {' '.join(bad[0]) or 'exited'}")
@@ -238,17 +221,17 @@ def bench_namespace(clients: int) -> Iterator[Bench]:
             return helper
 
         server = start("--serve")
-        ready = _read_line(server, READY_TIMEOUT).split()
+        ready = read_line(server, READY_TIMEOUT).split()
         if len(ready) != 2 or ready[0] != "READY":
             raise RuntimeError(f"server failed to start: {' '.join(ready)!r}")
         loaders = [start("--load") for _ in range(clients)]
         for loader in loaders:
-            if (line := _read_line(loader, READY_TIMEOUT)) != "READY":
+            if (line := read_line(loader, READY_TIMEOUT)) != "READY":
                 raise RuntimeError(f"client failed to start: {line!r}")
         yield Bench(name, server, int(ready[1]), loaders)
     finally:
         for helper in helpers:
-            _stop(helper)
+            stop(helper)
         subprocess.run(["ip", "netns", "del", name], check=False, timeout=30)
 
 

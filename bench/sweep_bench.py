@@ -29,9 +29,11 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from helper_pipe import read_line, stop
 
 if TYPE_CHECKING:
     from aqtune.collect.netns import NamespaceRef
@@ -97,25 +99,6 @@ def _self_command(namespace: str, *args: str) -> list[str]:
     return ["ip", "netns", "exec", namespace, sys.executable, str(Path(__file__).resolve()), *args]
 
 
-def _read_line(process: subprocess.Popen[str], timeout: float) -> str:
-    assert process.stdout is not None
-    readable, _, _ = select.select([process.stdout], [], [], timeout)
-    if not readable:
-        raise TimeoutError(f"helper said nothing within {timeout:.0f} s")
-    return process.stdout.readline().strip()
-
-
-def _stop(process: subprocess.Popen[str]) -> None:
-    if process.stdin is not None and not process.stdin.closed:
-        with suppress(BrokenPipeError):  # the helper already exited
-            process.stdin.close()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
-
-
 def _start_helper(namespace: str, *args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(_self_command(namespace, *args), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             text=True)
@@ -134,7 +117,7 @@ def bench_namespace(count: int) -> Iterator[tuple[str, int, Callable[[str], floa
         _run("ip", "-n", name, "link", "set", "lo", "up")
         holder = _start_helper(name, "--hold", str(count))
         helpers.append(holder)
-        line = _read_line(holder, READY_TIMEOUT)
+        line = read_line(holder, READY_TIMEOUT)
         if line != f"READY {count}":
             raise RuntimeError(f"helper failed to start: {line!r}")
         # Started once, so entering the namespace is not charged to ss.
@@ -145,12 +128,12 @@ def bench_namespace(count: int) -> Iterator[tuple[str, int, Callable[[str], floa
             assert timer.stdin is not None
             timer.stdin.write(key + "\n")
             timer.stdin.flush()
-            return float(_read_line(timer, SS_TIMEOUT))
+            return float(read_line(timer, SS_TIMEOUT))
 
         yield name, holder.pid, time_ss
     finally:
         for helper in helpers:
-            _stop(helper)
+            stop(helper)
         subprocess.run(["ip", "netns", "del", name], check=False, timeout=30)
 
 
