@@ -106,8 +106,8 @@ static __always_inline u32 sock_netns(const void *sk)
 	return KREAD(u32, net, OFF_NET_INUM);
 }
 
-/* Looked up before a zeroed entry is built: it is 176 bytes of stack to clear, on every
- * connection, for a listener that has had its entry since its first. */
+/* Looked up before a zeroed entry is built: that is 176 bytes of stack to clear on every
+ * connection, for a listener whose entry exists from its first one on. */
 static __always_inline struct listener_stats *stats_of(u64 inode, const void *sk)
 {
 	struct listener_stats *found = stats.lookup(&inode);
