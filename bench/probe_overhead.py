@@ -1,22 +1,24 @@
 #!/usr/bin/python3
 """Probe overhead benchmark: loopback TCP connection rate with and without aqtune's eBPF probes.
 
-    /usr/bin/python3 bench/probe_overhead.py [--duration 2] [--rounds 10] [--clients N] [--no-extra]   (as root)
+    /usr/bin/python3 bench/probe_overhead.py [--duration 1] [--rounds 20] [--clients N] [--no-extra]   (as root)
 
 In a network namespace ``aqt-bench-ovh-<pid>`` (loopback only) one server process accepts and closes
 connections on 127.0.0.1 with a bare accept4()/close() loop, and ``--clients`` processes each open and
 abort (SO_LINGER 0, so close() sends RST) as many connections as they can for ``--duration`` seconds.
 The figure is completed connections per second, summed over the clients.
 
-Rounds alternate without and with the probes (EventLayer.start(emit=0), the daemon's normal mode),
-starting and ending without, so that load from elsewhere on the machine falls on both alike:
+Rounds alternate without and with the probes (EventLayer.start(emit=0), the daemon's normal mode,
+compiled once and detached with pause() for the rounds without), starting and ending without, so
+that load from elsewhere on the machine falls on both alike:
 ``--rounds`` rounds with probes, one more without, after a one-second warm-up. The result line gives
 the medians and ratio = with/without (target >= 0.97); the line after it says how far to trust that
 (each round with probes against its two neighbours, with an interval for the median of those ratios)
 and compares CPU time per connection, which other processes' load disturbs less. After every round
 with probes, the listener's counters from layer.read() are checked against the connections the
 clients made. Then, unless ``--no-extra``, one round each with emit=2 (drop events) and emit=1
-(trace: every event, read and counted by this process) is compared with the median without.
+(trace: every event, read and counted by this process) is compared with the median without, and one
+round gives the time spent in each program per connection (the kernel's BPF run-time statistics).
 
 Exit status: 0 after a run (whatever the ratio), 1 when the probes missed the load or a helper failed,
 2 when eBPF is unavailable here (the reason is printed). The namespace, helpers and probes are removed
@@ -57,7 +59,7 @@ PORT = 18080
 BACKLOG = 4096  # somaxconn's default in a new namespace; a momentarily slow server must not drop
 TARGET_RATIO = 0.97
 WARMUP_SECONDS = 1.0
-SETTLE_SECONDS = 0.5  # before every round, after the previous one's helpers and probe set-up quieten
+SETTLE_SECONDS = 0.2  # before every round: the previous one's helpers have reported and quieten
 DRAIN_TIMEOUT = 10.0  # seconds the server gets to accept what is still queued when the clients stop
 HELPER_LIFE = 900.0  # seconds; a helper orphaned by a killed benchmark still goes away by itself
 READY_TIMEOUT = 30.0
@@ -250,20 +252,55 @@ def probes(emit: int) -> Iterator[EventLayer]:
         layer.close()
 
 
-def check_counters(bench: Bench, layer: EventLayer, connections: int) -> tuple[bool, str]:
-    """Did the probes see the round's load? Compares the listener's counters with the clients' count."""
-    # accepts is one short: the server sat in accept4() when the probes attached, so the entry of
-    # that first call was never seen. On a loaded machine the server may still be working through its
-    # queue when the clients stop, so wait for it (the counters are cumulative).
+BPF_ENABLE_STATS = 32  # bpf(2) command; BPF_STATS_RUN_TIME = 0 is its only type
+SYS_BPF = {"x86_64": 321, "aarch64": 280}
+
+
+@contextmanager
+def run_time_stats() -> Iterator[None]:
+    """Programs count their run time while the fd BPF_ENABLE_STATS returns is open: unlike the
+    kernel.bpf_stats_enabled sysctl, nothing stays changed on the host if the benchmark dies."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    attr = ctypes.create_string_buffer(8)  # union bpf_attr { struct { __u32 type; } enable_stats; }
+    fd = libc.syscall(SYS_BPF[platform.machine()], BPF_ENABLE_STATS, attr, len(attr))
+    if fd < 0:
+        raise OSError(ctypes.get_errno(), "bpf(BPF_ENABLE_STATS)")
+    try:
+        yield
+    finally:
+        os.close(fd)
+
+
+def program_time(layer: EventLayer) -> dict[str, int]:
+    """Nanoseconds each loaded program has run, from its fd's fdinfo."""
+    spent = {}
+    for name, function in layer.bpf.funcs.items():
+        fields = dict(line.split(":\t", 1) for line in Path(f"/proc/self/fdinfo/{function.fd}").read_text().splitlines()
+                      if ":\t" in line)
+        spent[name.decode() if isinstance(name, bytes) else name] = int(fields.get("run_time_ns", 0))
+    return spent
+
+
+def counts(layer: EventLayer, inode: int) -> tuple[int, int]:
+    """The listener's (enqueued, accepts) so far."""
+    seen = layer.read().get(inode)
+    return (seen.enqueued, seen.accepts) if seen else (0, 0)
+
+
+def check_counters(bench: Bench, layer: EventLayer, connections: int,
+                   before: tuple[int, int] = (0, 0)) -> tuple[bool, str]:
+    """Did the probes see the round's load? Compares the listener's counters, less ``before``, with the
+    clients' count."""
+    # On a loaded machine the server may still be working through its queue when the clients stop,
+    # so wait for it.
     deadline = time.monotonic() + DRAIN_TIMEOUT
-    while (seen := layer.read().get(bench.server_inode)) is None or seen.accepts + 1 < seen.enqueued:
-        if time.monotonic() > deadline:
+    while True:
+        enqueued, accepts = (now - then for now, then in zip(counts(layer, bench.server_inode), before, strict=True))
+        if accepts >= enqueued or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    if seen is None:
-        return False, f"probes saw nothing for the listener (inode {bench.server_inode})"
-    ok = all(abs(value - connections) <= CHECK_TOLERANCE * connections for value in (seen.enqueued, seen.accepts))
-    return ok, (f"probes saw enqueued={seen.enqueued} accepts={seen.accepts} of {connections} connections "
+    ok = all(abs(value - connections) <= CHECK_TOLERANCE * connections for value in (enqueued, accepts))
+    return ok, (f"probes saw enqueued={enqueued} accepts={accepts} of {connections} connections "
                 f"({'ok' if ok else 'MISMATCH'})")
 
 
@@ -318,13 +355,16 @@ def _round_line(index: int, label: str, result: Round, note: str = "") -> str:
 def benchmark(args: argparse.Namespace) -> int:
     from aqtune.collect.ebpf import EMIT_ALL, EMIT_DROPS
 
-    with probes(0) as layer:  # compiled once up front: Unavailable is reported before any namespace
-        for line in header(layer, args):
-            print(line, flush=True)
     without: list[Round] = []
     with_probes: list[Round] = []
     all_seen = True
-    with bench_namespace(args.clients) as bench:
+    # One layer, compiled once (Unavailable is reported before any namespace), detached for the rounds
+    # without: rounds a moment apart rather than a compile apart, so drift on the host falls on both.
+    with probes(0) as layer, bench_namespace(args.clients) as bench:
+        for line in header(layer, args):
+            print(line, flush=True)
+        if staying := layer.pause():
+            print(f"# attached in every round (bcc attaches fentry as it loads): {', '.join(staying)}", flush=True)
         bench.run(WARMUP_SECONDS)  # first connections fault in pages and warm caches: not measured
         # Without, with, without, ..., without: every round with probes sits between two without.
         for index in range(1, 2 * args.rounds + 2):
@@ -332,11 +372,11 @@ def benchmark(args: argparse.Namespace) -> int:
                 without.append(result := bench.run(args.duration))
                 print(_round_line(index, "without", result), flush=True)
                 continue
-            # A fresh layer per round (compile, attach, close), as the daemon starts: nothing stays
-            # attached into the next round without probes.
-            with probes(0) as layer:
-                with_probes.append(result := bench.run(args.duration))
-                ok, seen = check_counters(bench, layer, result.connections)
+            before = counts(layer, bench.server_inode)
+            layer.resume()
+            with_probes.append(result := bench.run(args.duration))
+            ok, seen = check_counters(bench, layer, result.connections, before)
+            layer.pause()
             all_seen &= ok
             print(_round_line(index, "with", result, seen), flush=True)
 
@@ -365,15 +405,26 @@ def benchmark(args: argparse.Namespace) -> int:
                     nonlocal events
                     events += 1
 
-                with probes(emit) as layer:
-                    layer.on_event(count)
-                    result = bench.run(args.duration, events_from=layer)
-                    layer.poll(0)
-                    ok, seen = check_counters(bench, layer, result.connections)
-                    lost = layer.status()["lost_events"]
+                with probes(emit) as extra:
+                    extra.on_event(count)
+                    result = bench.run(args.duration, events_from=extra)
+                    extra.poll(0)
+                    ok, seen = check_counters(bench, extra, result.connections)
+                    lost = extra.status()["lost_events"]
                 all_seen &= ok
                 print(f"# emit={emit} ({label}), 1 round, informational: conn_rate={result.rate:.0f}/s "
                       f"ratio={result.rate / base:.3f} events={events} lost={lost}; {seen}", flush=True)
+            layer.resume()
+            with run_time_stats():
+                ran_before = program_time(layer)
+                result = bench.run(args.duration)
+                spent = {name: program_time(layer)[name] - ns for name, ns in ran_before.items()}
+            layer.pause()
+            per_connection = {name: ns / result.connections for name, ns in spent.items() if ns}
+            print("# time in each program per connection (bpf_stats, 1 round, informational; counting adds "
+                  "a clock read or two per run): "
+                  + ", ".join(f"{name} {ns:.0f} ns" for name, ns in sorted(per_connection.items()))
+                  + f"; total {sum(per_connection.values()):.0f} ns", flush=True)
     if not all_seen:
         print("probe_overhead.py: the probes did not count the load the clients made, so the ratio "
               "measures nothing", file=sys.stderr)
@@ -388,8 +439,8 @@ def _terminate(signum: int, _frame: object) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description="loopback connection rate with and without aqtune's eBPF probes")
-    parser.add_argument("--duration", type=float, default=2.0, help="seconds per round (default 2)")
-    parser.add_argument("--rounds", type=int, default=10, help="rounds with probes (default 10; one more without)")
+    parser.add_argument("--duration", type=float, default=1.0, help="seconds per round (default 1)")
+    parser.add_argument("--rounds", type=int, default=20, help="rounds with probes (default 20; one more without)")
     parser.add_argument("--clients", type=int, default=DEFAULT_CLIENTS,
                         help=f"load generator processes (default {DEFAULT_CLIENTS}: one per CPU besides the server's)")
     parser.add_argument("--no-extra", action="store_true", help="skip the emit=2 and emit=1 rounds")

@@ -9,13 +9,14 @@ wins and the others' failures are kept as the reason shown in status.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import socket
 import struct
 import subprocess
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,12 @@ OFFSETS = {
     "OFF_FDTABLE_FD": ("fdtable.fd", "offsetof(struct fdtable, fd)"),
     "OFF_FILE_PRIVATE_DATA": ("file.private_data", "offsetof(struct file, private_data)"),
 }
+# Where a syscall's first two arguments are in the registers saved on entry, by architecture. (Not
+# arm64's x0: the return value overwrites it before the exit tracepoint.)
+SYSCALL_ARG_OFFSETS = {
+    "x86_64": {"OFF_SYSCALL_ARG0": ("pt_regs.di", "offsetof(struct pt_regs, di)"),
+               "OFF_SYSCALL_ARG1": ("pt_regs.si", "offsetof(struct pt_regs, si)")},
+}
 # Members whose offset is the sum of two paths.
 OFFSET_ADDENDS = {"OFF_SK_RECEIVE_QUEUE_QLEN": "sk_buff_head.qlen", "OFF_SOCKET_INODE": "inode.i_ino"}
 HEADER_INCLUDES = ("net/sock.h", "linux/net.h", "linux/fs.h", "linux/fdtable.h", "linux/sched.h",
@@ -76,6 +83,7 @@ class KernelFeatures:
     listen_overflow_reason: int | None  # SKB_DROP_REASON_TCP_LISTEN_OVERFLOW, from BTF
     kprobes: bool
     btf: bool
+    machine: str  # os.uname().machine
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,6 +94,7 @@ class Way:
     target: str  # tracepoint "category:name", or kernel function names joined by "+"
     program: str  # the C function (kprobe variant for functions)
     fentry_define: str | None = None  # compile flag for the fentry variant
+    reads_syscall_args: bool = False  # from the saved registers, through bpf_task_pt_regs()
 
 
 CAPABILITIES: dict[str, tuple[Way, ...]] = {
@@ -97,12 +106,9 @@ CAPABILITIES: dict[str, tuple[Way, ...]] = {
                          "FENTRY_SYN_RECV_SOCK")),
     "syn_overflow": (Way("function", "tcp_conn_request", "on_conn_request", "FENTRY_CONN_REQUEST"),),
     "synack_retransmits": (Way("raw_tracepoint", "tcp:tcp_retransmit_synack", "on_retransmit_synack"),),
-    "queue_wait": (Way("raw_tracepoint", "sock:inet_sock_set_state", "on_inet_sock_set_state"),),
-    "accept": (Way("tracepoint", "syscalls:sys_enter_accept4+syscalls:sys_enter_accept", "on_accept_enter"),
-               ),
-    "accept_exit": (Way("tracepoint", "syscalls:sys_exit_accept4+syscalls:sys_exit_accept", "on_accept_exit"),),
-    "listen": (Way("tracepoint", "syscalls:sys_enter_listen", "on_listen_enter"),),
-    "listen_exit": (Way("tracepoint", "syscalls:sys_exit_listen", "on_listen_exit"),),
+    "accept": (Way("tracepoint", "syscalls:sys_exit_accept4+syscalls:sys_exit_accept", "on_accept_exit",
+                   reads_syscall_args=True),),
+    "listen": (Way("tracepoint", "syscalls:sys_exit_listen", "on_listen_exit", reads_syscall_args=True),),
 }
 
 
@@ -134,11 +140,15 @@ def detect(btf: Btf | None) -> KernelFeatures:
         except BtfError:
             reason = None
     kprobes = os.path.exists(f"{TRACEFS}/kprobe_events")
-    return KernelFeatures(frozenset(present), rx_sk, reason, kprobes, btf is not None)
+    return KernelFeatures(frozenset(present), rx_sk, reason, kprobes, btf is not None, os.uname().machine)
 
 
 def usable(way: Way, features: KernelFeatures) -> str | None:
     """Why ``way`` cannot work on this kernel, or None when it may (loading proves it)."""
+    if way.reads_syscall_args and features.machine not in SYSCALL_ARG_OFFSETS:
+        return f"syscall arguments are read only on {', '.join(SYSCALL_ARG_OFFSETS)}, not {features.machine}"
+    if way.reads_syscall_args and not features.btf:
+        return "bpf_task_pt_regs() needs the kernel's BTF"
     if way.kind in ("raw_tracepoint", "tracepoint"):
         missing = [tp for tp in way.target.split("+") if tp not in features.tracepoints]
         if missing:
@@ -169,7 +179,7 @@ def choose(features: KernelFeatures) -> dict[str, Way | str]:
 
 def compile_flags(btf: Btf | None, features: KernelFeatures, fentry: set[str]) -> list[str]:
     flags = []
-    for name, (path, expression) in OFFSETS.items():
+    for name, (path, expression) in (OFFSETS | SYSCALL_ARG_OFFSETS.get(features.machine, {})).items():
         if btf is not None:
             value = btf.offset(path) + (btf.offset(OFFSET_ADDENDS[name]) if name in OFFSET_ADDENDS else 0)
             flags.append(f"-D{name}={value}")
@@ -246,6 +256,9 @@ class EventLayer:
     offsets_from: str  # "BTF" or "kernel headers"
     lost: int = 0
     _handlers: list[Callable[[Event], None]] = field(default_factory=list)
+    _unseen: set[int] = field(default_factory=set)  # inodes with entries that the last sweep lacked
+    # What attached each probe, for resume(): attach point -> (way, kernel features, fentry refusals).
+    _reattach: dict[str, tuple[Way, KernelFeatures, dict[str, str]]] = field(default_factory=dict)
 
     @classmethod
     def start(cls, emit: int = 0, netns_inode: int = 0) -> EventLayer:
@@ -314,6 +327,8 @@ class EventLayer:
                 probes[target] = _attach(bpf, way, target, features, refused)
         syn_seen = probes.get("tcp_conn_request", "").startswith("attached")
         layer = cls(bpf, probes, describe_mode(probes, syn_seen), syn_seen, "BTF" if btf else "kernel headers")
+        layer._reattach = {target: (way, features, refused) for way in chosen.values() if isinstance(way, Way)
+                           for target in way.target.split("+") if probes[target].startswith("attached")}
         bpf["config"][ctypes.c_int(0)] = ctypes.c_uint32(emit)
         bpf["config"][ctypes.c_int(1)] = ctypes.c_uint32(netns_inode)
         if emit:
@@ -345,22 +360,66 @@ class EventLayer:
     def read(self) -> dict[int, ListenerEvents]:
         """Per-listener events by socket inode; drains the peak-queue map (peaks since last read)."""
         peaks = {_number(key): _number(value) for key, value in _drain(self.bpf["peaks"])}
+        queued = {_number(key): value for key, value in _entries(self.bpf["stats"])}
+        # A listener whose connections were all queued before the probes came has accepts alone.
+        accepted = {_number(key): value for key, value in _entries(self.bpf["accepted"])}
         result = {}
-        for key, stats in _entries(self.bpf["stats"]):
-            histogram = list(stats.wait_log2_us)
-            requested = stats.requested_backlog
+        for inode in queued.keys() | accepted.keys():
+            stats, taken = queued.get(inode), accepted.get(inode)
+            histogram = list(taken.wait_log2_us) if taken else []
+            requested = stats.requested_backlog if stats else 0
             waits = None
             if any(histogram):
                 waits = {"p50": percentile(histogram, 0.5), "p99": percentile(histogram, 0.99)}
-            result[_number(key)] = ListenerEvents(
-                enqueued=stats.enqueued, peak_queue=peaks.get(_number(key)),
-                ack_overflow=stats.ack_overflow,
-                syn_overflow=stats.syn_overflow if self.syn_overflow_seen else None,
-                synack_retransmits=stats.synack_retrans, accepts=stats.accepts, queue_wait_ms=waits,
+            result[inode] = ListenerEvents(
+                enqueued=stats.enqueued if stats else 0, peak_queue=peaks.get(inode),
+                ack_overflow=stats.ack_overflow if stats else 0,
+                syn_overflow=(stats.syn_overflow if stats else 0) if self.syn_overflow_seen else None,
+                synack_retransmits=stats.synack_retrans if stats else 0, accepts=taken.accepts if taken else 0,
+                queue_wait_ms=waits,
                 # listen(fd, -1) in C asks for the maximum: the kernel caps it at somaxconn.
                 requested_backlog=(2**31 - 1 if requested >= 2**31 else requested) or None,
             )
         return result
+
+    def forget_closed(self, observed: Iterable[int], live: set[int]) -> None:
+        """Drop the entries of listeners that two sweeps in a row did not find (closed, or in a
+        namespace nobody watches): ``observed`` are the inodes read() returned, ``live`` those the
+        sweep found. One sweep is not proof: a listener opened after the sweep read its namespace may
+        have entries already. Nothing in the kernel does this: seeing a listener close takes a probe
+        on every socket's state changes, six calls on every connection's path for a rare event, and
+        the maps are LRU, so at worst what is left behind is evicted, never leaked."""
+        unseen = set(observed) - live
+        for name in ("stats", "accepted", "peaks"):
+            table = self.bpf[name]
+            for inode in unseen & self._unseen:
+                with contextlib.suppress(KeyError):
+                    del table[table.Key(inode)]
+        self._unseen = unseen
+
+    def pause(self) -> list[str]:
+        """Detach the probes, keeping programs and maps, so that a benchmark can alternate rounds with
+        and without them a moment apart instead of a compile apart. Returns the probes that stay:
+        bcc attaches fentry programs as it loads them."""
+        staying = []
+        for target, (way, _, _) in self._reattach.items():
+            if way.kind == "raw_tracepoint":
+                self.bpf.detach_raw_tracepoint(tp=target.split(":")[1])
+            elif way.kind == "tracepoint":
+                self.bpf.detach_tracepoint(tp=target)
+            elif self.probes[target].startswith("attached (kprobe"):
+                self.bpf.detach_kprobe(event=target)
+            else:
+                staying.append(target)
+        return staying
+
+    def resume(self) -> None:
+        """Attach again what pause() detached."""
+        for target, (way, features, refused) in self._reattach.items():
+            if self.probes[target] != "attached (fentry)":
+                state = _attach(self.bpf, way, target, features, refused)
+                if state != self.probes[target]:
+                    raise RuntimeError(f"{target} {state} again (was {self.probes[target]})")
 
     def status(self) -> dict[str, Any]:
         return {"active": True, "probes": dict(self.probes), "mode": self.mode, "offsets": self.offsets_from,

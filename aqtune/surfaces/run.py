@@ -95,6 +95,7 @@ class Runner:
             self.events.poll(0)
             observed = self.events.read()
             self.ebpf_status = self.events.status()
+            self.events.forget_closed(observed.keys(), {listener.inode for listener in snapshot.listeners})
         requested = {inode: e.requested_backlog for inode, e in observed.items() if e.requested_backlog}
         result = assess(snapshot, self.model, self.policy, managed, requested=requested)
         for key, window in result.windows.items():

@@ -2,17 +2,18 @@
 """Loads the eBPF tests need and listen.py / flood.py do not make; meant to run inside a test namespace.
 
     ip netns exec NAME /usr/bin/python3 tests/helpers/eventload.py clients --to 127.0.0.1:8080 --count 3 --src 127.0.0.2
-    ip netns exec NAME /usr/bin/python3 tests/helpers/eventload.py acceptor --clients 5 --every 0.3
+    ip netns exec NAME /usr/bin/python3 tests/helpers/eventload.py acceptor --clients 5 --every 0.3 [--unix PATH]
 
 ``clients``: COUNT non-blocking connects from source address SRC (flood.py always connects from the
 default source, and the ACK-stage recipe tells client groups apart by source). Prints
 ``CONNECTED {"pid", "ports": [...], "results": {...}}`` and holds the sockets until stdin closes or
 --hold seconds pass.
 
-``acceptor``: a loopback listener that CLIENTS connections (opened by this process, blocking, so each
-has completed its handshake and sits in the queue) and then accepts one every EVERY seconds. The
-timestamps (CLOCK_MONOTONIC, the clock bpf_ktime_get_ns counts) bracket every connect and accept, so
-a test knows each connection's queue wait to within the time the calls took. Prints
+``acceptor``: a loopback listener (or a Unix stream one at PATH) that CLIENTS connections (opened by
+this process, blocking, so each has completed its handshake and sits in the queue) and then accepts
+one every EVERY seconds. The timestamps (CLOCK_MONOTONIC, the clock bpf_ktime_get_ns counts) bracket
+every connect and accept, so a test knows each connection's queue wait to within the time the calls
+took. Prints
 ``DONE {"pid", "inode", "address", "port", "peer_ports", "connected": [[before, after]...],
 "accepted": [[before, after]...]}`` and waits for stdin to close.
 """
@@ -83,16 +84,18 @@ def clients(args: argparse.Namespace) -> None:
 def acceptor(args: argparse.Namespace) -> None:
     count = min(args.clients, MAX_CLIENTS)
     every = min(args.every, MAX_EVERY)
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
+    family = socket.AF_UNIX if args.unix else socket.AF_INET
+    listener = socket.socket(family, socket.SOCK_STREAM)
+    listener.bind(args.unix or ("127.0.0.1", 0))
     listener.listen(count)
-    port = listener.getsockname()[1]
+    address = listener.getsockname()
+    port = 0 if args.unix else address[1]
     held: list[socket.socket] = []
     connected: list[list[float]] = []
     for _ in range(count):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock = socket.socket(family, socket.SOCK_STREAM)
         before = time.monotonic()
-        sock.connect(("127.0.0.1", port))
+        sock.connect(address)
         connected.append([before, time.monotonic()])
         held.append(sock)
     start = time.monotonic()
@@ -104,10 +107,11 @@ def acceptor(args: argparse.Namespace) -> None:
         before = time.monotonic()
         child, peer = listener.accept()
         accepted.append([before, time.monotonic()])
-        peer_ports.append(peer[1])
+        peer_ports.append(0 if args.unix else peer[1])
         held.append(child)
-    report = {"pid": os.getpid(), "inode": os.fstat(listener.fileno()).st_ino, "address": f"127.0.0.1:{port}",
-              "port": port, "peer_ports": peer_ports, "connected": connected, "accepted": accepted}
+    report = {"pid": os.getpid(), "inode": os.fstat(listener.fileno()).st_ino,
+              "address": args.unix or f"127.0.0.1:{port}", "port": port, "peer_ports": peer_ports,
+              "connected": connected, "accepted": accepted}
     print("DONE " + json.dumps(report), flush=True)
     try:
         wait_for_stdin_close(MAX_HOLD)
@@ -129,6 +133,7 @@ def main() -> int:
     acceptor_args = modes.add_parser("acceptor")
     acceptor_args.add_argument("--clients", type=int, default=5)
     acceptor_args.add_argument("--every", type=float, default=0.3)
+    acceptor_args.add_argument("--unix", metavar="PATH")
     acceptor_args.set_defaults(run=acceptor)
     args = parser.parse_args()
     args.run(args)

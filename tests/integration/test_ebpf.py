@@ -474,6 +474,45 @@ def test_queue_wait_histogram_brackets_the_measured_waits(
     assert p99 / 2 <= max(waits) * 1000 < p99
 
 
+def test_unix_queue_wait_is_timed_too(layer: Recorder, netns: Callable[[], TestNamespace], tmp_path: Path) -> None:
+    """A Unix stream listener's queue is its receive queue, first in, first out like a TCP one."""
+    ns = netns()
+    done = ns.spawn("eventload.py", ["acceptor", "--clients", str(WAIT_CLIENTS), "--every", str(ACCEPT_EVERY),
+                                     "--unix", str(tmp_path / "queue.sock")], "DONE").ready(timeout=15)
+    seen = layer.read(done["inode"])
+    assert seen is not None
+    assert (seen.accepts, seen.enqueued) == (WAIT_CLIENTS, WAIT_CLIENTS)
+    # A Unix connect is queued before connect() returns: the window needs no slack.
+    windows = [(accepted[0] - connected[1], accepted[1] - connected[0])
+               for connected, accepted in zip(done["connected"], done["accepted"], strict=True)]
+    events = layer.wait_for(done["inode"], "accept", WAIT_CLIENTS)
+    waits = [event.value / 1e9 for event in events]
+    assert all(low <= wait <= high for wait, (low, high) in zip(waits, windows, strict=True)), (waits, windows)
+    histogram = [0] * 32
+    for wait in waits:
+        histogram[bucket(wait)] += 1
+    assert seen.queue_wait_ms == {"p50": percentile(histogram, 0.5), "p99": percentile(histogram, 0.99)}
+
+
+def test_closed_listeners_are_forgotten_after_two_sweeps_without_them(
+        layer: Recorder, netns: Callable[[], TestNamespace]) -> None:
+    ns = netns()
+    closing = ns.spawn("eventload.py", ["acceptor", "--clients", "1", "--every", "0"], "DONE")
+    staying = ns.spawn("eventload.py", ["acceptor", "--clients", "1", "--every", "0"], "DONE")
+    gone, kept = closing.ready(timeout=15)["inode"], staying.ready(timeout=15)["inode"]
+    closing.stop()
+    wait_until(lambda: gone not in {row.inode for row in ns.ss_tcp().values()}, "the closed listener gone from ss")
+    live = {row.inode for row in ns.ss_tcp().values()}
+    assert kept in live
+    ours = {gone, kept}  # the session's layer also holds other tests' listeners: those are left alone
+    assert ours <= layer.layer.read().keys()
+    layer.layer.forget_closed(ours, live)  # one sweep without it: a listener opened after it may look so
+    assert ours <= layer.layer.read().keys()
+    layer.layer.forget_closed(ours, live)
+    after = layer.layer.read()
+    assert gone not in after and after[kept].accepts == 1
+
+
 # --- 6. SYN-stage drops are not observable on this kernel, and status says so ---------------------------
 
 
@@ -600,3 +639,19 @@ def test_without_ebpf_the_loop_still_sweeps_and_advises(
         assert not [line for line in daemon.lines() if "eBPF" in line and "unknown without eBPF" not in line], text
     assert daemon.stop() == 0, text
     assert ns.sysctls(SOMAXCONN)[SOMAXCONN] == CAPPED  # a dry run: nothing written
+
+
+def test_paused_probes_count_nothing_until_resumed(netns: Callable[[], TestNamespace]) -> None:
+    """pause() and resume() let the overhead benchmark compare rounds a moment apart."""
+    layer = EventLayer.start()
+    try:
+        ns = netns()
+        assert layer.pause() == []  # nothing here attaches by fentry
+        paused = ns.spawn("eventload.py", ["acceptor", "--clients", "2", "--every", "0"], "DONE").ready(timeout=15)
+        assert paused["inode"] not in layer.read()
+        layer.resume()
+        resumed = ns.spawn("eventload.py", ["acceptor", "--clients", "2", "--every", "0"], "DONE").ready(timeout=15)
+        seen = layer.read()[resumed["inode"]]
+        assert (seen.enqueued, seen.accepts, seen.requested_backlog) == (2, 2, 2)
+    finally:
+        layer.close()

@@ -82,3 +82,27 @@ def test_syn_stage_drops_are_counted_with_the_client_address(
     assert {e.peer for e in drops} == {"127.0.0.1"}
     assert all(e.peer_port > 0 and e.queue == FULL and e.backlog == BACKLOG for e in drops)
     assert seen.requested_backlog == BACKLOG
+
+
+def test_queue_wait_and_requested_backlog_from_the_syscall_exits(
+        layer: tuple[EventLayer, list[Event]], netns: Callable[[], TestNamespace]) -> None:
+    """accept() and listen() are seen at their exit tracepoints, their arguments read from the
+    registers the syscall saved (bpf_task_pt_regs), on this kernel as on the development one."""
+    events_layer, events = layer
+    ns = netns()
+    clients = 3
+    done = ns.spawn("eventload.py", ["acceptor", "--clients", str(clients), "--every", "0.3"],
+                    "DONE").ready(timeout=60)
+    seen = events_layer.read()[done["inode"]]
+    assert (seen.accepts, seen.enqueued, seen.requested_backlog) == (clients, clients, clients)
+
+    def accepted() -> list[Event]:
+        events_layer.poll(50)
+        return sorted((e for e in events if e.inode == done["inode"] and e.kind == "accept"), key=lambda e: e.ts_ns)
+
+    wait_until(lambda: len(accepted()) == clients, "an accept event per connection", timeout=20)
+    # Each wait inside the window the helper's clock readings allow (the child may be queued just
+    # after connect() returned: 5 ms of slack on that side).
+    for event, connected, taken in zip(accepted(), done["connected"], done["accepted"], strict=True):
+        assert taken[0] - connected[1] - 0.005 <= event.value / 1e9 <= taken[1] - connected[0], event
+    assert seen.queue_wait_ms is not None

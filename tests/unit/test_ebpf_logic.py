@@ -34,6 +34,7 @@ from aqtune.collect.ebpf import (
     EVENT_KINDS,
     OFFSET_ADDENDS,
     OFFSETS,
+    SYSCALL_ARG_OFFSETS,
     Event,
     KernelFeatures,
     Way,
@@ -234,16 +235,17 @@ def test_blob_and_file_errors(tmp_path: Path) -> None:
 SYSCALLS = frozenset({"syscalls:sys_enter_accept4", "syscalls:sys_enter_accept", "syscalls:sys_exit_accept4",
                       "syscalls:sys_exit_accept", "syscalls:sys_enter_listen", "syscalls:sys_exit_listen"})
 COMMON_TPS = SYSCALLS | {"skb:kfree_skb", "tcp:tcp_retransmit_synack", "sock:inet_sock_set_state"}
+X86 = "x86_64"
 
 # This VM: 6.18, sk_data_ready tracepoint, kfree_skb with rx_sk and the reason, BTF, no kprobes (fentry
 # is refused, which only loading shows).
 KERNEL_6_18 = KernelFeatures(COMMON_TPS | {"sock:sk_data_ready"}, kfree_skb_has_rx_sk=True,
-                             listen_overflow_reason=40, kprobes=False, btf=True)
+                             listen_overflow_reason=40, kprobes=False, btf=True, machine=X86)
 # Debian 12's 6.1: no sk_data_ready tracepoint, kfree_skb without rx_sk or TCP_LISTEN_OVERFLOW, kprobes.
 KERNEL_6_1 = KernelFeatures(COMMON_TPS, kfree_skb_has_rx_sk=False, listen_overflow_reason=None, kprobes=True,
-                            btf=True)
+                            btf=True, machine=X86)
 NOTHING = KernelFeatures(frozenset(), kfree_skb_has_rx_sk=False, listen_overflow_reason=None, kprobes=False,
-                         btf=False)
+                         btf=False, machine=X86)
 
 
 def kinds(chosen: dict[str, Way | str]) -> dict[str, str]:
@@ -259,8 +261,7 @@ def test_choose_on_a_6_18_like_kernel_takes_tracepoints_and_leaves_syn_overflow_
     assert chosen["syn_overflow"] == CAPABILITIES["syn_overflow"][0]
     assert kinds(chosen) == {"enqueue": "raw_tracepoint", "ack_overflow": "raw_tracepoint",
                              "syn_overflow": "function", "synack_retransmits": "raw_tracepoint",
-                             "queue_wait": "raw_tracepoint", "accept": "tracepoint", "accept_exit": "tracepoint",
-                             "listen": "tracepoint", "listen_exit": "tracepoint"}
+                             "accept": "tracepoint", "listen": "tracepoint"}
 
 
 def test_choose_on_a_6_1_like_kernel_falls_back_to_functions() -> None:
@@ -282,14 +283,16 @@ def test_choose_on_a_kernel_with_nothing_gives_every_reason() -> None:
                                  "inet_csk_complete_hashdance: kprobes absent and no BTF for fentry")
     assert chosen["ack_overflow"] == ("skb:kfree_skb: no tracepoint skb:kfree_skb; tcp_v4_syn_recv_sock+"
                                       "tcp_v6_syn_recv_sock: kprobes absent and no BTF for fentry")
-    assert chosen["accept"] == ("syscalls:sys_enter_accept4+syscalls:sys_enter_accept: no tracepoint "
-                                "syscalls:sys_enter_accept4, syscalls:sys_enter_accept")
+    # accept() and listen() are read from their saved registers with bpf_task_pt_regs(), which
+    # needs BTF: that is said before the missing tracepoints.
+    assert chosen["accept"] == ("syscalls:sys_exit_accept4+syscalls:sys_exit_accept: bpf_task_pt_regs() "
+                                "needs the kernel's BTF")
 
 
 def test_kfree_skb_needs_rx_sk_and_the_reason() -> None:
     kfree = CAPABILITIES["ack_overflow"][0]
-    without_reason = KernelFeatures(KERNEL_6_18.tracepoints, True, None, False, False)
-    without_rx_sk = KernelFeatures(KERNEL_6_18.tracepoints, False, 40, False, True)
+    without_reason = KernelFeatures(KERNEL_6_18.tracepoints, True, None, False, False, X86)
+    without_rx_sk = KernelFeatures(KERNEL_6_18.tracepoints, False, 40, False, True, X86)
     for features in (without_reason, without_rx_sk):
         assert usable(kfree, features) == "kfree_skb has no rx_sk or no TCP_LISTEN_OVERFLOW reason on this kernel"
     # Neither kprobes nor BTF: the function fallback cannot work either, and the reason says both.
@@ -304,15 +307,28 @@ def test_kfree_skb_needs_rx_sk_and_the_reason() -> None:
     (False, False, "kprobes absent and no BTF for fentry"),
 ])
 def test_function_ways_need_kprobes_or_btf(kprobes: bool, has_btf: bool, why: str | None) -> None:
-    features = KernelFeatures(frozenset(), False, None, kprobes, has_btf)
+    features = KernelFeatures(frozenset(), False, None, kprobes, has_btf, X86)
     assert usable(CAPABILITIES["syn_overflow"][0], features) == why
 
 
 def test_a_multi_tracepoint_way_needs_every_tracepoint() -> None:
     accept = CAPABILITIES["accept"][0]
-    assert usable(accept, KernelFeatures(frozenset({"syscalls:sys_enter_accept4"}), False, None, False, False)) == (
-        "no tracepoint syscalls:sys_enter_accept")
-    assert usable(accept, KernelFeatures(SYSCALLS, False, None, False, False)) is None
+    assert usable(accept, KernelFeatures(frozenset({"syscalls:sys_exit_accept4"}), False, None, False, True, X86)) == (
+        "no tracepoint syscalls:sys_exit_accept")
+    assert usable(accept, KernelFeatures(SYSCALLS, False, None, False, True, X86)) is None
+
+
+@pytest.mark.parametrize("capability", ["accept", "listen"])
+def test_syscall_arguments_need_btf_and_a_known_architecture(capability: str) -> None:
+    way = CAPABILITIES[capability][0]
+    assert way.reads_syscall_args
+    assert usable(way, KernelFeatures(SYSCALLS, False, None, False, False, X86)) == (
+        "bpf_task_pt_regs() needs the kernel's BTF")
+    assert usable(way, KernelFeatures(SYSCALLS, False, None, False, True, "aarch64")) == (
+        "syscall arguments are read only on x86_64, not aarch64")
+    # Where they cannot be read, the program that reads them is not even compiled.
+    assert "-DOFF_SYSCALL_ARG0=" not in " ".join(compile_flags(None, KernelFeatures(SYSCALLS, False, None, False,
+                                                                                    False, "aarch64"), set()))
 
 
 # --- attach states (a fake bcc object, no kernel) --------------------------------------------------------
@@ -341,8 +357,8 @@ def test_attach_states_say_how_or_why_not() -> None:
     conn = CAPABILITIES["syn_overflow"][0]
     refused = {"tcp_conn_request": "fentry refused (EPERM)"}
     no_kprobes = KERNEL_6_18
-    with_kprobes = KernelFeatures(KERNEL_6_18.tracepoints, True, 40, True, True)
-    no_btf = KernelFeatures(KERNEL_6_18.tracepoints, True, 40, True, False)
+    with_kprobes = KernelFeatures(KERNEL_6_18.tracepoints, True, 40, True, True, X86)
+    no_btf = KernelFeatures(KERNEL_6_18.tracepoints, True, 40, True, False, X86)
     bpf = FakeBpf()
     attach = ebpf._attach
     assert attach(bpf, conn, "tcp_conn_request", no_kprobes, {}) == "attached (fentry)"
@@ -474,7 +490,7 @@ def test_every_probe_program_offset_and_fentry_define_exists_in_the_c_source() -
             if way.fentry_define:
                 assert f"#ifdef {way.fentry_define}" in source, way.fentry_define
     used = set(re.findall(r"\bOFF_[A-Z0-9_]+", source))
-    assert used == set(OFFSETS), "offsets the C source reads vs offsets compile_flags defines"
+    assert used == set(OFFSETS) | set(SYSCALL_ARG_OFFSETS[X86]), "offsets the C source reads vs compile_flags'"
 
 
 # --- compile flags --------------------------------------------------------------------------------------
@@ -484,7 +500,7 @@ def full_btf(offsets: dict[str, int]) -> Btf:
     """A BTF holding every member path compile_flags asks for, at the given byte offsets."""
     w = BtfWriter()
     u32 = w.int_type("u32", 4)
-    paths = [path for path, _ in OFFSETS.values()] + list(OFFSET_ADDENDS.values())
+    paths = [path for path, _ in (OFFSETS | SYSCALL_ARG_OFFSETS[X86]).values()] + list(OFFSET_ADDENDS.values())
     structs: dict[str, dict[str, int | str]] = {}
     for path in paths:
         parts = path.split(".")
@@ -515,13 +531,14 @@ def test_compile_flags_from_btf_sum_the_addends() -> None:
     assert "-DOFF_SOCKET_INODE=136" in flags
     assert "-DOFF_NET_INUM=192" in flags
     assert flags[-2:] == ["-DREASON_LISTEN_OVERFLOW=40", "-DFENTRY_CONN_REQUEST"]
-    assert len([flag for flag in flags if flag.startswith("-DOFF_")]) == len(OFFSETS)
+    assert len([flag for flag in flags if flag.startswith("-DOFF_")]) == len(OFFSETS) + len(SYSCALL_ARG_OFFSETS[X86])
 
 
 def test_compile_flags_without_btf_use_header_expressions() -> None:
     flags = compile_flags(None, KERNEL_6_1, {"FENTRY_SYN_RECV_SOCK", "FENTRY_CONN_REQUEST"})
     assert "-DOFF_ACK_BACKLOG=(offsetof(struct sock, sk_ack_backlog))" in flags
     assert "-DOFF_NET_INUM=(offsetof(struct net, ns.inum))" in flags
+    assert "-DOFF_SYSCALL_ARG1=(offsetof(struct pt_regs, si))" in flags
     assert not any(flag.startswith("-DREASON_LISTEN_OVERFLOW") for flag in flags)  # 6.1 has no such reason
     assert flags[-2:] == ["-DFENTRY_CONN_REQUEST", "-DFENTRY_SYN_RECV_SOCK"]  # sorted: a stable cache key
 
