@@ -87,7 +87,8 @@ def test_syn_stage_drops_are_counted_with_the_client_address(
 def test_queue_wait_and_requested_backlog_from_the_syscall_exits(
         layer: tuple[EventLayer, list[Event]], netns: Callable[[], TestNamespace]) -> None:
     """accept() and listen() are seen at their exit tracepoints, their arguments read from the
-    registers the syscall saved (bpf_task_pt_regs), on this kernel as on the development one."""
+    registers the syscall saved (bpf_task_pt_regs), on this kernel as on the development one (where
+    tests/integration/test_ebpf.py checks the same natively)."""
     events_layer, events = layer
     ns = netns()
     clients = 3
