@@ -10,7 +10,7 @@
  *   FENTRY_*           which functions get an fentry variant; each also has a kprobe variant that
  *                      userspace attaches when fentry is refused or absent.
  *   OFF_SYSCALL_ARG0, 1  where a syscall's saved registers hold its first two arguments; without
- *                      them (an architecture userspace does not know) accept() and listen() go unseen.
+ *                      them the syscalls' entry tracepoints keep the arguments (on_syscall_enter).
  *
  * Everything is keyed by the listener's socket inode: sock_diag reports it, and unlike the socket
  * cookie (assigned lazily, by the first sock_diag dump) it exists from socket() on.
@@ -376,15 +376,57 @@ int on_retransmit_synack(struct bpf_raw_tracepoint_args *ctx)
 
 /* --- accept() and listen(): from a descriptor to its socket --- */
 
+/* A syscall's first `count` arguments (one or two), at its exit tracepoint, on success (ret >= 0).
+ *
+ * Where userspace defines OFF_SYSCALL_ARG0 and 1 (an architecture it knows, a kernel with
+ * bpf_task_pt_regs), they are read from the registers the syscall saved on entry: an entry probe
+ * costs a map update per call, and every process's syscalls pay for the sys_enter hook. Elsewhere
+ * on_syscall_enter keeps them per thread from the sys_enter_* tracepoints. */
 #ifdef OFF_SYSCALL_ARG0
-/* The exit tracepoints alone, with the arguments read from the registers the syscall saved on
- * entry (OFF_SYSCALL_ARG0 and 1, defined for the architectures userspace knows): an entry probe
- * would cost a map update per call, and every process's syscalls would pay for the sys_enter hook. */
-static __always_inline u64 syscall_arg(u32 off)
+static __always_inline int syscall_args(s64 ret, u64 *args, int count)
 {
+	if (ret < 0)
+		return 0;
 	const void *regs = (const void *)bpf_task_pt_regs(bpf_get_current_task_btf());
-	return KREAD(u64, regs, off);
+	args[0] = KREAD(u64, regs, OFF_SYSCALL_ARG0);
+	if (count > 1)
+		args[1] = KREAD(u64, regs, OFF_SYSCALL_ARG1);
+	return 1;
 }
+#else
+struct syscall_enter {  /* the syscalls:sys_enter_* tracepoint record */
+	u64 common;
+	s64 nr;
+	u64 args[6];
+};
+
+struct saved_args {
+	u64 args[2];
+};
+
+BPF_TABLE("lru_hash", u64, struct saved_args, entered, 4096);  /* thread -> arguments */
+
+int on_syscall_enter(struct syscall_enter *ctx)
+{
+	u64 thread = bpf_get_current_pid_tgid();
+	struct saved_args saved = {.args = {ctx->args[0], ctx->args[1]}};
+	entered.update(&thread, &saved);
+	return 0;
+}
+
+static __always_inline int syscall_args(s64 ret, u64 *args, int count)
+{
+	u64 thread = bpf_get_current_pid_tgid();
+	struct saved_args *saved = entered.lookup(&thread);
+	if (!saved)
+		return 0;
+	args[0] = saved->args[0];
+	if (count > 1)
+		args[1] = saved->args[1];
+	entered.delete(&thread);
+	return ret >= 0;
+}
+#endif
 
 static __always_inline const void *fd_socket(s64 fd)
 {
@@ -411,9 +453,10 @@ static __always_inline u32 log2_bucket(u64 us)
 
 int on_accept_exit(struct syscall_exit *ctx)
 {
-	if (ctx->ret < 0)
+	u64 args[1];
+	if (!syscall_args(ctx->ret, args, 1))
 		return 0;
-	const void *listener_socket = fd_socket(syscall_arg(OFF_SYSCALL_ARG0));
+	const void *listener_socket = fd_socket(args[0]);
 	u64 inode = KREAD(u64, listener_socket, OFF_SOCKET_INODE);
 	if (!inode)
 		return 0;
@@ -461,10 +504,11 @@ int on_accept_exit(struct syscall_exit *ctx)
 
 int on_listen_exit(struct syscall_exit *ctx)
 {
-	if (ctx->ret != 0)
+	u64 args[2];
+	if (!syscall_args(ctx->ret, args, 2))
 		return 0;
-	const void *socket = fd_socket(syscall_arg(OFF_SYSCALL_ARG0));
-	u32 backlog = syscall_arg(OFF_SYSCALL_ARG1);
+	const void *socket = fd_socket(args[0]);
+	u32 backlog = args[1];
 	u64 inode = KREAD(u64, socket, OFF_SOCKET_INODE);
 	const void *sk = KREAD(const void *, socket, OFF_SOCKET_SK);
 	struct listener_stats *s = inode ? stats_of(inode, sk) : 0;
@@ -479,4 +523,3 @@ int on_listen_exit(struct syscall_exit *ctx)
 	}
 	return 0;
 }
-#endif

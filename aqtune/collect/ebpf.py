@@ -61,7 +61,8 @@ OFFSETS = {
     "OFF_FILE_PRIVATE_DATA": ("file.private_data", "offsetof(struct file, private_data)"),
 }
 # Where a syscall's first two arguments are in the registers saved on entry, by architecture. (Not
-# arm64's x0: the return value overwrites it before the exit tracepoint.)
+# arm64's x0: the return value overwrites it before the exit tracepoint.) Elsewhere, and on kernels
+# without bpf_task_pt_regs (before 5.15), the syscalls' entry tracepoints keep them.
 SYSCALL_ARG_OFFSETS = {
     "x86_64": {"OFF_SYSCALL_ARG0": ("pt_regs.di", "offsetof(struct pt_regs, di)"),
                "OFF_SYSCALL_ARG1": ("pt_regs.si", "offsetof(struct pt_regs, si)")},
@@ -84,6 +85,7 @@ class KernelFeatures:
     kprobes: bool
     btf: bool
     machine: str  # os.uname().machine
+    task_pt_regs: bool  # the kernel's BTF knows the bpf_task_pt_regs() helper (5.15+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,7 +96,7 @@ class Way:
     target: str  # tracepoint "category:name", or kernel function names joined by "+"
     program: str  # the C function (kprobe variant for functions)
     fentry_define: str | None = None  # compile flag for the fentry variant
-    reads_syscall_args: bool = False  # from the saved registers, through bpf_task_pt_regs()
+    reads_syscall_args: bool = False  # from the saved registers, or kept by the entry tracepoints
 
 
 CAPABILITIES: dict[str, tuple[Way, ...]] = {
@@ -140,17 +142,32 @@ def detect(btf: Btf | None) -> KernelFeatures:
         except BtfError:
             reason = None
     kprobes = os.path.exists(f"{TRACEFS}/kprobe_events")
-    return KernelFeatures(frozenset(present), rx_sk, reason, kprobes, btf is not None, os.uname().machine)
+    task_pt_regs = False
+    if btf is not None:
+        try:
+            task_pt_regs = btf.enum_value("bpf_func_id", "BPF_FUNC_task_pt_regs") > 0
+        except BtfError:
+            task_pt_regs = False
+    return KernelFeatures(frozenset(present), rx_sk, reason, kprobes, btf is not None, os.uname().machine,
+                          task_pt_regs)
+
+
+def registers_readable(features: KernelFeatures) -> bool:
+    """Whether syscall arguments can be read at the exit tracepoints (else entry probes keep them)."""
+    return features.task_pt_regs and features.machine in SYSCALL_ARG_OFFSETS
+
+
+def entry_of(exit_tracepoint: str) -> str:
+    return exit_tracepoint.replace(":sys_exit_", ":sys_enter_")
 
 
 def usable(way: Way, features: KernelFeatures) -> str | None:
     """Why ``way`` cannot work on this kernel, or None when it may (loading proves it)."""
-    if way.reads_syscall_args and features.machine not in SYSCALL_ARG_OFFSETS:
-        return f"syscall arguments are read only on {', '.join(SYSCALL_ARG_OFFSETS)}, not {features.machine}"
-    if way.reads_syscall_args and not features.btf:
-        return "bpf_task_pt_regs() needs the kernel's BTF"
     if way.kind in ("raw_tracepoint", "tracepoint"):
-        missing = [tp for tp in way.target.split("+") if tp not in features.tracepoints]
+        needed = way.target.split("+")
+        if way.reads_syscall_args and not registers_readable(features):
+            needed += [entry_of(tp) for tp in needed]
+        missing = [tp for tp in needed if tp not in features.tracepoints]
         if missing:
             return f"no tracepoint {', '.join(missing)}"
         if way.target == "skb:kfree_skb" and not (features.kfree_skb_has_rx_sk and features.listen_overflow_reason):
@@ -179,7 +196,8 @@ def choose(features: KernelFeatures) -> dict[str, Way | str]:
 
 def compile_flags(btf: Btf | None, features: KernelFeatures, fentry: set[str]) -> list[str]:
     flags = []
-    for name, (path, expression) in (OFFSETS | SYSCALL_ARG_OFFSETS.get(features.machine, {})).items():
+    registers = SYSCALL_ARG_OFFSETS[features.machine] if registers_readable(features) else {}
+    for name, (path, expression) in (OFFSETS | registers).items():
         if btf is not None:
             value = btf.offset(path) + (btf.offset(OFFSET_ADDENDS[name]) if name in OFFSET_ADDENDS else 0)
             flags.append(f"-D{name}={value}")
@@ -407,6 +425,8 @@ class EventLayer:
                 self.bpf.detach_raw_tracepoint(tp=target.split(":")[1])
             elif way.kind == "tracepoint":
                 self.bpf.detach_tracepoint(tp=target)
+                if "arguments kept by" in self.probes[target]:
+                    self.bpf.detach_tracepoint(tp=entry_of(target))
             elif self.probes[target].startswith("attached (kprobe"):
                 self.bpf.detach_kprobe(event=target)
             else:
@@ -474,8 +494,11 @@ def _attach(bpf: Any, way: Way, target: str, features: KernelFeatures, refused: 
             bpf.attach_raw_tracepoint(tp=target.split(":")[1], fn_name=way.program)
             return "attached (raw tracepoint)"
         if way.kind == "tracepoint":
+            kept = way.reads_syscall_args and not registers_readable(features)
+            if kept:
+                bpf.attach_tracepoint(tp=entry_of(target), fn_name="on_syscall_enter")
             bpf.attach_tracepoint(tp=target, fn_name=way.program)
-            return "attached (tracepoint)"
+            return f"attached (tracepoint; arguments kept by {entry_of(target)})" if kept else "attached (tracepoint)"
         if way.fentry_define and features.btf and target not in refused:
             return "attached (fentry)"
         why_fentry = refused.get(target, "fentry not tried (no BTF)")

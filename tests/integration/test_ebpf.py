@@ -34,6 +34,7 @@ from typing import Any
 
 import pytest
 
+from aqtune.collect import ebpf
 from aqtune.collect.ebpf import EMIT_ALL, Event, EventLayer, decode_event, percentile
 from aqtune.records import ListenerEvents
 from aqtune.surfaces.trace import HEADER
@@ -653,5 +654,28 @@ def test_paused_probes_count_nothing_until_resumed(netns: Callable[[], TestNames
         resumed = ns.spawn("eventload.py", ["acceptor", "--clients", "2", "--every", "0"], "DONE").ready(timeout=15)
         seen = layer.read()[resumed["inode"]]
         assert (seen.enqueued, seen.accepts, seen.requested_backlog) == (2, 2, 2)
+    finally:
+        layer.close()
+
+
+def test_where_registers_cannot_be_read_the_entry_tracepoints_keep_the_arguments(
+        netns: Callable[[], TestNamespace], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The way taken on kernels without bpf_task_pt_regs (before 5.15) or on an architecture whose
+    saved registers aqtune does not know, run here by making detect() say so."""
+    detect = ebpf.detect
+    monkeypatch.setattr(ebpf, "detect", lambda btf: dataclasses.replace(detect(btf), task_pt_regs=False))
+    layer = EventLayer.start()
+    try:
+        assert layer.probes["syscalls:sys_exit_accept4"] == (
+            "attached (tracepoint; arguments kept by syscalls:sys_enter_accept4)")
+        done = netns().spawn("eventload.py", ["acceptor", "--clients", str(WAIT_CLIENTS), "--every", "0.05"],
+                             "DONE").ready(timeout=15)
+        seen = layer.read()[done["inode"]]
+        assert (seen.accepts, seen.enqueued, seen.requested_backlog) == (WAIT_CLIENTS, WAIT_CLIENTS, WAIT_CLIENTS)
+        assert seen.queue_wait_ms is not None and seen.queue_wait_ms["p99"] >= 50 * WAIT_CLIENTS / 2
+        # pause() detaches them with the rest.
+        layer.pause()
+        paused = netns().spawn("eventload.py", ["acceptor", "--clients", "1", "--every", "0"], "DONE").ready(timeout=15)
+        assert paused["inode"] not in layer.read()
     finally:
         layer.close()

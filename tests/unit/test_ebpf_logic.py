@@ -16,6 +16,7 @@ import signal
 import socket
 import struct
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -240,12 +241,12 @@ X86 = "x86_64"
 # This VM: 6.18, sk_data_ready tracepoint, kfree_skb with rx_sk and the reason, BTF, no kprobes (fentry
 # is refused, which only loading shows).
 KERNEL_6_18 = KernelFeatures(COMMON_TPS | {"sock:sk_data_ready"}, kfree_skb_has_rx_sk=True,
-                             listen_overflow_reason=40, kprobes=False, btf=True, machine=X86)
+                             listen_overflow_reason=40, kprobes=False, btf=True, machine=X86, task_pt_regs=True)
 # Debian 12's 6.1: no sk_data_ready tracepoint, kfree_skb without rx_sk or TCP_LISTEN_OVERFLOW, kprobes.
 KERNEL_6_1 = KernelFeatures(COMMON_TPS, kfree_skb_has_rx_sk=False, listen_overflow_reason=None, kprobes=True,
-                            btf=True, machine=X86)
+                            btf=True, machine=X86, task_pt_regs=True)
 NOTHING = KernelFeatures(frozenset(), kfree_skb_has_rx_sk=False, listen_overflow_reason=None, kprobes=False,
-                         btf=False, machine=X86)
+                         btf=False, machine=X86, task_pt_regs=False)
 
 
 def kinds(chosen: dict[str, Way | str]) -> dict[str, str]:
@@ -283,16 +284,16 @@ def test_choose_on_a_kernel_with_nothing_gives_every_reason() -> None:
                                  "inet_csk_complete_hashdance: kprobes absent and no BTF for fentry")
     assert chosen["ack_overflow"] == ("skb:kfree_skb: no tracepoint skb:kfree_skb; tcp_v4_syn_recv_sock+"
                                       "tcp_v6_syn_recv_sock: kprobes absent and no BTF for fentry")
-    # accept() and listen() are read from their saved registers with bpf_task_pt_regs(), which
-    # needs BTF: that is said before the missing tracepoints.
-    assert chosen["accept"] == ("syscalls:sys_exit_accept4+syscalls:sys_exit_accept: bpf_task_pt_regs() "
-                                "needs the kernel's BTF")
+    # Without BTF the arguments cannot come from the saved registers: the entry tracepoints are needed too.
+    assert chosen["accept"] == ("syscalls:sys_exit_accept4+syscalls:sys_exit_accept: no tracepoint "
+                                "syscalls:sys_exit_accept4, syscalls:sys_exit_accept, syscalls:sys_enter_accept4, "
+                                "syscalls:sys_enter_accept")
 
 
 def test_kfree_skb_needs_rx_sk_and_the_reason() -> None:
     kfree = CAPABILITIES["ack_overflow"][0]
-    without_reason = KernelFeatures(KERNEL_6_18.tracepoints, True, None, False, False, X86)
-    without_rx_sk = KernelFeatures(KERNEL_6_18.tracepoints, False, 40, False, True, X86)
+    without_reason = KernelFeatures(KERNEL_6_18.tracepoints, True, None, False, False, X86, False)
+    without_rx_sk = KernelFeatures(KERNEL_6_18.tracepoints, False, 40, False, True, X86, True)
     for features in (without_reason, without_rx_sk):
         assert usable(kfree, features) == "kfree_skb has no rx_sk or no TCP_LISTEN_OVERFLOW reason on this kernel"
     # Neither kprobes nor BTF: the function fallback cannot work either, and the reason says both.
@@ -307,28 +308,35 @@ def test_kfree_skb_needs_rx_sk_and_the_reason() -> None:
     (False, False, "kprobes absent and no BTF for fentry"),
 ])
 def test_function_ways_need_kprobes_or_btf(kprobes: bool, has_btf: bool, why: str | None) -> None:
-    features = KernelFeatures(frozenset(), False, None, kprobes, has_btf, X86)
+    features = KernelFeatures(frozenset(), False, None, kprobes, has_btf, X86, has_btf)
     assert usable(CAPABILITIES["syn_overflow"][0], features) == why
 
 
 def test_a_multi_tracepoint_way_needs_every_tracepoint() -> None:
     accept = CAPABILITIES["accept"][0]
-    assert usable(accept, KernelFeatures(frozenset({"syscalls:sys_exit_accept4"}), False, None, False, True, X86)) == (
+    only_accept4 = frozenset({"syscalls:sys_exit_accept4"})
+    assert usable(accept, KernelFeatures(only_accept4, False, None, False, True, X86, True)) == (
         "no tracepoint syscalls:sys_exit_accept")
-    assert usable(accept, KernelFeatures(SYSCALLS, False, None, False, True, X86)) is None
+    assert usable(accept, KernelFeatures(SYSCALLS, False, None, False, True, X86, True)) is None
+
+
+EXITS = frozenset(tp for tp in SYSCALLS if ":sys_exit_" in tp)
 
 
 @pytest.mark.parametrize("capability", ["accept", "listen"])
-def test_syscall_arguments_need_btf_and_a_known_architecture(capability: str) -> None:
+def test_syscall_arguments_come_from_saved_registers_or_entry_tracepoints(capability: str) -> None:
     way = CAPABILITIES[capability][0]
     assert way.reads_syscall_args
-    assert usable(way, KernelFeatures(SYSCALLS, False, None, False, False, X86)) == (
-        "bpf_task_pt_regs() needs the kernel's BTF")
-    assert usable(way, KernelFeatures(SYSCALLS, False, None, False, True, "aarch64")) == (
-        "syscall arguments are read only on x86_64, not aarch64")
-    # Where they cannot be read, the program that reads them is not even compiled.
-    assert "-DOFF_SYSCALL_ARG0=" not in " ".join(compile_flags(None, KernelFeatures(SYSCALLS, False, None, False,
-                                                                                    False, "aarch64"), set()))
+    registers = KernelFeatures(EXITS, False, None, False, True, X86, True)
+    assert usable(way, registers) is None
+    assert "-DOFF_SYSCALL_ARG0=0" in compile_flags(full_btf({}), registers, set())
+    # No bpf_task_pt_regs() (before 5.15, or no BTF to tell), or registers this code does not know:
+    # the entry tracepoints must be there as well, and the exits are compiled to use what they keep.
+    for features in (replace(registers, task_pt_regs=False), replace(registers, machine="aarch64")):
+        needed = ", ".join(ebpf.entry_of(tp) for tp in way.target.split("+"))
+        assert usable(way, features) == f"no tracepoint {needed}"
+        assert usable(way, replace(features, tracepoints=SYSCALLS)) is None
+        assert not any("OFF_SYSCALL_ARG" in flag for flag in compile_flags(full_btf({}), features, set()))
 
 
 # --- attach states (a fake bcc object, no kernel) --------------------------------------------------------
@@ -357,8 +365,8 @@ def test_attach_states_say_how_or_why_not() -> None:
     conn = CAPABILITIES["syn_overflow"][0]
     refused = {"tcp_conn_request": "fentry refused (EPERM)"}
     no_kprobes = KERNEL_6_18
-    with_kprobes = KernelFeatures(KERNEL_6_18.tracepoints, True, 40, True, True, X86)
-    no_btf = KernelFeatures(KERNEL_6_18.tracepoints, True, 40, True, False, X86)
+    with_kprobes = KernelFeatures(KERNEL_6_18.tracepoints, True, 40, True, True, X86, True)
+    no_btf = KernelFeatures(KERNEL_6_18.tracepoints, True, 40, True, False, X86, False)
     bpf = FakeBpf()
     attach = ebpf._attach
     assert attach(bpf, conn, "tcp_conn_request", no_kprobes, {}) == "attached (fentry)"
@@ -487,6 +495,8 @@ def test_every_probe_program_offset_and_fentry_define_exists_in_the_c_source() -
     for capability, ways in CAPABILITIES.items():
         for way in ways:
             assert re.search(rf"\bint {way.program}\(", source), (capability, way.program)
+            if way.reads_syscall_args:  # the entry program _attach names where registers cannot serve
+                assert re.search(r"\bint on_syscall_enter\(", source)
             if way.fentry_define:
                 assert f"#ifdef {way.fentry_define}" in source, way.fentry_define
     used = set(re.findall(r"\bOFF_[A-Z0-9_]+", source))
@@ -538,7 +548,6 @@ def test_compile_flags_without_btf_use_header_expressions() -> None:
     flags = compile_flags(None, KERNEL_6_1, {"FENTRY_SYN_RECV_SOCK", "FENTRY_CONN_REQUEST"})
     assert "-DOFF_ACK_BACKLOG=(offsetof(struct sock, sk_ack_backlog))" in flags
     assert "-DOFF_NET_INUM=(offsetof(struct net, ns.inum))" in flags
-    assert "-DOFF_SYSCALL_ARG1=(offsetof(struct pt_regs, si))" in flags
     assert not any(flag.startswith("-DREASON_LISTEN_OVERFLOW") for flag in flags)  # 6.1 has no such reason
     assert flags[-2:] == ["-DFENTRY_CONN_REQUEST", "-DFENTRY_SYN_RECV_SOCK"]  # sorted: a stable cache key
 
@@ -689,3 +698,15 @@ def test_btf_module_constants_match_the_format() -> None:
     assert btf_module._FIXED == {btf_module.INT: 4, btf_module.ARRAY: 12, btf_module.VAR: 4, btf_module.DECL_TAG: 4}
     assert btf_module._PER_ENTRY == {btf_module.STRUCT: 12, btf_module.UNION: 12, btf_module.ENUM: 8,
                                      btf_module.FUNC_PROTO: 8, btf_module.DATASEC: 12, btf_module.ENUM64: 12}
+
+
+def test_without_registers_the_entry_tracepoint_keeps_the_arguments() -> None:
+    accept = CAPABILITIES["accept"][0]
+    bpf = FakeBpf()
+    kept = replace(KERNEL_6_18, task_pt_regs=False)
+    assert ebpf._attach(bpf, accept, "syscalls:sys_exit_accept4", kept, {}) == (
+        "attached (tracepoint; arguments kept by syscalls:sys_enter_accept4)")
+    assert ebpf._attach(bpf, accept, "syscalls:sys_exit_accept", KERNEL_6_18, {}) == "attached (tracepoint)"
+    assert bpf.calls == [("tp", "syscalls:sys_enter_accept4", "on_syscall_enter"),
+                         ("tp", "syscalls:sys_exit_accept4", "on_accept_exit"),
+                         ("tp", "syscalls:sys_exit_accept", "on_accept_exit")]
