@@ -418,7 +418,8 @@ def benchmark(args: argparse.Namespace) -> int:
             with run_time_stats():
                 ran_before = program_time(layer)
                 result = bench.run(args.duration)
-                spent = {name: program_time(layer)[name] - ns for name, ns in ran_before.items()}
+                ran_after = program_time(layer)
+            spent = {name: ran_after[name] - ns for name, ns in ran_before.items()}
             layer.pause()
             per_connection = {name: ns / result.connections for name, ns in spent.items() if ns}
             print("# time in each program per connection (bpf_stats, 1 round, informational; counting adds "

@@ -114,8 +114,8 @@ static __always_inline u32 sock_netns(const void *sk)
 	return KREAD(u32, net, OFF_NET_INUM);
 }
 
-/* Looked up before a zeroed entry is built: that is 176 bytes of stack to clear on every
- * connection, for a listener whose entry exists from its first one on. */
+/* Looked up before a zeroed entry is built: that, and reading the namespace, would otherwise be
+ * done on every connection, for a listener whose entry exists from its first one on. */
 static __always_inline struct listener_stats *stats_of(u64 inode, const void *sk)
 {
 	struct listener_stats *found = stats.lookup(&inode);
@@ -190,10 +190,11 @@ static __always_inline struct stamp *stamp_slot(u64 inode, u32 seq)
 	return stamps.lookup(&index);
 }
 
-static __always_inline int stamped(u64 inode, u32 seq)
+/* Connection `seq`'s stamp, or NULL when its slot holds another's. */
+static __always_inline struct stamp *stamp_of(u64 inode, u32 seq)
 {
 	struct stamp *slot = stamp_slot(inode, seq);
-	return slot && slot->tag == (inode << 32 | seq);
+	return slot && slot->tag == (inode << 32 | seq) ? slot : 0;
 }
 
 static __always_inline void note_enqueue(void *ctx, const void *sk, u32 queue)
@@ -477,15 +478,16 @@ int on_accept_exit(struct syscall_exit *ctx)
 	 * several threads, or an enqueue half done, can make either way one off: the neighbour's
 	 * time is used. */
 	u32 seq = a->next_seq;
-	if (!stamped(inode, seq) || (!queue && stamped(inode, seq + 1))) {
+	struct stamp *slot = stamp_of(inode, seq);
+	if (!slot || (!queue && stamp_of(inode, seq + 1))) {
 		struct listener_stats *s = stats.lookup(&inode);
 		if (!s)
 			return 0;  /* nothing was seen entering this listener's queue */
 		seq = s->seq_base + s->enqueued - queue;
+		slot = stamp_of(inode, seq);
 	}
 	a->next_seq = seq + 1;
-	struct stamp *slot = stamp_slot(inode, seq);
-	if (!slot || slot->tag != (inode << 32 | seq))
+	if (!slot)
 		return 0;  /* queued before aqtune started, or its stamp was overwritten */
 	asm volatile("" ::: "memory");  /* the tag before the time: the enqueue writes them the other way */
 	u64 wait = bpf_ktime_get_ns() - slot->ts;

@@ -381,20 +381,19 @@ class EventLayer:
         queued = {_number(key): value for key, value in _entries(self.bpf["stats"])}
         # A listener whose connections were all queued before the probes came has accepts alone.
         accepted = {_number(key): value for key, value in _entries(self.bpf["accepted"])}
+        no_stats, none_taken = self.bpf["stats"].Leaf(), self.bpf["accepted"].Leaf()  # zeroed
         result = {}
         for inode in queued.keys() | accepted.keys():
-            stats, taken = queued.get(inode), accepted.get(inode)
-            histogram = list(taken.wait_log2_us) if taken else []
-            requested = stats.requested_backlog if stats else 0
+            stats, taken = queued.get(inode, no_stats), accepted.get(inode, none_taken)
+            histogram = list(taken.wait_log2_us)
+            requested = stats.requested_backlog
             waits = None
             if any(histogram):
                 waits = {"p50": percentile(histogram, 0.5), "p99": percentile(histogram, 0.99)}
             result[inode] = ListenerEvents(
-                enqueued=stats.enqueued if stats else 0, peak_queue=peaks.get(inode),
-                ack_overflow=stats.ack_overflow if stats else 0,
-                syn_overflow=(stats.syn_overflow if stats else 0) if self.syn_overflow_seen else None,
-                synack_retransmits=stats.synack_retrans if stats else 0, accepts=taken.accepts if taken else 0,
-                queue_wait_ms=waits,
+                enqueued=stats.enqueued, peak_queue=peaks.get(inode), ack_overflow=stats.ack_overflow,
+                syn_overflow=stats.syn_overflow if self.syn_overflow_seen else None,
+                synack_retransmits=stats.synack_retrans, accepts=taken.accepts, queue_wait_ms=waits,
                 # listen(fd, -1) in C asks for the maximum: the kernel caps it at somaxconn.
                 requested_backlog=(2**31 - 1 if requested >= 2**31 else requested) or None,
             )
@@ -408,9 +407,10 @@ class EventLayer:
         on every socket's state changes, six calls on every connection's path for a rare event, and
         the maps are LRU, so at worst what is left behind is evicted, never leaked."""
         unseen = set(observed) - live
+        gone = unseen & self._unseen
         for name in ("stats", "accepted", "peaks"):
             table = self.bpf[name]
-            for inode in unseen & self._unseen:
+            for inode in gone:
                 with contextlib.suppress(KeyError):
                     del table[table.Key(inode)]
         self._unseen = unseen
