@@ -15,10 +15,11 @@ import sys
 from collections.abc import Mapping
 from typing import Any
 
-import structlog
+from aqtune.text import cescape
 
 DEFAULT_SOCKET = "/run/systemd/journal/socket"
 PRIORITIES = {"critical": 2, "error": 3, "warning": 4, "info": 6, "debug": 7}
+LEVELS = {number: name for name, number in PRIORITIES.items()}
 
 
 def journal_socket() -> str:
@@ -48,8 +49,8 @@ class Journal:
         # A stalled journald must not stall the loop (and its watchdog pings): a full socket
         # queue drops the entry and counts it.
         self.sock.setblocking(False)
-        self.failures = 0
-        self.dropped = 0
+        self.failures = 0  # journald absent or refusing
+        self.dropped = 0  # journald's socket full: the entry is lost
 
     def send(self, fields: Mapping[str, object]) -> bool:
         """False when journald is not there (the caller prints instead); a busy one drops."""
@@ -61,6 +62,11 @@ class Journal:
             self.failures += 1
             return False
         return True
+
+    @property
+    def refused(self) -> int:
+        """Entries journald did not take, cumulative (shown in STATUS and the metrics)."""
+        return self.failures + self.dropped
 
     def available(self) -> bool:
         return os.path.exists(self.path)
@@ -75,27 +81,52 @@ def field_name(key: str) -> str:
 
 
 class JournalRenderer:
-    """structlog's last processor when logging to journald: the event becomes one native entry.
+    """structlog's last processor when logging to journald: turns the event into the entry's fields.
 
-    If journald cannot take it (not running, socket gone) the line goes to stderr instead, so
-    nothing is lost from ``systemctl status`` either way.
+    It only renders; JournalLogger sends. MESSAGE is C-escaped: it carries names any local user
+    chose, and `journalctl -o cat` prints it raw to a terminal.
     """
 
-    def __init__(self, journal: Journal, identifier: str = "aqtune") -> None:
-        self.journal = journal
+    def __init__(self, identifier: str = "aqtune") -> None:
         self.identifier = identifier
 
-    def __call__(self, _logger: Any, method: str, event: dict[str, Any]) -> str:
-        message = str(event.pop("event", ""))
+    def __call__(self, _logger: Any, method: str, event: dict[str, Any]) -> dict[str, object]:
         level = event.pop("level", method)
         event.pop("timestamp", None)
         fields: dict[str, object] = {
-            "MESSAGE": message,
+            "MESSAGE": cescape(str(event.pop("event", ""))),
             "PRIORITY": event.pop("priority", PRIORITIES.get(level, 6)),
             "SYSLOG_IDENTIFIER": self.identifier,
         }
         fields.update({field_name(k): v for k, v in event.items() if v is not None})
+        return fields
+
+
+class JournalLogger:
+    """The structlog logger that sends rendered entries; when journald cannot take one (not running,
+    socket gone) the line goes to stderr, so nothing is lost from ``systemctl status`` either way."""
+
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+
+    def msg(self, **fields: object) -> None:
         if not self.journal.send(fields):
-            extras = " ".join(f"{k}={v}" for k, v in event.items() if v is not None)
-            print(f"{level}: {message} {extras}".rstrip(), file=sys.stderr, flush=True)
-        raise structlog.DropEvent
+            print(console_line(fields), file=sys.stderr, flush=True)
+
+    debug = info = warning = error = critical = msg
+
+
+def console_line(fields: Mapping[str, object]) -> str:
+    """An entry as one readable line: ``warning: MESSAGE key=value ...`` with structlog's key names."""
+    level = LEVELS.get(int(str(fields.get("PRIORITY", 6))), "info")
+    extras = " ".join(f"{key.removeprefix('AQTUNE_').lower()}={cescape(str(value))}" for key, value in fields.items()
+                      if key not in ("MESSAGE", "PRIORITY", "SYSLOG_IDENTIFIER"))
+    return f"{level}: {fields.get('MESSAGE', '')} {extras}".rstrip()
+
+
+class JournalLoggerFactory:
+    def __init__(self, journal: Journal) -> None:
+        self.journal = journal
+
+    def __call__(self, *_args: Any) -> JournalLogger:
+        return JournalLogger(self.journal)

@@ -1,6 +1,6 @@
 """Structured log events through structlog: native journald entries under systemd, readable lines
-on a terminal. Every kind of event an operator may want to find or alert on has a MESSAGE_ID,
-described in the journal catalog (packaging/aqtune.catalog)."""
+on a terminal. Every warning and error carries a MESSAGE_ID (the type of EventLog's methods makes
+mypy check it), described in the journal catalog (packaging/aqtune.catalog)."""
 
 from __future__ import annotations
 
@@ -10,17 +10,13 @@ from typing import Any, TextIO
 
 import structlog
 
-from aqtune.act.journal import Journal, JournalRenderer
+from aqtune.act.journal import Journal, JournalLoggerFactory, JournalRenderer
+from aqtune.messages import MESSAGE_IDS, MessageId
+from aqtune.text import cescape
 
-MESSAGE_IDS = {
-    "drops": "d146ae63c10b45aab745fa44f5ab820e",
-    "recommendation": "2a3a9ee93ea94e0690551308cc44d593",
-    "sysctl-change": "3e20d95d691c4f76bc246238768a260c",
-    "rollback": "93e848e2522947daa9a8f03fa3390b61",
-    "degraded": "2e83ae8f7ce24a85b9ace2fd5f3a16fb",
-    "finding": "1d5f56aead9445859e419cd4e873a9da",
-    "lifecycle": "2128cf4097d44eeb821982ac5ff362bb",
-}
+__all__ = ["MESSAGE_IDS", "EventLog", "Field", "MessageId", "configure", "to_journal"]
+
+Field = str | int | float | bool | None
 
 
 def to_journal(stream: TextIO) -> bool:
@@ -31,14 +27,47 @@ def to_journal(stream: TextIO) -> bool:
     return not stream.isatty() and Journal().available()
 
 
-def configure(stream: TextIO = sys.stderr) -> Any:
-    processors: list[Any] = [structlog.processors.add_log_level]
+def _escape_for_console(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    # A terminal interprets escape sequences: names chosen by local users are shown escaped.
+    return {k: cescape(v) if isinstance(v, str) else v for k, v in event.items()}
+
+
+class EventLog:
+    """The daemon's logger: one method per level, the text first, fields as keywords."""
+
+    def __init__(self, bound: Any, journal: Journal | None = None) -> None:
+        self._log = bound
+        self.journal = journal
+
+    @property
+    def refused(self) -> int:
+        """Journal entries journald did not take."""
+        return self.journal.refused if self.journal is not None else 0
+
+    def info(self, text: str, message_id: MessageId | None = None, **fields: Field) -> None:
+        self._log.info(text, message_id=message_id, **fields)
+
+    def warning(self, text: str, message_id: MessageId, **fields: Field) -> None:
+        self._log.warning(text, message_id=message_id, **fields)
+
+    def error(self, text: str, message_id: MessageId, **fields: Field) -> None:
+        self._log.error(text, message_id=message_id, **fields)
+
+
+def _drop_none(_logger: Any, _method: str, event: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in event.items() if v is not None}
+
+
+def configure(stream: TextIO = sys.stderr) -> EventLog:
+    processors: list[Any] = [structlog.processors.add_log_level, _drop_none]
+    journal = None
     if to_journal(stream):
-        processors.append(JournalRenderer(Journal()))
-        factory: Any = structlog.ReturnLoggerFactory()
+        journal = Journal()
+        processors.append(JournalRenderer())
+        factory: Any = JournalLoggerFactory(journal)
     else:
-        processors += [structlog.processors.TimeStamper(fmt="iso", utc=False),
+        processors += [_escape_for_console, structlog.processors.TimeStamper(fmt="iso", utc=False),
                        structlog.dev.ConsoleRenderer(colors=stream.isatty(), sort_keys=False)]
         factory = structlog.PrintLoggerFactory(stream)
     structlog.configure(processors=processors, logger_factory=factory, cache_logger_on_first_use=False)
-    return structlog.get_logger("aqtune")
+    return EventLog(structlog.get_logger("aqtune"), journal)

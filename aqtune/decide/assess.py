@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from aqtune.decide.diagnose import Finding, Raised, diagnose_listener, diagnose_namespace
+from aqtune.decide.diagnose import Raised, diagnose_listener, diagnose_namespace
+from aqtune.decide.findings import Finding
 from aqtune.decide.policy import ListenerRule, Policy, rule_for
 from aqtune.decide.tuning import SOMAXCONN, Managed
 from aqtune.model.history import ListenerKey, ListenerWindow, Model, counter_deltas, listener_window

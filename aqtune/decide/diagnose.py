@@ -8,20 +8,14 @@ process, its unit and its own knob.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
+from aqtune.decide.findings import Finding, FindingId
 from aqtune.decide.policy import Policy
 from aqtune.model.history import ListenerWindow
 from aqtune.records import Listener, Process
 
 STALLED_CPU_SHARE = 0.05  # owners using less than 5% of a core while their queue is full
-
-
-@dataclass(frozen=True, slots=True)
-class Finding:
-    id: str
-    text: str
-    evidence: dict[str, int | float | str | None] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +102,7 @@ def diagnose_listener(listener: Listener, window: ListenerWindow, somaxconn: int
         else:
             when = f"for {window.high_for:.0f} s{drops}"
         findings.append(Finding(
-            "saturated",
+            FindingId.SATURATED,
             f"{listener.address}: accept queue saturated, {listener.queue}/{listener.backlog} "
             f"(fill {window.fill:.2f}, peak {window.peak_fill:.2f}) {when}",
             {"queue": listener.queue, "backlog": listener.backlog, "fill": round(window.fill, 4),
@@ -118,7 +112,7 @@ def diagnose_listener(listener: Listener, window: ListenerWindow, somaxconn: int
         # Said before any advice to lengthen the queue: that would only add latency.
         if window.cpu_share is not None and window.cpu_share < STALLED_CPU_SHARE:
             findings.append(Finding(
-                "stalled-workers",
+                FindingId.STALLED_WORKERS,
                 f"{listener.address}: the queue is full while {owner} uses {window.cpu_share * 100:.1f}% of a "
                 "CPU: its workers are blocked (on an upstream, a lock or I/O) or too few; a longer queue adds "
                 "latency, not throughput: fix the workers first",
@@ -126,7 +120,7 @@ def diagnose_listener(listener: Listener, window: ListenerWindow, somaxconn: int
             ))
     if relisten and raised is not None:
         findings.append(Finding(
-            "relisten-needed",
+            FindingId.RELISTEN_NEEDED,
             f"{listener.address}: somaxconn was raised from {raised.original} to {raised.applied} but this "
             f"listener still has backlog {listener.backlog}; {owner} must call listen() again: "
             + _relisten_action(listener.processes),
@@ -140,7 +134,7 @@ def diagnose_listener(listener: Listener, window: ListenerWindow, somaxconn: int
                  else "the backlog the application asked for is unknown without eBPF")
         wanted = max(target, requested or 0)
         findings.append(Finding(
-            "capped-by-somaxconn",
+            FindingId.CAPPED_BY_SOMAXCONN,
             f"{listener.address}: backlog {listener.backlog} is net.core.somaxconn's limit in netns "
             f"{listener.netns} ({asked}): raise somaxconn there to {wanted}; {owner} must ask for that much "
             f"too ({app_knob(listener.processes, wanted)}) and call listen() again: "
@@ -154,7 +148,7 @@ def diagnose_listener(listener: Listener, window: ListenerWindow, somaxconn: int
         limit = (f"is below somaxconn ({somaxconn})" if somaxconn is None or listener.backlog < somaxconn
                  else f"is what it asked for (somaxconn is {somaxconn})")
         findings.append(Finding(
-            "capped-by-app",
+            FindingId.CAPPED_BY_APP,
             f"{listener.address}: backlog {listener.backlog} {limit}, so the limit is "
             f"{owner}'s own: " + app_knob(listener.processes, target) + extra,
             {"backlog": listener.backlog, "somaxconn": somaxconn, "requested": requested, "target": target},
@@ -178,21 +172,21 @@ def diagnose_namespace(netns: str, sysctls: dict[str, int], deltas: dict[str, in
         "tcp_syncookies": cookies, "tcp_max_syn_backlog": syn_backlog, **deltas}
     if full_drops and cookies == 0:
         findings.append(Finding(
-            "syn-queue-full",
+            FindingId.SYN_QUEUE_FULL,
             f"netns {netns}: {full_drops} SYNs dropped because a listener's SYN queue (capped by its backlog) was "
             "full and syncookies are off: set net.ipv4.tcp_syncookies=1, and raise the listener's backlog",
             evidence,
         ))
     if other_drops > 0 and cookies == 0:
         findings.append(Finding(
-            "syn-backlog-limit",
+            FindingId.SYN_BACKLOG_LIMIT,
             f"netns {netns}: {other_drops} SYNs dropped by net.ipv4.tcp_max_syn_backlog ({syn_backlog}) with "
             "syncookies off: raise tcp_max_syn_backlog",
             evidence,
         ))
     if cookie_sends and cookies:
         findings.append(Finding(
-            "syncookies-active",
+            FindingId.SYNCOOKIES_ACTIVE,
             f"netns {netns}: SYN queue overflowed and syncookies answered {cookie_sends} SYNs; "
             "tcp_max_syn_backlog does not limit anything while syncookies are on",
             evidence,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from aqtune.decide.diagnose import Finding
+from aqtune.decide.findings import Finding, FindingId, of
 from aqtune.decide.policy import Limits, Policy, namespace_allowed
 
 SOMAXCONN = "net.core.somaxconn"
@@ -56,14 +56,14 @@ def plan(namespace: NamespaceState, managed: dict[str, Managed], policy: Policy,
     changes: list[Change] = []
     held: list[Finding] = []
     wanted: dict[str, tuple[int, str]] = {}
-    capped = [f for f in namespace.listener_findings if f.id == "capped-by-somaxconn"]
+    capped = of(namespace.listener_findings, FindingId.CAPPED_BY_SOMAXCONN)
     if capped:
         target = max(int(f.evidence.get("target") or 0) for f in capped)
         requested = max(int(f.evidence.get("requested") or 0) for f in capped)
         wanted[SOMAXCONN] = (max(target, requested),
                              f"{len(capped)} saturated listener(s) capped by somaxconn")
     current_syn = namespace.sysctls.get(SYN_BACKLOG)
-    if current_syn is not None and any(f.id == "syn-backlog-limit" for f in namespace.namespace_findings):
+    if current_syn is not None and of(namespace.namespace_findings, FindingId.SYN_BACKLOG_LIMIT):
         # No listener asks for a number here: one step at a time, as far as the policy allows.
         wanted[SYN_BACKLOG] = (policy.syn_backlog.max, "SYNs dropped by tcp_max_syn_backlog with syncookies off")
     for sysctl, (want, reason) in wanted.items():
@@ -74,7 +74,7 @@ def plan(namespace: NamespaceState, managed: dict[str, Managed], policy: Policy,
         record = managed.get(sysctl)
         if record is not None and current != record.applied:
             held.append(Finding(
-                "admin-override",
+                FindingId.ADMIN_OVERRIDE,
                 f"netns {namespace.name}: {sysctl} is {current}, not the {record.applied} aqtune set: changed by "
                 "hand, so aqtune leaves it alone (`aqtune rollback` forgets its record)",
                 {"sysctl": sysctl, "current": current, "aqtune_set": record.applied}))
@@ -83,12 +83,13 @@ def plan(namespace: NamespaceState, managed: dict[str, Managed], policy: Policy,
         if new <= current:
             if current >= limits.max:
                 held.append(Finding(
-                    "at-max", f"netns {namespace.name}: {sysctl} is {current}, at the policy's max ({limits.max})",
+                    FindingId.AT_MAX,
+                    f"netns {namespace.name}: {sysctl} is {current}, at the policy's max ({limits.max})",
                     {"sysctl": sysctl, "current": current, "max": limits.max}))
             continue
         if record is not None and now < record.changed_at + limits.cooldown:
             held.append(Finding(
-                "cooldown",
+                FindingId.COOLDOWN,
                 f"netns {namespace.name}: {sysctl} was changed {now - record.changed_at:.0f} s ago; the next "
                 f"change may come after {limits.cooldown:.0f} s",
                 {"sysctl": sysctl, "changed_at": record.changed_at, "cooldown": limits.cooldown}))

@@ -136,6 +136,18 @@ class Model:
         for name in self.namespaces.keys() - present:
             del self.namespaces[name]
 
+    def observe(self, snapshot: Snapshot, cpu_seconds: dict[int, float], keep: float) -> None:
+        """Fold in one sweep and forget what is older than ``keep`` seconds before it."""
+        self.update(snapshot, cpu_seconds)
+        self.forget_before(snapshot.taken_at - keep)
+
+    def settle(self, judged: dict[ListenerKey, bool]) -> None:
+        """Keep each listener's judgement (saturated or not) as the hysteresis state of its next window."""
+        for key, saturated in judged.items():
+            history = self.listeners.get(key)
+            if history is not None:
+                history.saturated = saturated
+
     def forget_before(self, cutoff: float) -> None:
         """Drop samples older than ``cutoff`` (keeping the newest), bounding memory by time."""
         for history in self.listeners.values():

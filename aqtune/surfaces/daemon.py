@@ -14,9 +14,9 @@ import threading
 import time
 from typing import Any
 
-from aqtune.act.log import MESSAGE_IDS
 from aqtune.collect import netns, procfs
 from aqtune.decide import policy as policies
+from aqtune.messages import MessageId
 from aqtune.surfaces.run import Runner
 
 SHORT_TICK = 0.25  # seconds between cheap checks
@@ -78,11 +78,11 @@ def serve(runner: Runner, config_path: str, ebpf: bool = True) -> int:
     log = runner.log
     if ebpf:
         runner.start_events()
-    mode = "dry-run" if runner.dry_run else runner.policy.mode
-    log.info(f"aqtune running: mode {mode}, policy {runner.policy.source}, netns {runner.select}, "
-             f"state {runner.state_dir}", message_id=MESSAGE_IDS["lifecycle"], mode=mode)
+    mode = runner.mode
+    log.info(f"aqtune running: mode {mode}, policy {runner.policy.source}, netns {runner.observer.select}, "
+             f"state {runner.publisher.state_dir}", MessageId.LIFECYCLE, mode=mode)
     if runner.policy.apply_refused:
-        log.warning(runner.policy.apply_refused)
+        log.warning(runner.policy.apply_refused, MessageId.LIFECYCLE)
     last_sweep = float("-inf")
     sweep_took = 0.0
     counters: dict[int, tuple[int, ...]] = {}
@@ -110,7 +110,7 @@ def serve(runner: Runner, config_path: str, ebpf: bool = True) -> int:
                 refs = [netns.NamespaceRef(ns.name, ns.inode, ns.path) for ns in snapshot.namespaces
                         if ns.path and not ns.error]
             except (OSError, LookupError) as exc:
-                log.error(f"sweep failed: {exc}; retrying next interval")
+                log.error(f"sweep failed: {exc}; retrying next interval", MessageId.DEGRADED, component="sweep")
                 refs = []
             sweep_took = time.monotonic() - now
             counters = listen_counters(refs)
@@ -124,9 +124,8 @@ def serve(runner: Runner, config_path: str, ebpf: bool = True) -> int:
     notifier.send("STOPPING=1")
     if runner.policy.apply.rollback_on_exit:
         runner.rollback()
-    if runner.events:
-        runner.events.close()
-    log.info("aqtune stopped", message_id=MESSAGE_IDS["lifecycle"])
+    runner.close()
+    log.info("aqtune stopped", MessageId.LIFECYCLE)
     return 0
 
 
@@ -136,10 +135,10 @@ def _reload(runner: Runner, config_path: str) -> None:
     except policies.PolicyError as exc:
         problems = "; ".join(str(p) for p in exc.problems)
         runner.log.error(f"policy reload refused, keeping the previous policy: {problems}",
-                         message_id=MESSAGE_IDS["lifecycle"], path=config_path)
+                         MessageId.LIFECYCLE, path=config_path)
         return
     runner.policy = new
     runner.log.info(f"policy reloaded from {config_path}: mode {new.mode}, interval {new.interval:g} s",
-                    message_id=MESSAGE_IDS["lifecycle"], path=config_path)
+                    MessageId.LIFECYCLE, path=config_path)
     if new.apply_refused:
-        runner.log.warning(new.apply_refused)
+        runner.log.warning(new.apply_refused, MessageId.LIFECYCLE)

@@ -7,13 +7,14 @@ sweep or by the daemon; the table is rendered from that document, so both look t
 from __future__ import annotations
 
 import time
+from collections.abc import Mapping
 from typing import Any
 
 from aqtune.act.ledger import Ledger
-from aqtune.decide.assess import Assessment, assess
-from aqtune.decide.diagnose import Finding
+from aqtune.decide import tick
+from aqtune.decide.assess import Assessment
+from aqtune.decide.findings import Finding
 from aqtune.decide.policy import Policy
-from aqtune.model.history import Model
 from aqtune.records import Listener, ListenerEvents, Namespace, Snapshot
 
 SHORT_SYSCTL = {
@@ -27,11 +28,9 @@ ONE_SHOT_EBPF = {"active": False, "probes": {},
 
 
 def one_shot_advice(snapshot: Snapshot, policy: Policy, ledger: Ledger) -> Assessment:
-    """The advice one snapshot supports: fill now rather than sustained, no drop or counter rates."""
-    model = Model()
-    model.update(snapshot, {})
-    managed = {ns.name: ledger.managed(ns.inode) for ns in snapshot.namespaces}
-    return assess(snapshot, model, policy, managed, one_shot=True)
+    """The advice one snapshot supports: the daemon's decision on a single sample."""
+    managed = {ns.inode: ledger.managed(ns.inode) for ns in snapshot.namespaces}
+    return tick.one_shot(snapshot, policy, managed).assessment
 
 
 def _advice_json(findings: list[Finding]) -> list[dict[str, Any]]:
@@ -84,7 +83,7 @@ def namespace_json(namespace: Namespace, findings: list[Finding]) -> dict[str, A
     }
 
 
-def snapshot_json(snapshot: Snapshot, advice: Assessment, events: dict[int, ListenerEvents] | None = None,
+def snapshot_json(snapshot: Snapshot, advice: Assessment, events: Mapping[int, ListenerEvents] | None = None,
                   ebpf: dict[str, Any] | None = None, source: str = "sweep") -> dict[str, Any]:
     """The status document; ``events`` maps socket inodes to what eBPF saw, where it runs."""
     seen = events or {}

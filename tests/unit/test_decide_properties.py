@@ -1,9 +1,9 @@
 """Safety properties of the tuning decisions, over arbitrary policies, values and histories.
 
 ``plan`` and ``refusal`` are pure, so hypothesis drives them directly. The sequence properties run
-``simulate``: run.py's tick (model.update -> forget_before -> assess -> plan -> refusal -> ledger)
-with the kernel replaced by a dict of sysctls and the ledger by a dict of ``Managed`` records, so
-each plan sees its own earlier changes exactly as the daemon would.
+``simulate``: the daemon's own decision stages (model.observe -> decide -> model.settle, then
+refusal) with the kernel replaced by a dict of sysctls and the ledger by a dict of ``Managed``
+records, so each plan sees its own earlier changes exactly as the daemon would.
 """
 
 from __future__ import annotations
@@ -18,12 +18,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from aqtune.decide.assess import assess
-from aqtune.decide.diagnose import Finding
+from aqtune.decide.findings import Finding
+from aqtune.decide.tick import decide, history_horizon
 from aqtune.decide.policy import SYSCTL_CEILING, Apply, Limits, Policy, Saturation
 from aqtune.decide.tuning import SOMAXCONN, SYN_BACKLOG, Change, Managed, NamespaceState, plan, refusal
 from aqtune.model.history import Model
-from aqtune.records import COUNTERS, Listener, Namespace, Process, Snapshot
+from aqtune.records import COUNTERS, Listener, ListenerEvents, Namespace, Process, Snapshot
 
 # Examples per property, kept low so the unit suite stays fast; AQTUNE_EXAMPLES=2000 for a deep run.
 # No deadline: per-example timing is noisy on shared CI machines. No database: its replay and
@@ -208,6 +208,13 @@ OWNER = Process(4242, "nginx", "nginx: master process", "nginx.service")
 COOKIE = 77
 INODE = 99
 START = 1_700_000_000.0
+NS_INODE = 4026532000
+
+
+def asked_events(asked: int) -> ListenerEvents:
+    """What eBPF reports of a listener whose listen() call it saw."""
+    return ListenerEvents(enqueued=0, peak_queue=None, ack_overflow=0, syn_overflow=None, synack_retransmits=0,
+                          accepts=0, queue_wait_ms=None, requested_backlog=asked)
 
 
 @dataclass
@@ -250,22 +257,18 @@ def simulate(policy: Policy, world: World, dry_run: bool = False) -> Trace:
         counters["ListenDrops"] += world.syn_drops[tick]
         listener = Listener(NETNS, "tcp", "0.0.0.0:80", 80, world.queue_at(tick, backlog), backlog, socket_drops,
                             COOKIE, INODE, 0, (OWNER,))
-        snapshot = Snapshot(now, 0.01, [Namespace(NETNS, 4026532000, dict(sysctls), dict(counters))], [listener])
+        snapshot = Snapshot(now, 0.01, [Namespace(NETNS, NS_INODE, dict(sysctls), dict(counters))], [listener])
         # A busy owner (one core), so stalled-workers never stands in for the capacity advice.
-        model.update(snapshot, {OWNER.pid: tick * world.interval})
-        model.forget_before(now - policy.saturation.sustain - 2 * policy.interval)
-        result = assess(snapshot, model, policy, {NETNS: dict(ledger)},
-                        requested={INODE: world.asked} if world.asked_known else None)
-        for key, window in result.windows.items():
-            model.listeners[key].saturated = window.saturated
+        model.observe(snapshot, {OWNER.pid: tick * world.interval}, history_horizon(policy))
+        events = {INODE: asked_events(world.asked)} if world.asked_known else {}
+        decision = decide(snapshot, events, model, policy, {NS_INODE: dict(ledger)})
+        model.settle(decision.judged)
         trace.fills.append(listener.fill)
         trace.backlogs.append(backlog)
         # A quiet listener gets no window worked out: it is not saturated.
-        window = result.windows.get((NETNS, COOKIE))
+        window = decision.assessment.windows.get((NETNS, COOKIE))
         trace.saturated.append(window is not None and window.saturated)
-        state = NamespaceState(NETNS, dict(sysctls), result.by_namespace(snapshot).get(NETNS, []),
-                               result.namespace_findings.get(NETNS, []))
-        wanted, _ = plan(state, dict(ledger), policy, now)
+        wanted = [planned.change for planned in decision.changes]
         for change in wanted:
             if refusal(change, policy, dry_run) is not None:
                 continue

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from aqtune.decide.assess import Assessment
-from aqtune.decide.diagnose import Finding
+from aqtune.decide.findings import Finding
 from aqtune.records import Listener, Namespace, Process, Snapshot
 from aqtune.surfaces.status import render, snapshot_json, worst_first
 

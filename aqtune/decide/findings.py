@@ -1,0 +1,128 @@
+"""Every finding aqtune can report, in one table (as bpftune's scenario tables): its stable id, whether
+it is a problem or a reason a change is held back, how loudly the journal says it, and what it means.
+
+Tuning, the journal, status and the README's advice table all read this table; nothing else compares
+finding ids, so adding a diagnosis is one row here plus the code that detects it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum, StrEnum
+
+from aqtune.messages import MessageId
+
+
+class FindingId(StrEnum):
+    SATURATED = "saturated"
+    STALLED_WORKERS = "stalled-workers"
+    CAPPED_BY_SOMAXCONN = "capped-by-somaxconn"
+    CAPPED_BY_APP = "capped-by-app"
+    RELISTEN_NEEDED = "relisten-needed"
+    SYN_QUEUE_FULL = "syn-queue-full"
+    SYN_BACKLOG_LIMIT = "syn-backlog-limit"
+    SYNCOOKIES_ACTIVE = "syncookies-active"
+    COOLDOWN = "cooldown"
+    AT_MAX = "at-max"
+    ADMIN_OVERRIDE = "admin-override"
+
+
+class Role(Enum):
+    STATE = "state"  # what is happening (a listener is saturated): no advice of its own
+    PROBLEM = "problem"  # a diagnosis with what to do about it
+    NOTE = "note"  # worth knowing, nothing to do
+    HELD = "held"  # why a change aqtune wants is held back
+
+
+class Level(Enum):
+    INFO = "info"
+    WARNING = "warning"
+
+
+@dataclass(frozen=True, slots=True)
+class FindingSpec:
+    id: FindingId
+    role: Role
+    level: Level  # journal priority when it is logged
+    subject: str  # "listener" or "netns"
+    meaning: str  # one line for the README's advice table
+    aqtune_does: str  # what aqtune itself does about it
+    message_id: MessageId = MessageId.FINDING
+
+    @property
+    def advises(self) -> bool:
+        """A finding that tells the operator what to change."""
+        return self.role is Role.PROBLEM
+
+    @property
+    def held_back(self) -> bool:
+        return self.role is Role.HELD
+
+
+def _spec(id: FindingId, role: Role, level: Level, subject: str, meaning: str, does: str) -> FindingSpec:
+    return FindingSpec(id, role, level, subject, meaning, does)
+
+
+_I, _W = Level.INFO, Level.WARNING
+TABLE: tuple[FindingSpec, ...] = (
+    _spec(FindingId.SATURATED, Role.STATE, _W, "listener",
+          "fill at or above `fill_ratio` for `sustain` seconds, or drops in that window",
+          "logs it; the other findings say why and what to do"),
+    _spec(FindingId.STALLED_WORKERS, Role.PROBLEM, _W, "listener",
+          "saturated while the owners use under 5% of a CPU: a longer queue adds only latency",
+          "names the workers as the limit; never raises a sysctl for it"),
+    _spec(FindingId.CAPPED_BY_SOMAXCONN, Role.PROBLEM, _W, "listener",
+          "backlog equals the namespace's somaxconn: raise it there, then the owner must call listen() again",
+          "raises somaxconn in apply mode (bounded by the policy), recommends it otherwise"),
+    _spec(FindingId.CAPPED_BY_APP, Role.PROBLEM, _W, "listener",
+          "backlog below somaxconn: the owner's own knob (nginx `backlog=`, Apache `ListenBacklog`, HAProxy "
+          "`backlog`, php-fpm `listen.backlog`, gunicorn/uvicorn `--backlog`, Node, Redis `tcp-backlog`, "
+          "systemd `Backlog=`)",
+          "names the knob and the number; changes no sysctl"),
+    _spec(FindingId.RELISTEN_NEEDED, Role.PROBLEM, _W, "listener",
+          "aqtune raised somaxconn but the listener still has the old backlog: reload or restart its unit",
+          "names the command; waits for the listener"),
+    _spec(FindingId.SYN_QUEUE_FULL, Role.PROBLEM, _W, "netns",
+          "SYNs dropped at a full SYN queue with syncookies off",
+          "recommends syncookies and a longer backlog"),
+    _spec(FindingId.SYN_BACKLOG_LIMIT, Role.PROBLEM, _W, "netns",
+          "SYNs dropped by `tcp_max_syn_backlog`'s rule with syncookies off",
+          "raises tcp_max_syn_backlog in apply mode, recommends it otherwise"),
+    _spec(FindingId.SYNCOOKIES_ACTIVE, Role.NOTE, _I, "netns",
+          "the SYN queue overflowed and syncookies answered: tcp_max_syn_backlog limits nothing then",
+          "nothing"),
+    _spec(FindingId.COOLDOWN, Role.HELD, _I, "netns",
+          "a wanted change waits for the policy's `cooldown` since the last one",
+          "changes it once the cooldown has passed"),
+    _spec(FindingId.AT_MAX, Role.HELD, _I, "netns",
+          "a wanted change is at the policy's `max`", "nothing more; raise `max` to allow more"),
+    _spec(FindingId.ADMIN_OVERRIDE, Role.HELD, _W, "netns",
+          "the sysctl was changed by hand after aqtune's change",
+          "leaves it alone; `aqtune rollback` forgets its record"),
+)
+SPECS: dict[FindingId, FindingSpec] = {spec.id: spec for spec in TABLE}
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One finding: its id (a row of TABLE), one line of text for a person, and the figures behind it."""
+
+    id: FindingId
+    text: str
+    evidence: dict[str, int | float | str | None] = field(default_factory=dict)
+
+    @property
+    def spec(self) -> FindingSpec:
+        return SPECS[self.id]
+
+
+def of(findings: list[Finding], *ids: FindingId) -> list[Finding]:
+    """The findings with one of ``ids``."""
+    return [f for f in findings if f.id in ids]
+
+
+def advice_table() -> str:
+    """The README's advice table, generated so it cannot drift from TABLE (a test compares them)."""
+    rows = ["| id | about | meaning | what aqtune does |", "|---|---|---|---|"]
+    rows += [f"| `{s.id}` | {s.subject} | {s.meaning} | {s.aqtune_does} |" for s in TABLE]
+    return "\n".join(rows)

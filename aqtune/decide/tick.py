@@ -1,0 +1,77 @@
+"""The decision half of one tick: a snapshot, what eBPF saw, the history, the policy and what aqtune
+already changed, in; findings and the sysctl changes they call for, out. Pure.
+
+The daemon (surfaces/run.py), one-shot `aqtune status` and the property tests all call ``decide``,
+so what the daemon does and what the tests prove are the same code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from aqtune.decide.assess import Assessment, assess
+from aqtune.decide.findings import Finding
+from aqtune.decide.policy import Policy
+from aqtune.decide.tuning import Change, Managed, NamespaceState, plan
+from aqtune.model.history import ListenerKey, Model
+from aqtune.records import ListenerEvents, Snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class Planned:
+    """A change and the namespace (by inode) it is for."""
+
+    change: Change
+    netns_inode: int
+
+
+@dataclass(slots=True)
+class Decision:
+    assessment: Assessment
+    changes: list[Planned] = field(default_factory=list)
+    held: dict[str, list[Finding]] = field(default_factory=dict)  # netns -> why a wanted change waits
+
+    @property
+    def judged(self) -> dict[ListenerKey, bool]:
+        """Each judged listener's saturation, for the model's hysteresis."""
+        return {key: window.saturated for key, window in self.assessment.windows.items()}
+
+    def namespace_findings(self, name: str) -> list[Finding]:
+        return self.assessment.namespace_findings.get(name, []) + self.held.get(name, [])
+
+
+def history_horizon(policy: Policy) -> float:
+    """Seconds of history the longest window needs, with two intervals of margin for its baseline."""
+    longest = max([policy.saturation.sustain, *(rule.sustain or 0.0 for rule in policy.listeners)])
+    return longest + 2 * policy.interval
+
+
+def decide(snapshot: Snapshot, events: Mapping[int, ListenerEvents], model: Model, policy: Policy,
+           managed: Mapping[int, dict[str, Managed]], one_shot: bool = False) -> Decision:
+    """Judge ``snapshot`` against ``policy`` with ``model``'s history (already updated with it).
+
+    ``events`` maps socket inodes to what eBPF saw; ``managed`` maps namespace inodes to what aqtune
+    changed there (the ledger). A one-shot decision has one sample, so "sustained" means "now".
+    """
+    by_name = {ns.name: managed.get(ns.inode, {}) for ns in snapshot.namespaces}
+    requested = {inode: e.requested_backlog for inode, e in events.items() if e.requested_backlog}
+    assessment = assess(snapshot, model, policy, by_name, one_shot=one_shot, requested=requested)
+    decision = Decision(assessment)
+    by_namespace = assessment.by_namespace(snapshot)
+    for namespace in snapshot.namespaces:
+        state = NamespaceState(namespace.name, namespace.sysctls, by_namespace.get(namespace.name, []),
+                               assessment.namespace_findings.get(namespace.name, []))
+        wanted, held = plan(state, by_name[namespace.name], policy, snapshot.taken_at)
+        decision.changes += [Planned(change, namespace.inode) for change in wanted]
+        if held:
+            decision.held[namespace.name] = held
+    return decision
+
+
+def one_shot(snapshot: Snapshot, policy: Policy, managed: Mapping[int, dict[str, Managed]],
+             events: Mapping[int, ListenerEvents] | None = None) -> Decision:
+    """What a single snapshot supports: fill now rather than sustained, no drop or counter rates."""
+    model = Model()
+    model.update(snapshot, {})
+    return decide(snapshot, events or {}, model, policy, managed, one_shot=True)
