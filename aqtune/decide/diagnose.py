@@ -129,24 +129,37 @@ def diagnose_listener(listener: Listener, window: ListenerWindow, somaxconn: int
     if relisten or not window.saturated:
         return findings
     target = suggested_backlog(listener, policy)
-    if somaxconn is not None and listener.backlog >= somaxconn and (requested is None or requested > somaxconn):
-        asked = (f"the application asked for {requested}" if requested is not None
-                 else "the backlog the application asked for is unknown without eBPF")
-        wanted = max(target, requested or 0)
+    if somaxconn is not None and listener.backlog == somaxconn and (requested is None or requested > somaxconn):
+        if follows_somaxconn(requested, policy):
+            # listen(INT_MAX) (systemd's Backlog= default, php-fpm's) means "as much as allowed".
+            wanted = target
+            asked = (f"it asks listen() for {requested}, i.e. as much as somaxconn allows, so it needs no "
+                     "change of its own")
+            app = ""
+        else:
+            wanted = max(target, requested or 0)
+            asked = (f"the application asked for {requested}" if requested is not None
+                     else "the backlog the application asked for is unknown without eBPF")
+            app = f"; {owner} must ask for that much too ({app_knob(listener.processes, wanted)})"
         findings.append(Finding(
             FindingId.CAPPED_BY_SOMAXCONN,
             f"{listener.address}: backlog {listener.backlog} is net.core.somaxconn's limit in netns "
-            f"{listener.netns} ({asked}): raise somaxconn there to {wanted}; {owner} must ask for that much "
-            f"too ({app_knob(listener.processes, wanted)}) and call listen() again: "
-            + _relisten_action(listener.processes),
-            {"backlog": listener.backlog, "somaxconn": somaxconn, "requested": requested, "target": target},
+            f"{listener.netns} ({asked}): raise somaxconn there to {wanted}{app}; then {owner} must call "
+            "listen() again: " + _relisten_action(listener.processes),
+            {"backlog": listener.backlog, "somaxconn": somaxconn, "requested": requested, "target": wanted},
         ))
     else:
         extra = ""
         if somaxconn is not None and target > somaxconn:
             extra = f" (and raise net.core.somaxconn in netns {listener.netns} to at least {target})"
-        limit = (f"is below somaxconn ({somaxconn})" if somaxconn is None or listener.backlog < somaxconn
-                 else f"is what it asked for (somaxconn is {somaxconn})")
+        if somaxconn is None or listener.backlog < somaxconn:
+            limit = f"is below somaxconn ({somaxconn})"
+        elif listener.backlog > somaxconn:
+            # Granted under a higher somaxconn (before a rollback, say): it would shrink on a re-listen.
+            limit = (f"was granted when somaxconn was higher (it is {somaxconn} now, so a new listen() would "
+                     f"get only {somaxconn})")
+        else:
+            limit = f"is what it asked for (somaxconn is {somaxconn})"
         findings.append(Finding(
             FindingId.CAPPED_BY_APP,
             f"{listener.address}: backlog {listener.backlog} {limit}, so the limit is "
@@ -154,6 +167,11 @@ def diagnose_listener(listener: Listener, window: ListenerWindow, somaxconn: int
             {"backlog": listener.backlog, "somaxconn": somaxconn, "requested": requested, "target": target},
         ))
     return findings
+
+
+def follows_somaxconn(requested: int | None, policy: Policy) -> bool:
+    """A listen() backlog at or above the policy's max (or 65535) asks for whatever somaxconn allows."""
+    return requested is not None and requested >= min(policy.somaxconn.max, 65535)
 
 
 def diagnose_namespace(netns: str, sysctls: dict[str, int], deltas: dict[str, int]) -> list[Finding]:

@@ -58,9 +58,9 @@ def plan(namespace: NamespaceState, managed: dict[str, Managed], policy: Policy,
     wanted: dict[str, tuple[int, str]] = {}
     capped = of(namespace.listener_findings, FindingId.CAPPED_BY_SOMAXCONN)
     if capped:
+        # The diagnosis already chose the number (the request, unless it means "as much as allowed").
         target = max(int(f.evidence.get("target") or 0) for f in capped)
-        requested = max(int(f.evidence.get("requested") or 0) for f in capped)
-        wanted[SOMAXCONN] = (max(target, requested),
+        wanted[SOMAXCONN] = (target,
                              f"{len(capped)} saturated listener(s) capped by somaxconn")
     current_syn = namespace.sysctls.get(SYN_BACKLOG)
     if current_syn is not None and of(namespace.namespace_findings, FindingId.SYN_BACKLOG_LIMIT):

@@ -72,10 +72,15 @@ def listener_window(samples: deque[Sample] | list[Sample], was_saturated: bool, 
     drops = None
     if last.drops is not None and base.drops is not None:
         drops = max(last.drops - base.drops, 0)
+    # CPU over the time the queue has been high, not the whole window: a window that began before the
+    # load would average an idle start into a busy server and call it stalled.
+    cpu_base = next((s for s in samples if s.at >= high_since), base) if high_since is not None else base
+    if cpu_base is last or cpu_base.cpu is None:
+        cpu_base = base
     cpu_share = None
-    elapsed = last.at - base.at
-    if last.cpu is not None and base.cpu is not None and elapsed > 0:
-        cpu_share = max(last.cpu - base.cpu, 0.0) / elapsed
+    elapsed = last.at - cpu_base.at
+    if last.cpu is not None and cpu_base.cpu is not None and elapsed > 0:
+        cpu_share = max(last.cpu - cpu_base.cpu, 0.0) / elapsed
     sustained = high_since is not None and high_for >= sustain
     still_high = last.fill >= clear_ratio if was_saturated else sustained
     saturated = still_high or bool(drops)

@@ -321,3 +321,29 @@ def test_flat_counters_give_no_namespace_findings(syncookies: int | None) -> Non
     assert ns(syncookies, ListenOverflows=0, ListenDrops=0, TCPReqQFullDrop=0, TCPReqQFullDoCookies=0,
               SyncookiesSent=0, SyncookiesFailed=0, TCPSynRetrans=0) == []
     assert ns(syncookies) == []
+
+
+@pytest.mark.parametrize("requested", [2147483647, 65535])
+def test_listen_int_max_follows_somaxconn_and_needs_no_application_change(requested: int) -> None:
+    # systemd's Backlog= default and php-fpm's listen.backlog default pass INT_MAX to listen().
+    findings = diagnose_listener(listener(), window(), 128, requested, None, POLICY)
+    capped = by_id(findings, "capped-by-somaxconn")
+    assert "needs no change of its own" in capped.text
+    assert f"raise somaxconn there to {capped.evidence['target']}" in capped.text
+    assert capped.evidence["target"] == 1024 and str(requested) not in capped.text.split("raise")[1]
+
+
+def test_a_backlog_above_somaxconn_was_granted_earlier_and_is_not_capped_by_it() -> None:
+    # After a rollback lowered somaxconn to 64, a listener still holding 1024 is not "at somaxconn's limit".
+    findings = diagnose_listener(listener(queue=1025, backlog=1024), window(), 64, 1024, None, POLICY)
+    assert "capped-by-somaxconn" not in ids(findings)
+    text = by_id(findings, "capped-by-app").text
+    assert "granted when somaxconn was higher (it is 64 now" in text
+
+
+def test_cpu_share_is_measured_over_the_time_the_queue_has_been_full() -> None:
+    # Idle for 20 s, then a full queue while the owner uses 93% of a core: not stalled at the onset.
+    history = [Sample(float(t), 0, 100, 0, 0.0) for t in range(20)]
+    history += [Sample(float(t), 101, 100, 0, 0.93 * (t - 19)) for t in range(20, 31)]
+    judged = listener_window(history, False, 0.9, 0.5, 10.0)
+    assert judged.saturated and judged.cpu_share is not None and judged.cpu_share > 0.9
