@@ -19,8 +19,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aqtune.decide.findings import Finding
-from aqtune.decide.tick import decide, history_horizon
 from aqtune.decide.policy import SYSCTL_CEILING, Apply, Limits, Policy, Saturation
+from aqtune.decide.tick import decide, history_horizon
 from aqtune.decide.tuning import SOMAXCONN, SYN_BACKLOG, Change, Managed, NamespaceState, plan, refusal
 from aqtune.model.history import Model
 from aqtune.records import COUNTERS, Listener, ListenerEvents, Namespace, Process, Snapshot
