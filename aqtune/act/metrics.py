@@ -1,85 +1,296 @@
-"""Prometheus metrics in node_exporter's textfile-collector format, written from the status document.
+"""Prometheus metrics in node_exporter's textfile-collector format, rendered from a sweep's records.
 
 node_exporter (with --collector.textfile.directory) serves the file with the host's other metrics,
 so fleets scrape aqtune where they already scrape the host; no port of aqtune's own to secure.
+
+Names follow node_exporter's conventions: one metric per kernel counter and per sysctl (a sum over
+a ``counter=`` label would add unlike things), base units (seconds, ratios), ``_total`` on counters
+only. Every listener's series carry ``socket``, the socket cookie: SO_REUSEPORT siblings and a Unix
+path bound again while the old socket still listens share every other label, and node_exporter drops
+duplicate series with an error on every scrape. Any local user sets how many listeners and
+namespaces there are and what they are called, so the series are capped (the worst kept, the rest
+counted in ``*_omitted``) and every label value is escaped and clipped.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import hashlib
+import heapq
+import math
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
 
 from aqtune.act.state import write_atomically
+from aqtune.records import Listener, ListenerEvents, Namespace, Snapshot
 
-HELP = {
-    "aqtune_listener_queue": ("gauge", "Connections waiting in the accept queue."),
-    "aqtune_listener_backlog": ("gauge", "Effective backlog: min(listen() backlog, somaxconn at that call)."),
-    "aqtune_listener_fill_ratio": ("gauge", "Accept queue length / effective backlog."),
-    "aqtune_listener_drops_total": ("counter", "Socket drop counter (SK_MEMINFO_DROPS): 2 per ACK-stage overflow."),
-    "aqtune_listener_enqueued_total": ("counter", "Connections queued since aqtune watched (eBPF)."),
-    "aqtune_listener_ack_overflow_total": ("counter", "Handshake ACKs dropped at a full queue (eBPF)."),
-    "aqtune_listener_syn_overflow_total": ("counter", "SYNs dropped at a full queue (eBPF, where observable)."),
-    "aqtune_listener_synack_retransmits_total": ("counter", "SYN-ACKs resent by the listener (eBPF)."),
-    "aqtune_listener_requested_backlog": ("gauge", "Backlog the application passed to listen() (eBPF)."),
-    "aqtune_netns_sysctl": ("gauge", "A namespace's accept-queue sysctls."),
-    "aqtune_netns_tcpext_total": ("counter", "A namespace's TcpExt listen counters."),
-    "aqtune_up": ("gauge", "1 while the daemon writes this file."),
-    "aqtune_sweep_duration_seconds": ("gauge", "How long the last sweep took."),
-    "aqtune_last_sweep_timestamp_seconds": ("gauge", "When the last sweep ran."),
-    "aqtune_ebpf_active": ("gauge", "1 when the eBPF event layer runs."),
-    "aqtune_journal_suppressed_total": ("counter", "Drop entries the journal rate limit swallowed."),
+# Listeners whose series are written, the worst first: with eBPF, 13 series each, 2,000 listeners make
+# up to ~5 MB for node_exporter to parse every scrape, and more than 2,000 listeners worth a look at
+# once is rare.
+MAX_LISTENERS = 2_000
+# Namespaces whose series are written; any user can make thousands (`unshare -rn`).
+MAX_NAMESPACES = 500
+# Characters a label value keeps: addresses, unit and namespace names are chosen by local users.
+MAX_LABEL = 128
+_DIGEST_BYTES = 4  # of the hash that keeps clipped values apart: 8 hex digits
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonFigures:
+    """What the daemon knows about itself, beside the sweep."""
+
+    sweep_seconds: float
+    last_sweep: float  # time.time() of the sweep
+    ebpf_active: bool
+    journal_suppressed: int  # entries the rate limit swallowed, cumulative
+    journal_refused: int  # entries journald refused or that could not be sent, cumulative
+
+
+@dataclass(frozen=True, slots=True)
+class Family:
+    name: str
+    kind: str  # "gauge" or "counter"; only counters end in _total
+    help: str
+
+
+Value = int | float | None
+
+# Per listener. Labels: netns, proto, address, socket (the cookie), unit.
+LISTENER_METRICS: tuple[tuple[Family, Callable[[Listener], Value]], ...] = (
+    (Family("aqtune_listener_queue", "gauge", "Connections waiting in the accept queue."), lambda l: l.queue),
+    (Family("aqtune_listener_backlog", "gauge", "Effective backlog: min(listen() backlog, somaxconn at that call)."),
+     lambda l: l.backlog),
+    (Family("aqtune_listener_fill_ratio", "gauge", "Accept queue length / effective backlog (above 1 when full)."),
+     lambda l: l.fill),
+    (Family("aqtune_listener_drops_total", "counter",
+            "Socket drop counter (SK_MEMINFO_DROPS): 1 per SYN-stage, 2 per ACK-stage overflow."), lambda l: l.drops),
+)
+# Per listener, where eBPF runs; counted since aqtune began watching the listener.
+EVENT_METRICS: tuple[tuple[Family, Callable[[ListenerEvents], Value]], ...] = (
+    (Family("aqtune_listener_enqueued_total", "counter", "Connections queued (eBPF)."), lambda e: e.enqueued),
+    (Family("aqtune_listener_accepts_total", "counter", "Connections accept() took from the queue (eBPF)."),
+     lambda e: e.accepts),
+    (Family("aqtune_listener_ack_overflows_total", "counter", "Handshake ACKs dropped at a full queue (eBPF)."),
+     lambda e: e.ack_overflow),
+    (Family("aqtune_listener_syn_overflows_total", "counter",
+            "SYNs dropped at a full queue (eBPF, where a probe can see them)."), lambda e: e.syn_overflow),
+    (Family("aqtune_listener_synack_retransmits_total", "counter", "SYN-ACKs the listener resent (eBPF)."),
+     lambda e: e.synack_retransmits),
+    (Family("aqtune_listener_peak_queue", "gauge",
+            "Longest queue an arriving connection found since the previous sweep (eBPF)."), lambda e: e.peak_queue),
+    (Family("aqtune_listener_requested_backlog", "gauge", "Backlog the application passed to listen() (eBPF)."),
+     lambda e: e.requested_backlog),
+)
+# A listener eBPF watches but has seen no connection on: its counters are 0, and written as 0 so that
+# Prometheus's increase() counts the first connections too.
+NO_EVENTS = ListenerEvents(enqueued=0, peak_queue=None, ack_overflow=0, syn_overflow=None, synack_retransmits=0,
+                           accepts=0, queue_wait_ms=None, requested_backlog=None)
+QUEUE_WAIT = Family("aqtune_listener_queue_wait_seconds", "gauge",
+                    "Enqueue-to-accept time, upper bound of the log2 bucket holding the quantile (eBPF).")
+QUANTILES = (("p50", "0.5"), ("p99", "0.99"))  # ListenerEvents.queue_wait_ms key -> quantile label
+
+# Per namespace (label: netns), one metric per sysctl and per TcpExt counter of records.SYSCTLS/COUNTERS.
+SYSCTL_METRICS: dict[str, Family] = {
+    "net.core.somaxconn": Family("aqtune_netns_somaxconn", "gauge",
+                                 "net.core.somaxconn: the cap on listen() backlogs."),
+    "net.ipv4.tcp_max_syn_backlog": Family("aqtune_netns_tcp_max_syn_backlog", "gauge",
+                                           "net.ipv4.tcp_max_syn_backlog: the SYN queue's limit."),
+    "net.ipv4.tcp_syncookies": Family("aqtune_netns_tcp_syncookies", "gauge",
+                                      "net.ipv4.tcp_syncookies: 0 off, 1 when the SYN queue overflows, 2 always."),
+    "net.ipv4.tcp_abort_on_overflow": Family("aqtune_netns_tcp_abort_on_overflow", "gauge",
+                                             "net.ipv4.tcp_abort_on_overflow: 1 resets connections a full queue "
+                                             "refuses."),
 }
-EVENT_METRICS = {
-    "enqueued": "aqtune_listener_enqueued_total",
-    "ack_overflow": "aqtune_listener_ack_overflow_total",
-    "syn_overflow": "aqtune_listener_syn_overflow_total",
-    "synack_retransmits": "aqtune_listener_synack_retransmits_total",
-    "requested_backlog": "aqtune_listener_requested_backlog",
+COUNTER_METRICS: dict[str, Family] = {
+    "ListenOverflows": Family("aqtune_netns_listen_overflows_total", "counter",
+                              "TcpExt ListenOverflows: SYNs and handshake ACKs refused at a full accept queue."),
+    "ListenDrops": Family("aqtune_netns_listen_drops_total", "counter",
+                          "TcpExt ListenDrops: SYNs and handshake ACKs listeners dropped, overflows included."),
+    "TCPReqQFullDrop": Family("aqtune_netns_reqq_full_drop_total", "counter",
+                              "TcpExt TCPReqQFullDrop: SYNs dropped at a full SYN queue, syncookies off."),
+    "TCPReqQFullDoCookies": Family("aqtune_netns_reqq_full_do_cookies_total", "counter",
+                                   "TcpExt TCPReqQFullDoCookies: SYNs answered with a syncookie at a full SYN queue."),
+    "SyncookiesSent": Family("aqtune_netns_syncookies_sent_total", "counter", "TcpExt SyncookiesSent."),
+    "SyncookiesFailed": Family("aqtune_netns_syncookies_failed_total", "counter",
+                               "TcpExt SyncookiesFailed: ACKs whose syncookie did not check out."),
+    "TCPSynRetrans": Family("aqtune_netns_syn_retransmits_total", "counter",
+                            "TcpExt TCPSynRetrans: SYNs and SYN-ACKs retransmitted."),
 }
+NAMESPACE_METRICS: tuple[tuple[Family, Callable[[Namespace], Value]], ...] = (
+    (Family("aqtune_netns_listeners", "gauge", "Listeners the sweep found in the namespace."), lambda n: n.listeners),
+    (Family("aqtune_netns_read_error", "gauge",
+            "1 when part or all of the namespace could not be read (`aqtune status` says why)."),
+     lambda n: n.error is not None),
+)
+
+# aqtune's own. The last sweep's timestamp is the liveness signal: node_exporter keeps serving the
+# file after aqtune stops, so a constant "up" gauge would say 1 for a dead daemon.
+DAEMON_METRICS: tuple[tuple[Family, Callable[[DaemonFigures], Value]], ...] = (
+    (Family("aqtune_last_sweep_timestamp_seconds", "gauge", "When the sweep these figures come from ran (Unix time)."),
+     lambda f: f.last_sweep),
+    (Family("aqtune_sweep_duration_seconds", "gauge", "How long that sweep took."), lambda f: f.sweep_seconds),
+    (Family("aqtune_ebpf_active", "gauge", "1 when the eBPF event layer runs."), lambda f: f.ebpf_active),
+    (Family("aqtune_journal_suppressed_total", "counter", "Journal entries the rate limit swallowed."),
+     lambda f: f.journal_suppressed),
+    (Family("aqtune_journal_refused_total", "counter", "Journal entries journald refused or that could not be sent."),
+     lambda f: f.journal_refused),
+)
+LISTENERS = Family("aqtune_listeners", "gauge", "Listeners the sweep found.")
+LISTENERS_OMITTED = Family("aqtune_listeners_omitted", "gauge",
+                           "Listeners left out of this file by its cap (the least full ones).")
+NAMESPACES = Family("aqtune_namespaces", "gauge", "Network namespaces the sweep found.")
+NAMESPACES_OMITTED = Family("aqtune_namespaces_omitted", "gauge",
+                            "Namespaces left out of this file by its cap (those with the fewest drops).")
+
+FAMILIES: tuple[Family, ...] = (
+    *(family for family, _ in LISTENER_METRICS), *(family for family, _ in EVENT_METRICS), QUEUE_WAIT,
+    *SYSCTL_METRICS.values(), *COUNTER_METRICS.values(), *(family for family, _ in NAMESPACE_METRICS),
+    *(family for family, _ in DAEMON_METRICS), LISTENERS, LISTENERS_OMITTED, NAMESPACES, NAMESPACES_OMITTED,
+)
+
+# Control characters become C-style text, as systemd's cescape writes them: raw, they would reach a
+# terminal that shows a scrape; a newline would also end the sample early.
+_CONTROL = {code: f"\\x{code:02x}" for code in (*range(0x20), *range(0x7F, 0xA0))}
+_CONTROL.update({ord("\n"): "\\n", ord("\t"): "\\t", ord("\r"): "\\r"})
 
 
-def _label(value: object) -> str:
-    return str(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+def label_text(value: str, limit: int = MAX_LABEL) -> str:
+    """What a label value shows: printable text of at most ``limit`` characters.
+
+    Clipped values end in a hash of the whole value, so two long values that share a beginning
+    still differ.
+    """
+    text = value.translate(_CONTROL)
+    if not text.isascii():
+        # Lone surrogates (undecodable file names) cannot be written as UTF-8.
+        text = text.encode("utf-8", "backslashreplace").decode("utf-8")
+    if len(text) <= limit:
+        return text
+    digest = hashlib.blake2b(text.encode("utf-8"), digest_size=_DIGEST_BYTES).hexdigest()
+    return text[:limit - len(digest) - 3] + "..." + digest
 
 
-def _labels(**labels: object) -> str:
-    return "{" + ",".join(f'{k}="{_label(v)}"' for k, v in labels.items()) + "}"
+def _quoted(text: str) -> str:
+    # The exposition format's three escapes; label_text has already removed newlines.
+    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
 
 
-def render(document: dict[str, Any], suppressed: int) -> str:
-    samples: dict[str, list[str]] = {name: [] for name in HELP}
-
-    def add(name: str, labels: str, value: object) -> None:
-        samples[name].append(f"{name}{labels} {value}")
-
-    for listener in document["listeners"]:
-        units = sorted({p["unit"] for p in listener["processes"] if p["unit"]})
-        labels = _labels(netns=listener["netns"], proto=listener["proto"], address=listener["address"],
-                         unit=",".join(units))
-        add("aqtune_listener_queue", labels, listener["queue"])
-        add("aqtune_listener_backlog", labels, listener["backlog"])
-        add("aqtune_listener_fill_ratio", labels, listener["fill"])
-        if listener["drops"] is not None:
-            add("aqtune_listener_drops_total", labels, listener["drops"])
-        for key, name in EVENT_METRICS.items():
-            value = (listener["events"] or {}).get(key)
-            if value is not None:
-                add(name, labels, value)
-    for ns in document["namespaces"]:
-        for sysctl, value in ns["sysctls"].items():
-            add("aqtune_netns_sysctl", _labels(netns=ns["name"], sysctl=sysctl), value)
-        for counter, value in ns["counters"].items():
-            add("aqtune_netns_tcpext_total", _labels(netns=ns["name"], counter=counter), value)
-    add("aqtune_up", "", 1)
-    add("aqtune_sweep_duration_seconds", "", document["duration_ms"] / 1000)
-    add("aqtune_last_sweep_timestamp_seconds", "", document["taken_at"])
-    add("aqtune_ebpf_active", "", int(bool(document["ebpf"]["active"])))
-    add("aqtune_journal_suppressed_total", "", suppressed)
-    lines = []
-    for name, (kind, text) in HELP.items():
-        if samples[name]:
-            lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}", *samples[name]]
-    return "\n".join(lines) + "\n"
+def _labels(pairs: Iterable[tuple[str, str]]) -> str:
+    return "{" + ",".join(f'{name}="{_quoted(label_text(value))}"' for name, value in pairs) + "}"
 
 
-def write(path: str, document: dict[str, Any], suppressed: int) -> None:
-    write_atomically(path, render(document, suppressed))
+def _number(value: int | float) -> str:
+    if isinstance(value, bool | int):
+        return str(int(value))
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "+Inf" if value > 0 else "-Inf"
+    return repr(value)
+
+
+class _Samples:
+    """Sample lines by family, written out in FAMILIES order with HELP and TYPE."""
+
+    def __init__(self) -> None:
+        self.lines: dict[str, list[str]] = {family.name: [] for family in FAMILIES}
+
+    def add(self, family: Family, labels: str, value: Value) -> None:
+        if value is not None:
+            self.lines[family.name].append(f"{family.name}{labels} {_number(value)}")
+
+    def text(self) -> str:
+        out = []
+        for family in FAMILIES:
+            if self.lines[family.name]:
+                out += [f"# HELP {family.name} {family.help}", f"# TYPE {family.name} {family.kind}",
+                        *self.lines[family.name]]
+        return "\n".join(out) + "\n"
+
+
+def worst_listeners(listeners: Iterable[Listener], limit: int) -> tuple[list[Listener], int]:
+    """The ``limit`` fullest listeners (then most drops), each socket once, and how many were left out."""
+    unique = list({listener.cookie: listener for listener in listeners}.values())
+    kept = heapq.nsmallest(max(limit, 0), unique,
+                           key=lambda l: (-l.fill, -(l.drops or 0), l.netns, l.address, l.cookie))
+    return kept, len(unique) - len(kept)
+
+
+def worst_namespaces(namespaces: Iterable[Namespace], limit: int) -> tuple[list[Namespace], int]:
+    """The host and the namespaces with the most drops, ``limit`` in all, and how many were left out."""
+    unique = list({namespace.inode: namespace for namespace in namespaces}.values())
+    kept = heapq.nsmallest(max(limit, 0), unique, key=lambda n: (
+        n.name != "host", -n.counters.get("ListenDrops", 0), -n.counters.get("ListenOverflows", 0), n.name, n.inode))
+    return kept, len(unique) - len(kept)
+
+
+def _units(listener: Listener) -> str:
+    return ",".join(sorted({process.unit for process in listener.processes if process.unit}))
+
+
+def _listener_samples(samples: _Samples, listener: Listener, events: ListenerEvents | None) -> None:
+    pairs = [("netns", listener.netns), ("proto", listener.proto), ("address", listener.address),
+             ("socket", str(listener.cookie)), ("unit", _units(listener))]
+    labels = _labels(pairs)
+    for family, value in LISTENER_METRICS:
+        samples.add(family, labels, value(listener))
+    if events is None:
+        return
+    for family, seen in EVENT_METRICS:
+        samples.add(family, labels, seen(events))
+    waits = events.queue_wait_ms or {}
+    for key, quantile in QUANTILES:
+        if waits.get(key) is not None:
+            samples.add(QUEUE_WAIT, _labels([*pairs, ("quantile", quantile)]), waits[key] / 1000)
+
+
+def _namespace_samples(samples: _Samples, namespace: Namespace, name: str) -> None:
+    labels = _labels([("netns", name)])
+    for sysctl, value in namespace.sysctls.items():
+        if sysctl in SYSCTL_METRICS:
+            samples.add(SYSCTL_METRICS[sysctl], labels, value)
+    for counter, value in namespace.counters.items():
+        if counter in COUNTER_METRICS:
+            samples.add(COUNTER_METRICS[counter], labels, value)
+    for family, figure in NAMESPACE_METRICS:
+        samples.add(family, labels, figure(namespace))
+
+
+def _netns_names(namespaces: list[Namespace]) -> list[str]:
+    """Namespace label values, unique even where clipping or a root-chosen name ("host") would repeat one."""
+    names, shown = [], set()
+    for namespace in namespaces:
+        name = namespace.name
+        if label_text(name) in shown:
+            name = label_text(name, MAX_LABEL - 24) + f" net:[{namespace.inode}]"
+        shown.add(label_text(name))
+        names.append(name)
+    return names
+
+
+def render(snapshot: Snapshot, events: Mapping[int, ListenerEvents], figures: DaemonFigures,
+           max_listeners: int = MAX_LISTENERS, max_namespaces: int = MAX_NAMESPACES) -> str:
+    """The textfile for one sweep; ``events`` maps socket inodes to what eBPF saw (empty without it).
+
+    At most ``max_listeners`` listeners' and ``max_namespaces`` namespaces' series are written.
+    """
+    samples = _Samples()
+    listeners, listeners_omitted = worst_listeners(snapshot.listeners, max_listeners)
+    unseen = NO_EVENTS if figures.ebpf_active else None
+    for listener in listeners:
+        _listener_samples(samples, listener, events.get(listener.inode, unseen))
+    namespaces, namespaces_omitted = worst_namespaces(snapshot.namespaces, max_namespaces)
+    for namespace, name in zip(namespaces, _netns_names(namespaces), strict=True):
+        _namespace_samples(samples, namespace, name)
+    for family, figure in DAEMON_METRICS:
+        samples.add(family, "", figure(figures))
+    samples.add(LISTENERS, "", len(listeners) + listeners_omitted)
+    samples.add(LISTENERS_OMITTED, "", listeners_omitted)
+    samples.add(NAMESPACES, "", len(namespaces) + namespaces_omitted)
+    samples.add(NAMESPACES_OMITTED, "", namespaces_omitted)
+    return samples.text()
+
+
+def write(path: str, snapshot: Snapshot, events: Mapping[int, ListenerEvents], figures: DaemonFigures,
+          max_listeners: int = MAX_LISTENERS, max_namespaces: int = MAX_NAMESPACES) -> None:
+    """Replace the file at ``path`` atomically: node_exporter never reads half of one."""
+    write_atomically(path, render(snapshot, events, figures, max_listeners, max_namespaces))

@@ -1,5 +1,5 @@
 """`aqtune run` as a service on the real system: a private systemd-journald receiving its entries, a real
-NOTIFY_SOCKET, SIGHUP reloads, node_exporter scraping its metrics, and faults put under it for real
+NOTIFY_SOCKET, SIGHUP reloads, and faults put under it for real
 (headers or bcc hidden by a mount, netlink refused by seccomp, a namespace deleted mid-sweep, /proc/sys
 or the state directory read-only, no journald).
 
@@ -33,15 +33,12 @@ from typing import Any
 import pytest
 
 from aqtune.act.log import MESSAGE_IDS
-from aqtune.records import COUNTERS
 from tests.helpers import journald
 from tests.helpers.aqtune_run import aqtune, ledger_changes, write_policy
 from tests.helpers.journald import Journald
 from tests.helpers.namespace import HELPERS, PYTHON, REPO, HelperProcess, TestNamespace, wait_until
 from tests.helpers.notify import NotifyListener
 from tests.helpers.service import (
-    NODE_EXPORTER,
-    NodeExporter,
     ServiceDaemon,
     read_state,
     unshare_mount,
@@ -136,12 +133,6 @@ def capped_listener(ns: TestNamespace) -> tuple[HelperProcess, dict[str, Any]]:
     ns.flood([(flood_target(listener), CAPPED + 1)], hold=200)
     assert wait_for_queues(ns, {listener["address"]: CAPPED + 1})[listener["address"]].backlog == CAPPED
     return helper, listener
-
-
-def listen_counters(ns: TestNamespace) -> dict[str, int]:
-    """nstat's values of the TcpExt counters aqtune reports."""
-    values = ns.nstat()
-    return {counter: values[f"TcpExt{counter}"] for counter in COUNTERS}
 
 
 def field_int(entry: dict[str, Any], name: str) -> int:
@@ -738,62 +729,6 @@ def test_state_dir_under_a_regular_file_is_reported_once(
         assert daemon.stop() == 0
     finally:
         notify.close()
-
-
-# --- metrics: a real node_exporter scrape -----------------------------------------------------------------
-
-
-def test_node_exporter_serves_the_textfile_metrics_equal_to_ss_and_nstat(
-        netns: Callable[[], TestNamespace], started: Callable[..., ServiceDaemon], tmp_path: Path) -> None:
-    if not os.access(NODE_EXPORTER, os.X_OK):
-        pytest.skip(f"needs {NODE_EXPORTER} (Debian package prometheus-node-exporter)")
-    parser = pytest.importorskip("prometheus_client.parser",
-                                 reason="needs python3-prometheus-client (Debian) to parse the scrape")
-    ns = netns()
-    helper = ns.listen(f"tcp4:{SMALL_BACKLOG}")
-    (listener,) = helper.ready()["listeners"]
-    address = listener["address"]
-    # 3 SYNs dropped, then the flood closes its sockets: no retransmits, so every figure stays put.
-    flood = ns.flood([(flood_target(listener), SMALL_BACKLOG + 4)])
-    wait_for_queues(ns, {address: SMALL_BACKLOG + 1}, min_drops={address: 3})
-    flood.stop()
-    textfiles = tmp_path / "textfile"
-    textfiles.mkdir()
-    exporter = NodeExporter(textfiles, tmp_path / "node_exporter.log")
-    try:
-        state = tmp_path / "state"
-        policy = write_policy(tmp_path / "policy.toml", policy_text(ns.name, textfile=str(textfiles / "aqtune.prom")))
-        daemon = started(["--config", str(policy), "--netns", ns.name, "--state-dir", str(state), "--dry-run",
-                          "--no-ebpf"], console())
-        wait_until((textfiles / "aqtune.prom").exists, "aqtune.prom", timeout=START_TIMEOUT)
-        rows, nstat = ns.ss_tcp(), listen_counters(ns)
-        text = exporter.scrape()
-        assert (ns.ss_tcp(), listen_counters(ns)) == (rows, nstat), "the namespace's figures moved during the scrape"
-        samples: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
-        for family in parser.text_string_to_metric_families(text):
-            for sample in family.samples:
-                samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    finally:
-        exporter.stop()
-    assert daemon.stop() == 0
-
-    def value(name: str, **labels: str) -> float:
-        key = (name, tuple(sorted(labels.items())))
-        assert key in samples, f"{key} not scraped; aqtune samples: {[k for k in samples if 'aqtune' in k[0]]}"
-        return samples[key]
-
-    assert value("node_textfile_scrape_error") == 0, text
-    assert value("node_textfile_mtime_seconds", file=str(textfiles / "aqtune.prom")) > 0
-    assert value("aqtune_up") == 1
-    labels = {"netns": ns.name, "proto": "tcp", "address": address, "unit": ""}
-    row = rows[address]
-    assert value("aqtune_listener_queue", **labels) == row.queue == SMALL_BACKLOG + 1
-    assert value("aqtune_listener_backlog", **labels) == row.backlog == SMALL_BACKLOG
-    assert value("aqtune_listener_drops_total", **labels) == row.drops
-    for counter in COUNTERS:
-        assert value("aqtune_netns_tcpext_total", netns=ns.name, counter=counter) == nstat[counter], counter
-    assert value("aqtune_netns_sysctl", netns=ns.name, sysctl=SOMAXCONN) == ns.sysctls(SOMAXCONN)[SOMAXCONN]
-    assert value("aqtune_ebpf_active") == 0
 
 
 # --- the journal catalog --------------------------------------------------------------------------------
