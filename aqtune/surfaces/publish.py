@@ -86,7 +86,10 @@ class Publisher:
         textfile = policy.metrics.textfile
         if textfile:
             try:
-                metrics.write(textfile, document, facts.suppressed)
+                metrics.write(textfile, snapshot, events, metrics.DaemonFigures(
+                    sweep_seconds=snapshot.duration, last_sweep=snapshot.taken_at,
+                    ebpf_active=bool(ebpf.get("active")), journal_suppressed=facts.suppressed,
+                    journal_refused=facts.refused))
             except FileNotFoundError:
                 # No node_exporter textfile directory: nothing collects the file, which is a choice,
                 # not a fault.
