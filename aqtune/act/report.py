@@ -160,11 +160,15 @@ class DropReporter:
         units = sorted({p.unit for p in listener.processes if p.unit})
         owner = f" ({', '.join(units)})" if units else (f" ({listener.processes[0].comm})" if listener.processes
                                                         else "")
-        message = (f"{listener.address}{owner} dropped {episode.drops} connection"
+        # Said as it is: a dropped SYN or handshake ACK is retried by the client (after 1, 3, 7 s), so
+        # these are connection attempts that stalled, not connections lost.
+        message = (f"{listener.address}{owner} dropped {episode.drops} connection attempt"
                    f"{'s' if episode.drops != 1 else ''} in {max(episode.seconds, 1):.0f} s: accept queue full "
-                   f"{episode.peak_queue}/{episode.backlog}")
+                   f"{episode.peak_queue}/{episode.backlog}; clients retry after 1, 3, 7 s, so they stall "
+                   "rather than fail unless they give up")
         if episode.top_peers:
-            message += "; clients hurt: " + ", ".join(f"{peer} ({n})" for peer, n in episode.top_peers)
+            message += (f"; {episode.clients} distinct client{'s' if episode.clients != 1 else ''}: "
+                        + ", ".join(f"{peer} ({n})" for peer, n in episode.top_peers))
         advice = next((f for f in findings if f.spec.advises), None)
         if advice is not None:
             message += f"; {advice.id}: {advice.text.split(': ', 1)[-1]}"
@@ -174,7 +178,8 @@ class DropReporter:
             message, MessageId.DROPS, listener=listener.address, netns=listener.netns,
             unit=",".join(units) or None, pid=listener.processes[0].pid if listener.processes else None,
             drops=episode.drops, queue=episode.peak_queue, backlog=episode.backlog, seconds=round(episode.seconds, 1),
-            peers=",".join(p for p, _ in episode.top_peers) or None, suppressed=suppressed or None,
+            peers=",".join(p for p, _ in episode.top_peers) or None, clients=episode.clients or None,
+            suppressed=suppressed or None,
         )
 
     @property

@@ -35,6 +35,7 @@ class ClosedEpisode:
     backlog: int
     top_peers: list[tuple[str, int]]
     sustained: bool
+    clients: int = 0  # distinct client addresses among the drops, where eBPF saw them
 
 
 @dataclass(slots=True)
@@ -78,6 +79,6 @@ class EpisodeTracker:
                 del self.streak[key]
         return [
             ClosedEpisode(e.key, e.started, max(e.last_drop, now) - e.started, e.drops, e.peak_queue, e.backlog,
-                          e.peers.most_common(3), e.windows >= SUSTAINED_WINDOWS)
+                          e.peers.most_common(3), e.windows >= SUSTAINED_WINDOWS, len(e.peers))
             for e in closed
         ]

@@ -291,7 +291,7 @@ def test_drop_episode_reaches_journald_with_its_fields(ebpf_run: EbpfRun) -> Non
     assert (field_int(first, "AQTUNE_QUEUE"), field_int(first, "AQTUNE_BACKLOG")) == (SMALL_BACKLOG + 1,
                                                                                       SMALL_BACKLOG)
     drops = field_int(first, "AQTUNE_DROPS")
-    message = re.match(rf"{re.escape(address)} \(aqt-listen\) dropped (\d+) connections in \d+ s: "
+    message = re.match(rf"{re.escape(address)} \(aqt-listen\) dropped (\d+) connection attempts in \d+ s: "
                        rf"accept queue full {SMALL_BACKLOG + 1}/{SMALL_BACKLOG}", first["MESSAGE"])
     assert message is not None, first["MESSAGE"]
     assert int(message.group(1)) == drops
