@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -207,6 +208,42 @@ def test_owner_names_follow_exec(netns: Callable[[], TestNamespace]) -> None:
         wait_until(lambda: comm.read_text() == "sleep\n", "the exec")
         after = listeners_in(sweep(ns.name, owner_cache=cache), ns.name)["127.0.0.1:8081"].processes
         assert [(p.pid, p.comm, p.exe, p.cmdline) for p in after] == [(child.pid, "sleep", "sleep", "sleep 30")]
+    finally:
+        child.kill()
+        child.wait(timeout=5)
+
+
+ACTIVATED = """
+import socket, sys, time
+listener = socket.socket(fileno=3)  # SD_LISTEN_FDS_START
+print("activated", flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_a_socket_activated_server_is_advised_as_a_socket_unit(netns: Callable[[], TestNamespace]) -> None:
+    # systemd-socket-activate listens, waits for the first connection, then execs the server with
+    # LISTEN_FDS/LISTEN_PID as systemd would: the listener's backlog is the socket's, not the server's.
+    tool = shutil.which("systemd-socket-activate")
+    if tool is None:
+        pytest.skip("systemd-socket-activate (Debian's systemd package) is not installed")
+    ns = netns()
+    address = "127.0.0.1:8082"
+    child = subprocess.Popen(ns.exec_args(tool, "-l", address, sys.executable, "-c", ACTIVATED),
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        wait_until(lambda: address in ns.ss_tcp(), "systemd-socket-activate to listen")
+        waiting = listeners_in(sweep(ns.name), ns.name)[address].processes
+        assert [p.socket_activated for p in waiting] == [False]  # the tool itself, before any connection
+        ns.flood([(f"tcp:{address}", 1)], hold=10)
+        assert child.stdout.readline() == "activated\n"
+        processes = listeners_in(sweep(ns.name), ns.name)[address].processes
+        assert [(p.pid, p.socket_activated, p.app) for p in processes] == [(child.pid, True, "")]
+        identified = table.identify(processes)
+        assert identified is table.SYSTEMD_SOCKET
+        assert "Backlog=1024" in table.backlog_knob_text(identified, 1024)
+        assert ".socket unit" in table.relisten_text(identified, processes)
     finally:
         child.kill()
         child.wait(timeout=5)
