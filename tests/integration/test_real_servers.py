@@ -247,3 +247,33 @@ def test_a_socket_activated_server_is_advised_as_a_socket_unit(netns: Callable[[
     finally:
         child.kill()
         child.wait(timeout=5)
+
+
+def test_a_user_unit_named_nginx_is_never_nginx_service(netns: Callable[[], TestNamespace]) -> None:
+    # issue 12: `systemd-run --user --unit=nginx` showed as nginx.service and got root's restart advice.
+    # The same cgroup path, made by hand under a private directory of systemd's v1 hierarchy.
+    hierarchy = Path("/sys/fs/cgroup/systemd")
+    if not (hierarchy / "cgroup.procs").exists():
+        pytest.skip("needs the cgroup v1 name=systemd hierarchy to place a process by hand; under cgroup v2 "
+                    "systemd owns the tree (the nspawn tier runs systemd-run --user there)")
+    base = hierarchy / f"aqt-{os.getpid()}"
+    leaf = base / "user.slice/user-1000.slice/user@1000.service/app.slice/nginx.service"
+    leaf.mkdir(parents=True)
+    ns = netns()
+    try:
+        with servers.start(ns, "nginx") as server:
+            for pid in server.pids():
+                (leaf / "cgroup.procs").write_text(f"{pid}\n")
+            processes = listeners_in(sweep(ns.name), ns.name)[server.address].processes
+            assert {(p.unit, p.user_unit) for p in processes} == {(None, "nginx.service")}
+            identified = table.identify(processes)
+            assert identified is table.NGINX  # it is nginx, but not the system's nginx.service
+            text = table.relisten_text(identified, processes)
+            assert "systemctl --user restart nginx.service" in text
+            assert "`systemctl restart" not in text
+            for pid in server.pids():
+                (hierarchy / "cgroup.procs").write_text(f"{pid}\n")
+    finally:
+        for directory in sorted((d for d in base.rglob("*") if d.is_dir()), key=lambda d: -len(d.parts)):
+            directory.rmdir()
+        base.rmdir()
