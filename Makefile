@@ -7,7 +7,8 @@ APT := apt-get -o DPkg::Lock::Timeout=600 -y -q --no-install-recommends
 RUNTIME_DEBS := python3-pyroute2 python3-structlog python3-sdnotify python3-bpfcc python3-venv iproute2 procps
 DEB_DEBS := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian
 TEST_DEBS := python3-pytest python3-hypothesis nftables python3-seccomp prometheus-node-exporter \
-	python3-prometheus-client systemd-container mmdebstrap $(DEB_DEBS)
+	python3-prometheus-client systemd-container mmdebstrap $(DEB_DEBS) \
+	nginx apache2 php-fpm haproxy redis-server gunicorn uwsgi-core uwsgi-plugin-python3 postgresql nodejs
 
 .PHONY: deps test-deps run test lint pytest unit kernel-tier bench deb
 

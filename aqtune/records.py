@@ -29,9 +29,20 @@ COUNTERS = (
 @dataclass(frozen=True, slots=True)
 class Process:
     pid: int
-    comm: str
-    cmdline: str
-    unit: str | None  # systemd unit from the cgroup path; None when not under systemd
+    comm: str  # what the process calls itself (prctl/exec); 15 bytes at most, any process can set it
+    cmdline: str  # argv joined by spaces, truncated (see procfs.CMDLINE_MAX)
+    # The host's system manager's unit from the cgroup path (a container's own unit where the process
+    # runs under a container's manager, with ``container`` set); None when not under systemd and for
+    # processes of a user manager (user@UID.service), whose units any user names as they like.
+    unit: str | None
+    exe: str = ""  # basename of /proc/PID/exe ("python3.11" for a Python server); "" where unreadable
+    app: str = ""  # for interpreters (python, node, php, ...): the script or -m module from argv, else ""
+    socket_activated: bool = False  # LISTEN_FDS set and LISTEN_PID == pid in its initial environment
+    user_unit: str | None = None  # the unit of a user manager (user@UID.service) it runs in
+    container: str | None = None  # the host unit of the container it runs in (machine-web.scope, docker-ID.scope)
+    ppid: int = 0  # parent pid, to tell a server's workers (children of its master) from the master
+    threads: int = 0  # threads of the process (0: unknown), to tell threaded from forking servers
+    starttime: int = 0  # clock ticks after boot at which it started: (pid, starttime) names one process
 
 
 @dataclass(slots=True)

@@ -4,12 +4,35 @@ from __future__ import annotations
 
 import os
 import re
+from dataclasses import dataclass
 
 from aqtune.records import COUNTERS, SYSCTLS, Process
 
-# The innermost unit wins: for a container's nginx that is its own nginx.service, not the
-# host's machine-*.scope, because that is the unit whose configuration needs the change.
+# Bounds on what one process can make aqtune read: every one of these files is chosen by whoever
+# runs the process (argv and the environment by the process itself, cgroup names under a delegated
+# subtree by its user). A command line longer than CMDLINE_MAX is cut and marked.
+CMDLINE_MAX = 4096
+ENVIRON_MAX = 32768  # systemd puts LISTEN_* first; a server's environment rarely comes near this
+CGROUP_MAX = 65536  # cgroup v1 lists a path per hierarchy, each up to PATH_MAX
+SMALL_MAX = 4096  # comm, stat, a sysctl
+NETSTAT_MAX = 1 << 20  # the kernel's own counter table (4 KB on 6.18 and growing with every release)
+TRUNCATED = "..."
+
 _UNIT = re.compile(r"[^/]+\.(?:service|scope|socket|mount|swap)$")
+# A user manager's subtree is delegated to that user: every unit name under it is theirs to choose.
+_USER_MANAGER = re.compile(r"user@\d+\.service")
+# Host units that hold a container's processes even when no manager runs inside it.
+_CONTAINER_UNIT = re.compile(
+    r"(?:machine|docker|libpod|crio|cri-containerd|podman|lxc)-.+\.scope|systemd-nspawn@.+\.service")
+
+
+@dataclass(frozen=True, slots=True)
+class Placement:
+    """Where a process sits in systemd's tree, as its cgroup path says."""
+
+    unit: str | None  # the system manager's unit (a container manager's, with container set)
+    user_unit: str | None = None  # the unit of a user manager (user@UID.service), never taken for a system one
+    container: str | None = None  # the host unit of the container the process runs in
 
 
 def socket_holders(inodes: set[int], proc: str = "/proc") -> dict[int, list[int]]:
@@ -41,8 +64,8 @@ def socket_holders(inodes: set[int], proc: str = "/proc") -> dict[int, list[int]
     return holders
 
 
-def unit_from_cgroup(text: str) -> str | None:
-    """The systemd unit in /proc/PID/cgroup: from cgroup v2's ``0::`` line, else v1's name=systemd.
+def _cgroup_paths(text: str) -> list[str]:
+    """The paths systemd placed a process at: cgroup v2's ``0::`` line first, then v1's name=systemd.
 
     A v1 host that has cgroup2 mounted somewhere still lists ``0::/`` for every process, so an empty
     v2 path must not hide the v1 one.
@@ -55,27 +78,245 @@ def unit_from_cgroup(text: str) -> str | None:
             paths.insert(0, cgroup)
         elif controllers == "name=systemd":
             paths.append(cgroup)
-    for path in paths:
-        for part in reversed(path.split("/")):
-            if _UNIT.fullmatch(part):
-                return part
+    return paths
+
+
+def placement_from_cgroup(text: str) -> Placement:
+    """The units of /proc/PID/cgroup's path, told apart by whose manager runs them.
+
+    The outermost unit is the host system manager's. Units nested under it belong to a manager
+    running inside: a user manager (user@UID.service, where any user names units as they like, so
+    ``systemd-run --user --unit=nginx`` must never read as nginx.service) or a container's (its
+    innermost unit is the one whose configuration needs a change, marked as the container's).
+    """
+    for path in _cgroup_paths(text):
+        units = [part for part in path.split("/") if _UNIT.fullmatch(part)]
+        if not units:
+            continue
+        outer, inner = units[0], units[-1]
+        if _USER_MANAGER.fullmatch(outer):
+            return Placement(None, user_unit=inner if len(units) > 1 else None)
+        if len(units) > 1 or _CONTAINER_UNIT.fullmatch(outer):
+            return Placement(inner, container=outer)
+        return Placement(outer)
+    return Placement(None)
+
+
+def unit_from_cgroup(text: str) -> str | None:
+    """The system manager's unit in /proc/PID/cgroup (see placement_from_cgroup)."""
+    return placement_from_cgroup(text).unit
+
+
+def _read_bounded(path: str, limit: int) -> tuple[bytes, bool]:
+    """Up to ``limit`` bytes of a /proc file and whether there was more."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        chunks: list[bytes] = []
+        size = 0
+        while size <= limit:
+            chunk = os.read(fd, limit + 1 - size)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    return data[:limit], len(data) > limit
+
+
+def _read(path: str, limit: int = SMALL_MAX) -> str:
+    return _read_bounded(path, limit)[0].decode("utf-8", "backslashreplace")
+
+
+def _complete_lines(data: bytes, truncated: bool, separator: bytes) -> list[bytes]:
+    """Entries of a bounded read, less a last one the bound cut short."""
+    entries = data.split(separator)
+    if truncated and entries:
+        entries.pop()
+    return entries
+
+
+def read_argv(pid: int, proc: str = "/proc") -> tuple[list[str], bool]:
+    """argv of ``pid`` (at most CMDLINE_MAX bytes of it) and whether it was cut."""
+    data, truncated = _read_bounded(f"{proc}/{pid}/cmdline", CMDLINE_MAX)
+    # A process that rewrote its title (setproctitle, nginx, postgres) may leave one long string.
+    words = data.rstrip(b"\0").split(b"\0") if data else []
+    return [word.decode("utf-8", "backslashreplace") for word in words], truncated
+
+
+@dataclass(frozen=True, slots=True)
+class Stat:
+    """The fields of /proc/PID/stat aqtune uses."""
+
+    comm: str
+    ppid: int
+    threads: int
+    starttime: int
+    cpu_ticks: int  # utime + stime
+
+
+def parse_stat(text: str) -> Stat | None:
+    """/proc/PID/stat: comm (field 2) may hold spaces and parentheses, so fields resume after the last ')'."""
+    close = text.rfind(")")
+    fields = text[close + 2:].split()
+    if close < 0 or len(fields) < 20:
+        return None
+    try:
+        return Stat(text[text.find("(") + 1:close], int(fields[1]), int(fields[17]), int(fields[19]),
+                    int(fields[11]) + int(fields[12]))
+    except ValueError:
+        return None
+
+
+def read_stat(pid: int, proc: str = "/proc") -> Stat | None:
+    try:
+        return parse_stat(_read(f"{proc}/{pid}/stat"))
+    except OSError:
+        return None
+
+
+def read_exe(pid: int, proc: str = "/proc") -> str:
+    """Basename of the program ``pid`` runs; "" where it cannot be read (kernel threads, no ptrace right)."""
+    try:
+        target = os.readlink(f"{proc}/{pid}/exe")
+    except OSError:
+        return ""
+    target = target.removesuffix(" (deleted)")  # replaced on disk by an upgrade: still the same program
+    return target.rsplit("/", 1)[-1]
+
+
+def parse_socket_activation(pid: int, environ: bytes, truncated: bool) -> bool:
+    """Whether an initial environment says systemd passed this very process its sockets (sd_listen_fds)."""
+    fds = listen_pid = None
+    for entry in _complete_lines(environ, truncated, b"\0"):
+        if entry.startswith(b"LISTEN_FDS="):
+            fds = entry[11:]
+        elif entry.startswith(b"LISTEN_PID="):
+            listen_pid = entry[11:]
+    return fds is not None and fds.isdigit() and int(fds) > 0 and listen_pid == str(pid).encode()
+
+
+def read_socket_activation(pid: int, proc: str = "/proc") -> bool:
+    try:
+        environ, truncated = _read_bounded(f"{proc}/{pid}/environ", ENVIRON_MAX)
+    except OSError:
+        return False
+    return parse_socket_activation(pid, environ, truncated)
+
+
+@dataclass(frozen=True, slots=True)
+class _Interpreter:
+    """How an interpreter's argv names the program it runs."""
+
+    takes_value: frozenset[str]  # options followed by a separate value that is not the program
+    names_app: frozenset[str]  # options whose value is the program (python -m MODULE, php -f FILE)
+    inline: frozenset[str]  # options that run code given on the command line: no program file
+    combined: bool  # short options combine (python -um MODULE, -mMODULE)
+
+
+_PYTHON = _Interpreter(frozenset({"-W", "-X", "--check-hash-based-pycs"}), frozenset({"-m"}),
+                       frozenset({"-c"}), combined=True)
+_NODE = _Interpreter(
+    frozenset({"-r", "--require", "--import", "--loader", "--experimental-loader", "--input-type", "--title",
+               "-C", "--conditions", "--env-file", "--inspect-port", "--openssl-config"}),
+    frozenset(), frozenset({"-e", "--eval", "-p", "--print"}), combined=False)
+_PHP = _Interpreter(frozenset({"-c", "-d", "-t", "-z"}), frozenset({"-f"}),
+                    frozenset({"-r", "-B", "-R", "-F", "-E", "-S"}), combined=False)
+_INTERPRETERS = (
+    (re.compile(r"python[0-9.]*|pypy[0-9.]*"), _PYTHON),
+    (re.compile(r"node(?:js)?[0-9.]*"), _NODE),
+    (re.compile(r"php[0-9.]*(?:-cli)?"), _PHP),
+)
+_APP_MAX = 64
+
+
+def interpreter_of(exe: str) -> tuple[re.Pattern[str], _Interpreter] | None:
+    for pattern, interpreter in _INTERPRETERS:
+        if pattern.fullmatch(exe):
+            return pattern, interpreter
     return None
 
 
-def _read(path: str) -> str:
-    with open(path, "rb") as f:
-        return f.read().decode("utf-8", "backslashreplace")
+def _app_name(value: str, module: bool) -> str:
+    name = value.split(".", 1)[0] if module else value.rsplit("/", 1)[-1]
+    return name[:_APP_MAX]
+
+
+def app_from_argv(exe: str, argv: list[str]) -> str:
+    """The program an interpreter runs, from its argv: the script's basename, python's -m module's
+    top package, or "" (inline code, stdin, not an interpreter, or nothing to go on).
+
+    Options are skipped by the interpreter's own rules, and only the first operand counts: the
+    arguments after it are the program's, whatever they mention (a uWSGI or a Python tool whose
+    arguments name gunicorn is not gunicorn). A process that rewrote its title (setproctitle:
+    "gunicorn: master [app]") leaves one string whose first word is the name it gave itself.
+    """
+    found = interpreter_of(exe)
+    if found is None or not argv:
+        return ""
+    pattern, interpreter = found
+    words = argv[0].split()
+    first = words[0] if words else ""
+    if not pattern.fullmatch(first.rsplit("/", 1)[-1]):
+        return _app_name(first.rstrip(":"), module=False)
+    args = argv[1:]
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        i += 1
+        if arg == "--":
+            arg = args[i] if i < len(args) else "-"
+        if arg == "-" or not arg.startswith("-"):
+            return "" if arg == "-" else _app_name(arg, module=False)  # "-": the program comes on stdin
+        if arg in interpreter.inline:
+            return ""
+        if arg in interpreter.names_app:
+            return _app_name(args[i] if i < len(args) else "", module=arg == "-m")
+        if arg in interpreter.takes_value:
+            i += 1
+            continue
+        if arg.startswith("--") or not interpreter.combined:
+            continue
+        # Combined short options (python -uBm MODULE, -mMODULE): the first that takes a value ends the word.
+        for index, option in enumerate(arg[1:], start=1):
+            flag, rest = "-" + option, arg[index + 1:]
+            if flag in interpreter.inline:
+                return ""
+            if flag in interpreter.names_app:
+                value = rest or (args[i] if i < len(args) else "")
+                return _app_name(value, module=flag == "-m")
+            if flag in interpreter.takes_value:
+                i += 0 if rest else 1
+                break
+    return ""
 
 
 def describe_process(pid: int, proc: str = "/proc") -> Process | None:
-    """comm, cmdline and unit of ``pid``; None if it exited meanwhile."""
+    """Who ``pid`` is (comm, cmdline, exe, the app an interpreter runs, units, parent, threads, start);
+    None if it exited meanwhile. Every read is bounded: all of it is the process owner's to choose."""
     try:
         comm = _read(f"{proc}/{pid}/comm").rstrip("\n")
-        cmdline = _read(f"{proc}/{pid}/cmdline").replace("\0", " ").strip()
-        cgroup = _read(f"{proc}/{pid}/cgroup")
+        argv, truncated = read_argv(pid, proc)
+        cgroup_bytes, cgroup_cut = _read_bounded(f"{proc}/{pid}/cgroup", CGROUP_MAX)
     except OSError:
         return None
-    return Process(pid, comm, cmdline, unit_from_cgroup(cgroup))
+    cgroup = b"\n".join(_complete_lines(cgroup_bytes, cgroup_cut, b"\n")).decode("utf-8", "backslashreplace")
+    cmdline = " ".join(argv).strip() + (TRUNCATED if truncated else "")
+    placement = placement_from_cgroup(cgroup)
+    exe = read_exe(pid, proc)
+    stat = read_stat(pid, proc)
+    return Process(
+        pid, comm, cmdline, placement.unit,
+        exe=exe,
+        app=app_from_argv(exe, argv),
+        socket_activated=read_socket_activation(pid, proc),
+        user_unit=placement.user_unit,
+        container=placement.container,
+        ppid=stat.ppid if stat else 0,
+        threads=stat.threads if stat else 0,
+        starttime=stat.starttime if stat else 0,
+    )
 
 
 def find_owners(inodes: set[int], proc: str = "/proc") -> dict[int, tuple[Process, ...]]:
@@ -106,7 +347,7 @@ def parse_netstat(text: str, section: str = "TcpExt") -> dict[str, int]:
 
 def read_counters() -> dict[str, int]:
     """The TcpExt counters aqtune reports, for the calling thread's network namespace."""
-    tcpext = parse_netstat(_read("/proc/thread-self/net/netstat"))
+    tcpext = parse_netstat(_read("/proc/thread-self/net/netstat", NETSTAT_MAX))
     return {name: tcpext[name] for name in COUNTERS if name in tcpext}
 
 
@@ -128,34 +369,61 @@ def cpu_seconds(pids: set[int], proc: str = "/proc") -> dict[int, float]:
     """User + system CPU time of each pid (all its threads), for those still running."""
     times = {}
     for pid in pids:
-        try:
-            stat = _read(f"{proc}/{pid}/stat")
-        except OSError:
-            continue
-        # comm (field 2) may contain spaces and parentheses; fields resume after the last ')'.
-        fields = stat[stat.rfind(")") + 2:].split()
-        times[pid] = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+        stat = read_stat(pid, proc)
+        if stat is not None:
+            times[pid] = stat.cpu_ticks / _CLOCK_TICKS
     return times
+
+
+def follow_exec(process: Process, proc: str = "/proc") -> Process | None:
+    """``process`` as it is now: itself if it still runs the same program, described afresh after an
+    exec (its name or program changed), None once the pid is gone or names another process (same
+    pid, another start time: the pid was reused, and the newcomer does not hold the old sockets)."""
+    stat = read_stat(process.pid, proc)
+    if stat is None or (process.starttime and stat.starttime != process.starttime):
+        return None
+    if stat.comm == process.comm and (not process.exe or read_exe(process.pid, proc) == process.exe):
+        return process
+    fresh = describe_process(process.pid, proc)
+    if fresh is None or (process.starttime and fresh.starttime != process.starttime):
+        return None
+    return fresh
 
 
 class OwnerCache:
     """Owners by socket inode, rescanned only when unknown sockets appear or ``max_age`` passes.
 
     The /proc fd scan is the most expensive part of a sweep (it reads every descriptor of every
-    process); a daemon sweeping quiet listeners every second need not repeat it each time.
+    process); a daemon sweeping quiet listeners every second need not repeat it each time. Between
+    scans each cached process is checked with one stat read and one readlink: one that exec'd is
+    described again (owner names follow exec), one that exited or whose pid now names another
+    process (same pid, another start time) is dropped.
     """
 
-    def __init__(self, max_age: float = 30.0, min_gap: float = 5.0) -> None:
+    def __init__(self, max_age: float = 30.0, min_gap: float = 5.0, proc: str = "/proc") -> None:
         self.max_age = max_age
         self.min_gap = min_gap  # under listener churn, new sockets wait this long for their owners
+        self.proc = proc
         self.owners: dict[int, tuple[Process, ...]] = {}
         self.scanned_at = float("-inf")
 
     def lookup(self, inodes: set[int], now: float) -> dict[int, tuple[Process, ...]]:
         age = now - self.scanned_at
         if (inodes - self.owners.keys() and age >= self.min_gap) or age >= self.max_age:
-            found = find_owners(inodes)
+            found = find_owners(inodes, self.proc)
             # Sockets nobody readable holds are remembered as such, or every sweep would rescan.
             self.owners = {inode: found.get(inode, ()) for inode in inodes}
             self.scanned_at = now
+        else:
+            self._follow_exec()
         return self.owners
+
+    def _follow_exec(self) -> None:
+        now: dict[int, Process | None] = {}
+        for inode, processes in list(self.owners.items()):
+            for process in processes:
+                if process.pid not in now:
+                    now[process.pid] = follow_exec(process, self.proc)
+            kept = tuple(p for p in (now[process.pid] for process in processes) if p is not None)
+            if kept != processes:
+                self.owners[inode] = kept

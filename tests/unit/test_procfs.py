@@ -7,7 +7,21 @@ from pathlib import Path
 
 import pytest
 
-from aqtune.collect.procfs import find_owners, parse_netstat, socket_holders, unit_from_cgroup
+from aqtune.collect.procfs import (
+    CMDLINE_MAX,
+    TRUNCATED,
+    OwnerCache,
+    Placement,
+    app_from_argv,
+    describe_process,
+    find_owners,
+    parse_netstat,
+    parse_socket_activation,
+    parse_stat,
+    placement_from_cgroup,
+    socket_holders,
+    unit_from_cgroup,
+)
 from aqtune.records import COUNTERS, Process
 from tests.unit.fixture_data import expected, netstat_text
 
@@ -52,15 +66,16 @@ V1_CONTROLLERS = "12:cpuset:/\n11:memory:/system.slice/nginx.service\n4:cpu,cpua
     pytest.param("1:name=systemd:/system.slice/old.service\n0::/system.slice/new.service\n", "new.service",
                  id="hybrid-v2-wins"),
     pytest.param("0::/machine.slice/machine-web.scope/payload/system.slice/nginx.service\n", "nginx.service",
-                 id="nested-container"),
+                 id="nested-container"),  # the container's own unit; placement marks it as the container's
     pytest.param("0::/system.slice/docker-0123abcd.scope\n", "docker-0123abcd.scope", id="container-scope"),
     pytest.param("0::/system.slice/foo.service/worker\n", "foo.service", id="delegated-subgroup"),
     pytest.param("0::/system.slice/foo.service/a/b/c\n", "foo.service", id="delegated-deep"),
+    # A user manager's units are the user's to name: never the system manager's unit.
     pytest.param("0::/user.slice/user-1000.slice/user@1000.service/app.slice/app-gnome-firefox-42.scope\n",
-                 "app-gnome-firefox-42.scope", id="user-app-scope"),
+                 None, id="user-app-scope"),
     pytest.param("0::/user.slice/user-1000.slice/user@1000.service/app.slice/syncthing.service\n",
-                 "syncthing.service", id="user-service"),
-    pytest.param("0::/user.slice/user-1000.slice/user@1000.service/init.scope\n", "init.scope", id="user-manager"),
+                 None, id="user-service"),
+    pytest.param("0::/user.slice/user-1000.slice/user@1000.service/init.scope\n", None, id="user-manager"),
     pytest.param("0::/user.slice/user-1000.slice/session-3.scope\n", "session-3.scope", id="login-session"),
     pytest.param("0::/system.slice/sshd.socket\n", "sshd.socket", id="socket-unit"),
     pytest.param("0::/init.scope\n", "init.scope", id="pid1"),
@@ -82,6 +97,104 @@ def test_v1_host_with_cgroup2_mounted_somewhere_keeps_the_systemd_unit() -> None
     assert unit_from_cgroup(text) == "nginx.service"
 
 
+@pytest.mark.parametrize(("path", "placement"), [
+    pytest.param("/system.slice/nginx.service", Placement("nginx.service"), id="system-unit"),
+    pytest.param("/user.slice/user-1000.slice/user@1000.service/app.slice/nginx.service",
+                 Placement(None, user_unit="nginx.service"), id="systemd-run-user-unit-nginx"),
+    pytest.param("/user.slice/user-1000.slice/user@1000.service/app.slice/app.slice/x/nginx.service",
+                 Placement(None, user_unit="nginx.service"), id="user-deep"),
+    pytest.param("/user.slice/user-1000.slice/user@1000.service/init.scope",
+                 Placement(None, user_unit="init.scope"), id="user-manager"),
+    pytest.param("/user.slice/user-1000.slice/user@1000.service", Placement(None), id="user-manager-root"),
+    pytest.param("/user.slice/user-1000.slice/session-3.scope", Placement("session-3.scope"), id="login-session"),
+    pytest.param("/machine.slice/machine-web.scope/payload/system.slice/nginx.service",
+                 Placement("nginx.service", container="machine-web.scope"), id="nspawn-container-unit"),
+    pytest.param("/machine.slice/machine-web.scope/payload/user.slice/user-0.slice/user@0.service/app.slice/a.service",
+                 Placement("a.service", container="machine-web.scope"), id="container-user-unit"),
+    pytest.param("/machine.slice/machine-web.scope/payload",
+                 Placement("machine-web.scope", container="machine-web.scope"), id="nspawn-payload"),
+    pytest.param("/system.slice/docker-0123abcd.scope", Placement("docker-0123abcd.scope",
+                                                                  container="docker-0123abcd.scope"), id="docker"),
+    pytest.param("/machine.slice/libpod-89ab.scope/container", Placement("libpod-89ab.scope",
+                                                                         container="libpod-89ab.scope"), id="podman"),
+    pytest.param("/system.slice/systemd-nspawn@web.service/payload/system.slice/redis-server.service",
+                 Placement("redis-server.service", container="systemd-nspawn@web.service"), id="nspawn-service"),
+    pytest.param("/system.slice/foo.service/worker", Placement("foo.service"), id="delegated-subgroup"),
+    pytest.param("/init.scope", Placement("init.scope"), id="pid1"),
+    pytest.param("/", Placement(None), id="root"),
+])
+def test_placement_from_cgroup(path: str, placement: Placement) -> None:
+    assert placement_from_cgroup(f"0::{path}\n") == placement
+
+
+# --- stat, argv, environment -------------------------------------------------------------------------
+
+
+def test_parse_stat_with_a_comm_made_of_parentheses_and_spaces() -> None:
+    stat = ("4242 (a) b (c)) S 4200 4242 4242 0 -1 4194560 100 0 0 0 7 3 0 0 20 0 5 0 123456 1000 10 "
+            + " ".join(["0"] * 30))
+    parsed = parse_stat(stat)
+    assert parsed is not None
+    assert (parsed.comm, parsed.ppid, parsed.threads, parsed.starttime, parsed.cpu_ticks) == \
+        ("a) b (c)", 4200, 5, 123456, 10)
+
+
+def test_parse_stat_of_garbage_is_none() -> None:
+    assert parse_stat("") is None
+    assert parse_stat("1 (x) S 0") is None
+
+
+@pytest.mark.parametrize(("exe", "argv", "app"), [
+    ("python3.11", ["/usr/bin/python3", "/usr/bin/gunicorn", "--bind", ":8000", "app:app"], "gunicorn"),
+    ("python3.11", ["/srv/venv/bin/python", "/srv/venv/bin/gunicorn", "app:app"], "gunicorn"),
+    ("python3.11", ["python3", "-m", "uvicorn", "app:app"], "uvicorn"),
+    ("python3.11", ["python3", "-um", "gunicorn.app.wsgiapp", "app:app"], "gunicorn"),
+    ("python3.11", ["python3", "-mgunicorn", "app:app"], "gunicorn"),
+    ("python3.11", ["python3", "-W", "ignore", "-X", "dev", "srv.py", "gunicorn"], "srv.py"),
+    ("python3.11", ["python3", "-Wignore", "srv.py"], "srv.py"),
+    ("python3.11", ["python3", "-c", "import gunicorn"], ""),
+    ("python3.11", ["python3", "-uc", "import gunicorn"], ""),
+    ("python3.11", ["python3", "-"], ""),
+    ("python3.11", ["python3", "--", "srv.py"], "srv.py"),
+    ("python3.11", ["python3"], ""),
+    ("python3.11", ["gunicorn: master [app:app]"], "gunicorn"),  # setproctitle rewrote argv
+    ("nodejs", ["node", "--require", "dotenv/config", "--max-old-space-size=512", "server.js"], "server.js"),
+    ("node", ["node", "-e", "require('http').createServer().listen(80)"], ""),
+    ("php8.2", ["php", "-d", "x=1", "-f", "/srv/worker.php"], "worker.php"),
+    ("php8.2", ["php", "-S", "127.0.0.1:80"], ""),
+    # Not interpreters: the executable is the identity, whatever the arguments say.
+    ("uwsgi-core", ["uwsgi", "--module", "gunicorn"], ""),
+    ("nginx", ["nginx: master process"], ""),
+    ("python3.11", [], ""),
+])
+def test_app_from_argv(exe: str, argv: list[str], app: str) -> None:
+    assert app_from_argv(exe, argv) == app
+
+
+def test_app_names_are_bounded() -> None:
+    assert len(app_from_argv("python3", ["python3", "x" * 5000])) == 64
+
+
+@pytest.mark.parametrize(("environ", "activated"), [
+    (b"PATH=/bin\0LISTEN_PID=42\0LISTEN_FDS=1\0LISTEN_FDNAMES=web\0", True),
+    (b"LISTEN_FDS=2\0LISTEN_PID=42\0", True),
+    (b"LISTEN_FDS=1\0LISTEN_PID=41\0", False),  # inherited by a child: passed to its parent
+    (b"LISTEN_FDS=0\0LISTEN_PID=42\0", False),
+    (b"LISTEN_FDS=x\0LISTEN_PID=42\0", False),
+    (b"LISTEN_PID=42\0", False),
+    (b"XLISTEN_FDS=1\0LISTEN_PID=42\0", False),
+    (b"", False),
+])
+def test_socket_activation_from_the_environment(environ: bytes, activated: bool) -> None:
+    assert parse_socket_activation(42, environ, truncated=False) == activated
+
+
+def test_a_cut_environment_entry_is_not_trusted() -> None:
+    # LISTEN_PID=4 cut from LISTEN_PID=42 by the read bound must not match pid 4.
+    assert not parse_socket_activation(4, b"LISTEN_FDS=1\0LISTEN_PID=4", truncated=True)
+    assert parse_socket_activation(4, b"LISTEN_FDS=1\0LISTEN_PID=4\0PA", truncated=True)
+
+
 # --- socket_holders / find_owners on a fake /proc -------------------------------------------------------
 
 
@@ -94,6 +207,7 @@ def _process(proc: Path, pid: int, fds: dict[int, str], comm: str = "srv",
     (base / "comm").write_text(comm + "\n")
     (base / "cmdline").write_bytes(f"/usr/bin/{comm}\0--flag\0".encode())
     (base / "cgroup").write_text(cgroup)
+    (base / "stat").write_text(_stat(pid, comm))
 
 
 @pytest.fixture
@@ -124,12 +238,95 @@ def test_no_inodes_means_no_scan(proc: Path) -> None:
 def test_find_owners_describes_each_process(proc: Path) -> None:
     owners = find_owners({1000, 3000}, str(proc))
     nginx = sorted(owners[1000], key=lambda p: p.pid)
-    assert nginx == [Process(10, "nginx", "/usr/bin/nginx --flag", "nginx.service"),
-                     Process(11, "nginx", "/usr/bin/nginx --flag", "nginx.service")]
-    assert owners[3000] == (Process(12, "other", "/usr/bin/other --flag", None),)
+    assert nginx == [Process(10, "nginx", "/usr/bin/nginx --flag", "nginx.service", ppid=1, threads=1, starttime=5000),
+                     Process(11, "nginx", "/usr/bin/nginx --flag", "nginx.service", ppid=1, threads=1, starttime=5000)]
+    assert owners[3000] == (Process(12, "other", "/usr/bin/other --flag", None, ppid=1, threads=1, starttime=5000),)
 
 
 def test_a_process_that_exits_between_scan_and_describe_is_left_out(proc: Path) -> None:
     (proc / "11" / "comm").unlink()
     owners = find_owners({1000}, str(proc))
     assert [p.pid for p in owners[1000]] == [10]
+
+
+def _stat(pid: int, comm: str, ppid: int = 1, threads: int = 1, starttime: int = 5000) -> str:
+    fields = ["S", str(ppid)] + ["0"] * 15 + [str(threads), "0", str(starttime)] + ["0"] * 30
+    return f"{pid} ({comm}) " + " ".join(fields) + "\n"
+
+
+def _program(proc: Path, pid: int, comm: str, exe: str, argv: list[str], *, ppid: int = 1, threads: int = 1,
+             starttime: int = 5000, environ: bytes = b"") -> None:
+    """Make fake /proc/PID look like a process running ``exe`` (what exec leaves behind)."""
+    base = proc / str(pid)
+    base.mkdir(exist_ok=True)
+    (base / "comm").write_text(comm + "\n")
+    (base / "stat").write_text(_stat(pid, comm, ppid, threads, starttime))
+    (base / "cmdline").write_bytes(b"".join(arg.encode() + b"\0" for arg in argv))
+    (base / "environ").write_bytes(environ)
+    if (base / "exe").is_symlink():
+        (base / "exe").unlink()
+    os.symlink(exe, base / "exe")
+
+
+def test_describe_process_reads_exe_app_activation_parent_threads_and_start(proc: Path) -> None:
+    _program(proc, 10, "gunicorn", "/usr/bin/python3.11", ["/usr/bin/python3", "/usr/bin/gunicorn", "app:app"],
+             ppid=9, threads=3, starttime=777, environ=b"LISTEN_FDS=1\0LISTEN_PID=10\0")
+    described = describe_process(10, str(proc))
+    assert described == Process(10, "gunicorn", "/usr/bin/python3 /usr/bin/gunicorn app:app", "nginx.service",
+                                exe="python3.11", app="gunicorn", socket_activated=True, ppid=9, threads=3,
+                                starttime=777)
+
+
+def test_a_deleted_executable_keeps_its_name(proc: Path) -> None:
+    _program(proc, 10, "nginx", "/usr/sbin/nginx (deleted)", ["nginx: master process"])
+    described = describe_process(10, str(proc))
+    assert described is not None and described.exe == "nginx"
+
+
+def test_a_long_command_line_is_cut_and_marked(proc: Path) -> None:
+    _program(proc, 10, "srv", "/usr/bin/srv", ["/usr/bin/srv", "x" * (10 * CMDLINE_MAX)])
+    described = describe_process(10, str(proc))
+    assert described is not None
+    assert described.cmdline.endswith(TRUNCATED)
+    assert len(described.cmdline) <= CMDLINE_MAX + len(TRUNCATED)
+
+
+def test_a_user_unit_is_not_a_system_unit(proc: Path) -> None:
+    (proc / "12" / "cgroup").write_text("0::/user.slice/user-1000.slice/user@1000.service/app.slice/nginx.service\n")
+    described = describe_process(12, str(proc))
+    assert described is not None
+    assert (described.unit, described.user_unit) == (None, "nginx.service")
+
+
+def test_owner_cache_follows_exec_between_scans(proc: Path) -> None:
+    _program(proc, 12, "sh", "/usr/bin/dash", ["/bin/sh", "/srv/start.sh"], starttime=900)
+    cache = OwnerCache(max_age=3600, min_gap=3600, proc=str(proc))
+    assert [p.comm for p in cache.lookup({3000}, now=0)[3000]] == ["sh"]
+    # The wrapper exec's the server, which keeps the inherited socket: same pid, same start time.
+    _program(proc, 12, "redis-server", "/usr/bin/redis-check-rdb", ["/usr/bin/redis-server", "*:6379"], starttime=900)
+    owner = cache.lookup({3000}, now=1)[3000]
+    assert [(p.comm, p.exe, p.cmdline) for p in owner] == [("redis-server", "redis-check-rdb",
+                                                            "/usr/bin/redis-server *:6379")]
+
+
+def test_owner_cache_keeps_an_unchanged_process_as_it_is(proc: Path) -> None:
+    _program(proc, 12, "srv", "/usr/bin/srv", ["/usr/bin/srv"], starttime=900)
+    cache = OwnerCache(max_age=3600, min_gap=3600, proc=str(proc))
+    first = cache.lookup({3000}, now=0)[3000]
+    assert cache.lookup({3000}, now=1)[3000][0] is first[0]
+
+
+def test_owner_cache_drops_a_pid_reused_by_another_process(proc: Path) -> None:
+    _program(proc, 12, "srv", "/usr/bin/srv", ["/usr/bin/srv"], starttime=900)
+    cache = OwnerCache(max_age=3600, min_gap=3600, proc=str(proc))
+    assert len(cache.lookup({3000}, now=0)[3000]) == 1
+    _program(proc, 12, "srv", "/usr/bin/srv", ["/usr/bin/srv"], starttime=901)
+    assert cache.lookup({3000}, now=1)[3000] == ()
+
+
+def test_owner_cache_drops_an_exited_holder(proc: Path) -> None:
+    cache = OwnerCache(max_age=3600, min_gap=3600, proc=str(proc))
+    assert sorted(p.pid for p in cache.lookup({1000}, now=0)[1000]) == [10, 11]
+    for name in ("comm", "cmdline", "cgroup", "stat"):
+        (proc / "11" / name).unlink()
+    assert [p.pid for p in cache.lookup({1000}, now=1)[1000]] == [10]
