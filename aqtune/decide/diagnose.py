@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from aqtune.decide import servers
 from aqtune.decide.findings import Finding, FindingId
 from aqtune.decide.policy import Policy
 from aqtune.model.history import ListenerWindow
@@ -39,41 +40,12 @@ def owner_label(processes: tuple[Process, ...]) -> str:
 
 
 def _relisten_action(processes: tuple[Process, ...]) -> str:
-    units = sorted({p.unit for p in processes if p.unit and p.unit.endswith(".service")})
-    if units:
-        return f"`systemctl reload-or-restart {' '.join(units)}`"
-    return "restart or reload it"
+    return servers.relisten_action(processes)
 
 
 def app_knob(processes: tuple[Process, ...], backlog: int) -> str:
-    """How the owning program sets its listen() backlog, by what it is."""
-    comms = {p.comm for p in processes}
-    cmdlines = " ".join(p.cmdline for p in processes)
-    units = sorted({p.unit for p in processes if p.unit})
-    n = backlog
-    if "systemd" in comms:
-        service = next((u for u in units if u.endswith(".service")), "the service")
-        return f"set Backlog={n} in the [Socket] section of the .socket unit that passes it to {service}"
-    if "nginx" in comms:
-        return f"add backlog={n} to nginx's `listen` directive for this address (listen ... backlog={n};)"
-    if comms & {"apache2", "httpd"}:
-        return f"set `ListenBacklog {n}` in the Apache configuration"
-    if "haproxy" in comms:
-        return f"set `backlog {n}` in the HAProxy frontend (or on its bind line)"
-    if any(c.startswith("php-fpm") for c in comms):
-        return f"set `listen.backlog = {n}` in the php-fpm pool configuration"
-    if "gunicorn" in comms or "gunicorn" in cmdlines:
-        return f"start gunicorn with `--backlog {n}`"
-    if "uvicorn" in comms or "uvicorn" in cmdlines:
-        return f"start uvicorn with `--backlog {n}`"
-    if comms & {"node", "nodejs"}:
-        return f"pass the backlog to Node's server.listen({{port, backlog: {n}}})"
-    if "redis-server" in comms:
-        return f"set `tcp-backlog {n}` in redis.conf"
-    if comms & {"postgres", "postmaster"}:
-        return ("PostgreSQL's backlog is fixed at 2 x max_connections: raise max_connections or put a "
-                "connection pooler in front")
-    return f"raise the backlog it passes to listen() to {n}"
+    """How the owning program sets its listen() backlog: its server's knob, from the server table."""
+    return servers.app_knob(processes, backlog)
 
 
 def suggested_backlog(listener: Listener, policy: Policy) -> int:
