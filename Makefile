@@ -17,7 +17,7 @@ deps:
 	@bash scripts/kernel-headers.sh
 
 test-deps: deps
-	@dpkg -s $(TEST_DEBS) >/dev/null 2>&1 || { $(APT) update -qq && $(APT) install $(TEST_DEBS); }
+	@bash scripts/install-test-debs.sh $(TEST_DEBS)
 	@test -x $(VENV)/bin/ruff -a -x $(VENV)/bin/mypy || { \
 		$(PYTHON) -m venv --system-site-packages $(VENV) && \
 		$(VENV)/bin/pip install -q --disable-pip-version-check -r requirements-dev.txt; }
