@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import enum
 import os
 import socket
 import struct
@@ -86,6 +87,48 @@ class KernelFeatures:
     btf: bool
     machine: str  # os.uname().machine
     task_pt_regs: bool  # the kernel's BTF knows the bpf_task_pt_regs() helper (5.15+)
+
+
+class How(enum.Enum):
+    """The mechanism that attached a probe; the value is the word status shows."""
+
+    RAW_TRACEPOINT = "raw tracepoint"
+    TRACEPOINT = "tracepoint"
+    FENTRY = "fentry"
+    KPROBE = "kprobe"
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeState:
+    """One attach point: attached ``how`` (with an optional ``note``), or not attached and ``why_not``.
+
+    ``text`` is the wording status, the journal and trace show: "attached (how[; note])" or
+    "not attached: why"."""
+
+    how: How | None = None
+    note: str | None = None  # attached: what else to know (entry probes kept arguments, why not fentry)
+    why_not: str | None = None  # not attached: the reason, what was tried
+
+    @classmethod
+    def by(cls, how: How, note: str | None = None) -> ProbeState:
+        return cls(how=how, note=note)
+
+    @classmethod
+    def failed(cls, why_not: str) -> ProbeState:
+        return cls(why_not=why_not)
+
+    @property
+    def attached(self) -> bool:
+        return self.how is not None
+
+    @property
+    def text(self) -> str:
+        if self.how is None:
+            return f"not attached: {self.why_not}"
+        return f"attached ({self.how.value}; {self.note})" if self.note else f"attached ({self.how.value})"
+
+    def __str__(self) -> str:
+        return self.text
 
 
 @dataclass(frozen=True, slots=True)
@@ -268,7 +311,7 @@ def decode_event(data: bytes) -> Event:
 @dataclass(slots=True)
 class EventLayer:
     bpf: Any
-    probes: dict[str, str]  # attach point -> "attached (how)" or why not
+    probes: dict[str, ProbeState]  # attach point -> how it attached, or why not
     mode: str
     syn_overflow_seen: bool
     offsets_from: str  # "BTF" or "kernel headers"
@@ -336,17 +379,17 @@ class EventLayer:
             finally:
                 os.dup2(saved, 2)
                 os.close(saved)
-        probes: dict[str, str] = {}
+        probes: dict[str, ProbeState] = {}
         for capability, way in chosen.items():
             if isinstance(way, str):
-                probes[capability] = f"not attached: {way}"
+                probes[capability] = ProbeState.failed(way)
                 continue
             for target in way.target.split("+"):
                 probes[target] = _attach(bpf, way, target, features, refused)
-        syn_seen = probes.get("tcp_conn_request", "").startswith("attached")
+        syn_seen = "tcp_conn_request" in probes and probes["tcp_conn_request"].attached
         layer = cls(bpf, probes, describe_mode(probes, syn_seen), syn_seen, "BTF" if btf else "kernel headers")
         layer._reattach = {target: (way, features, refused) for way in chosen.values() if isinstance(way, Way)
-                           for target in way.target.split("+") if probes[target].startswith("attached")}
+                           for target in way.target.split("+") if probes[target].attached}
         bpf["config"][ctypes.c_int(0)] = ctypes.c_uint32(emit)
         bpf["config"][ctypes.c_int(1)] = ctypes.c_uint32(netns_inode)
         if emit:
@@ -420,14 +463,15 @@ class EventLayer:
         and without them a moment apart instead of a compile apart. Returns the probes that stay:
         bcc attaches fentry programs as it loads them."""
         staying = []
-        for target, (way, _, _) in self._reattach.items():
-            if way.kind == "raw_tracepoint":
+        for target, (way, features, _) in self._reattach.items():
+            how = self.probes[target].how
+            if how is How.RAW_TRACEPOINT:
                 self.bpf.detach_raw_tracepoint(tp=target.split(":")[1])
-            elif way.kind == "tracepoint":
+            elif how is How.TRACEPOINT:
                 self.bpf.detach_tracepoint(tp=target)
-                if "arguments kept by" in self.probes[target]:
+                if entry_probe_needed(way, features):
                     self.bpf.detach_tracepoint(tp=entry_of(target))
-            elif self.probes[target].startswith("attached (kprobe"):
+            elif how is How.KPROBE:
                 self.bpf.detach_kprobe(event=target)
             else:
                 staying.append(target)
@@ -436,13 +480,14 @@ class EventLayer:
     def resume(self) -> None:
         """Attach again what pause() detached."""
         for target, (way, features, refused) in self._reattach.items():
-            if self.probes[target] != "attached (fentry)":
+            if self.probes[target].how is not How.FENTRY:
                 state = _attach(self.bpf, way, target, features, refused)
                 if state != self.probes[target]:
                     raise RuntimeError(f"{target} {state} again (was {self.probes[target]})")
 
     def status(self) -> dict[str, Any]:
-        return {"active": True, "probes": dict(self.probes), "mode": self.mode, "offsets": self.offsets_from,
+        return {"active": True, "probes": {probe: state.text for probe, state in self.probes.items()},
+                "mode": self.mode, "offsets": self.offsets_from,
                 "lost_events": self.lost}
 
     def close(self) -> None:
@@ -488,30 +533,35 @@ def _errno_text(exc: Exception) -> str:
     return f"fentry failed: {text.splitlines()[0] if text else type(exc).__name__}"
 
 
-def _attach(bpf: Any, way: Way, target: str, features: KernelFeatures, refused: dict[str, str]) -> str:
+def entry_probe_needed(way: Way, features: KernelFeatures) -> bool:
+    """Whether ``way`` reads syscall arguments that only its entry tracepoint can keep here."""
+    return way.reads_syscall_args and not registers_readable(features)
+
+
+def _attach(bpf: Any, way: Way, target: str, features: KernelFeatures, refused: dict[str, str]) -> ProbeState:
     try:
         if way.kind == "raw_tracepoint":
             bpf.attach_raw_tracepoint(tp=target.split(":")[1], fn_name=way.program)
-            return "attached (raw tracepoint)"
+            return ProbeState.by(How.RAW_TRACEPOINT)
         if way.kind == "tracepoint":
-            kept = way.reads_syscall_args and not registers_readable(features)
+            kept = entry_probe_needed(way, features)
             if kept:
                 bpf.attach_tracepoint(tp=entry_of(target), fn_name="on_syscall_enter")
             bpf.attach_tracepoint(tp=target, fn_name=way.program)
-            return f"attached (tracepoint; arguments kept by {entry_of(target)})" if kept else "attached (tracepoint)"
+            return ProbeState.by(How.TRACEPOINT, f"arguments kept by {entry_of(target)}" if kept else None)
         if way.fentry_define and features.btf and target not in refused:
-            return "attached (fentry)"
+            return ProbeState.by(How.FENTRY)
         why_fentry = refused.get(target, "fentry not tried (no BTF)")
         if not features.kprobes:
-            return f"not attached: {why_fentry}; kprobes absent (no {TRACEFS}/kprobe_events)"
+            return ProbeState.failed(f"{why_fentry}; kprobes absent (no {TRACEFS}/kprobe_events)")
         bpf.attach_kprobe(event=target, fn_name=way.program)
-        return f"attached (kprobe; {why_fentry})"
+        return ProbeState.by(How.KPROBE, why_fentry)
     except Exception as exc:  # bcc raises bare Exception
-        return f"not attached: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        return ProbeState.failed(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
-def describe_mode(probes: dict[str, str], syn_seen: bool) -> str:
-    missing = sorted(name for name, state in probes.items() if not state.startswith("attached"))
+def describe_mode(probes: dict[str, ProbeState], syn_seen: bool) -> str:
+    missing = sorted(name for name, state in probes.items() if not state.attached)
     text = "full" if not missing else "partial: " + ", ".join(missing) + " not observed"
     if not syn_seen:
         text += "; SYN-stage drops are counted only from the sweep (socket drops, ListenOverflows)"

@@ -74,7 +74,7 @@ class Runner:
         self.events.on_event(self._remember_peer)
         self.log.info(f"eBPF: {self.events.mode}", ebpf="active", offsets=self.events.offsets_from)
         for probe, how in self.events.probes.items():
-            if not how.startswith("attached"):
+            if not how.attached:
                 self.log.warning(f"eBPF probe {probe} {how}", message_id=MESSAGE_IDS["degraded"], probe=probe)
 
     def _remember_peer(self, event: Event) -> None:

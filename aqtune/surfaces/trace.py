@@ -81,8 +81,8 @@ def trace(layer: EventLayer, select: str, port: int | None, out: TextIO = sys.st
         signal.signal(signum, lambda *_: stop.set())
     print(f"aqtune trace: {layer.mode}", file=sys.stderr)
     for probe, state in layer.probes.items():
-        if not state.startswith("attached"):
-            print(f"  {probe}: {state}", file=sys.stderr)
+        if not state.attached:
+            print(f"  {probe}: {state.text}", file=sys.stderr)
     print(HEADER, file=out, flush=True)
     layer.on_event(show)
     while not stop.is_set():

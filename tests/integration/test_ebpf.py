@@ -35,7 +35,7 @@ from typing import Any
 import pytest
 
 from aqtune.collect import ebpf
-from aqtune.collect.ebpf import EMIT_ALL, Event, EventLayer, decode_event, percentile
+from aqtune.collect.ebpf import EMIT_ALL, Event, EventLayer, How, ProbeState, decode_event, percentile
 from aqtune.records import ListenerEvents
 from aqtune.surfaces.trace import HEADER
 from tests.helpers.aqtune_run import Daemon, write_policy
@@ -523,12 +523,12 @@ def test_syn_overflow_is_unobserved_and_the_probe_state_says_why(
     # The kernel fact first, read independently of aqtune: this VM's kernel is built without kprobes.
     assert not os.path.exists(KPROBE_EVENTS), f"{KPROBE_EVENTS} exists: a kernel with kprobes, not this VM's"
     # fentry is refused with EPERM here (no trampolines), kprobes are compiled out: both are named.
-    assert state == f"not attached: fentry refused (EPERM); kprobes absent (no {KPROBE_EVENTS})"
+    assert state == ProbeState.failed(f"fentry refused (EPERM); kprobes absent (no {KPROBE_EVENTS})")
     others = {probe: how for probe, how in layer.layer.probes.items() if probe != "tcp_conn_request"}
-    assert all(how.startswith("attached (") for how in others.values()), others
+    assert all(how.attached for how in others.values()), others
     assert "tcp_conn_request not observed" in layer.layer.mode
     assert "SYN-stage drops are counted only from the sweep" in layer.layer.mode
-    assert layer.layer.status()["probes"]["tcp_conn_request"] == state
+    assert layer.layer.status()["probes"]["tcp_conn_request"] == state.text
     # A real SYN-stage drop: counted by the kernel, absent from eBPF, and not mistaken for an ACK-stage one.
     ns = netns()
     before = ns.nstat()
@@ -666,8 +666,8 @@ def test_where_registers_cannot_be_read_the_entry_tracepoints_keep_the_arguments
     monkeypatch.setattr(ebpf, "detect", lambda btf: dataclasses.replace(detect(btf), task_pt_regs=False))
     layer = EventLayer.start()
     try:
-        assert layer.probes["syscalls:sys_exit_accept4"] == (
-            "attached (tracepoint; arguments kept by syscalls:sys_enter_accept4)")
+        assert layer.probes["syscalls:sys_exit_accept4"] == ProbeState.by(
+            How.TRACEPOINT, "arguments kept by syscalls:sys_enter_accept4")
         done = netns().spawn("eventload.py", ["acceptor", "--clients", str(WAIT_CLIENTS), "--every", "0.05"],
                              "DONE").ready(timeout=15)
         seen = layer.read()[done["inode"]]

@@ -37,7 +37,9 @@ from aqtune.collect.ebpf import (
     OFFSETS,
     SYSCALL_ARG_OFFSETS,
     Event,
+    How,
     KernelFeatures,
+    ProbeState,
     Way,
     choose,
     compile_flags,
@@ -369,19 +371,35 @@ def test_attach_states_say_how_or_why_not() -> None:
     no_btf = KernelFeatures(KERNEL_6_18.tracepoints, True, 40, True, False, X86, False)
     bpf = FakeBpf()
     attach = ebpf._attach
-    assert attach(bpf, conn, "tcp_conn_request", no_kprobes, {}) == "attached (fentry)"
-    assert attach(bpf, conn, "tcp_conn_request", no_kprobes, refused) == (
-        "not attached: fentry refused (EPERM); kprobes absent (no /sys/kernel/tracing/kprobe_events)")
-    assert attach(bpf, conn, "tcp_conn_request", with_kprobes, refused) == "attached (kprobe; fentry refused (EPERM))"
-    assert attach(bpf, conn, "tcp_conn_request", no_btf, {}) == "attached (kprobe; fentry not tried (no BTF))"
+    assert attach(bpf, conn, "tcp_conn_request", no_kprobes, {}) == ProbeState.by(How.FENTRY)
+    assert attach(bpf, conn, "tcp_conn_request", no_kprobes, refused) == ProbeState.failed(
+        "fentry refused (EPERM); kprobes absent (no /sys/kernel/tracing/kprobe_events)")
+    assert attach(bpf, conn, "tcp_conn_request", with_kprobes, refused) == ProbeState.by(
+        How.KPROBE, "fentry refused (EPERM)")
+    assert attach(bpf, conn, "tcp_conn_request", no_btf, {}) == ProbeState.by(How.KPROBE, "fentry not tried (no BTF)")
     assert bpf.calls == [("kprobe", "tcp_conn_request", "on_conn_request")] * 2
     assert attach(FakeBpf("cannot attach kprobe, probe entry may not exist\nmore"), conn, "tcp_conn_request",
-                  no_btf, {}) == "not attached: cannot attach kprobe, probe entry may not exist"
+                  no_btf, {}) == ProbeState.failed("cannot attach kprobe, probe entry may not exist")
     raw = CAPABILITIES["enqueue"][0]
     bpf = FakeBpf()
-    assert attach(bpf, raw, "sock:sk_data_ready", no_kprobes, {}) == "attached (raw tracepoint)"
+    assert attach(bpf, raw, "sock:sk_data_ready", no_kprobes, {}) == ProbeState.by(How.RAW_TRACEPOINT)
     assert bpf.calls == [("raw", "sk_data_ready", "on_sk_data_ready")]  # the raw name has no category
-    assert attach(FakeBpf("boom"), raw, "sock:sk_data_ready", no_kprobes, {}) == "not attached: boom"
+    assert attach(FakeBpf("boom"), raw, "sock:sk_data_ready", no_kprobes, {}) == ProbeState.failed("boom")
+
+
+@pytest.mark.parametrize(("state", "text"), [
+    (ProbeState.by(How.RAW_TRACEPOINT), "attached (raw tracepoint)"),
+    (ProbeState.by(How.TRACEPOINT), "attached (tracepoint)"),
+    (ProbeState.by(How.TRACEPOINT, "arguments kept by syscalls:sys_enter_accept4"),
+     "attached (tracepoint; arguments kept by syscalls:sys_enter_accept4)"),
+    (ProbeState.by(How.FENTRY), "attached (fentry)"),
+    (ProbeState.by(How.KPROBE, "fentry refused (EPERM)"), "attached (kprobe; fentry refused (EPERM))"),
+    (ProbeState.failed("fentry refused (EPERM); kprobes absent (no /sys/kernel/tracing/kprobe_events)"),
+     "not attached: fentry refused (EPERM); kprobes absent (no /sys/kernel/tracing/kprobe_events)"),
+])
+def test_probe_state_text_is_what_status_has_always_shown(state: ProbeState, text: str) -> None:
+    """status --json's ebpf.probes, the journal's "eBPF probe ..." lines and trace's stderr show this text."""
+    assert (state.text, str(state), state.attached) == (text, text, text.startswith("attached ("))
 
 
 @pytest.mark.parametrize(("text", "errno_value", "expected"), [
@@ -568,10 +586,10 @@ def test_source_text_includes_headers_only_without_btf(btf: Btf) -> None:
 
 
 def test_describe_mode() -> None:
-    attached = {"sock:sk_data_ready": "attached (raw tracepoint)", "tcp_conn_request": "attached (kprobe)"}
+    attached = {"sock:sk_data_ready": ProbeState.by(How.RAW_TRACEPOINT), "tcp_conn_request": ProbeState.by(How.KPROBE)}
     assert describe_mode(attached, True) == "full; queue wait covers accept()/accept4(), not io_uring accepts"
-    degraded = {**attached, "tcp_conn_request": "not attached: fentry refused (EPERM)",
-                "skb:kfree_skb": "not attached: boom"}
+    degraded = {**attached, "tcp_conn_request": ProbeState.failed("fentry refused (EPERM)"),
+                "skb:kfree_skb": ProbeState.failed("boom")}
     assert describe_mode(degraded, False) == (
         "partial: skb:kfree_skb, tcp_conn_request not observed; SYN-stage drops are counted only from the sweep "
         "(socket drops, ListenOverflows); queue wait covers accept()/accept4(), not io_uring accepts")
@@ -648,8 +666,8 @@ class FakeLayer:
 
     def __init__(self, events: list[Event]) -> None:
         self.mode = "partial: tcp_conn_request not observed"
-        self.probes = {"sock:sk_data_ready": "attached (raw tracepoint)",
-                       "tcp_conn_request": "not attached: fentry refused"}
+        self.probes = {"sock:sk_data_ready": ProbeState.by(How.RAW_TRACEPOINT),
+                       "tcp_conn_request": ProbeState.failed("fentry refused")}
         self.lost = 2
         self.events = events
         self.handlers: list[Any] = []
@@ -704,9 +722,9 @@ def test_without_registers_the_entry_tracepoint_keeps_the_arguments() -> None:
     accept = CAPABILITIES["accept"][0]
     bpf = FakeBpf()
     kept = replace(KERNEL_6_18, task_pt_regs=False)
-    assert ebpf._attach(bpf, accept, "syscalls:sys_exit_accept4", kept, {}) == (
-        "attached (tracepoint; arguments kept by syscalls:sys_enter_accept4)")
-    assert ebpf._attach(bpf, accept, "syscalls:sys_exit_accept", KERNEL_6_18, {}) == "attached (tracepoint)"
+    assert ebpf._attach(bpf, accept, "syscalls:sys_exit_accept4", kept, {}) == ProbeState.by(
+        How.TRACEPOINT, "arguments kept by syscalls:sys_enter_accept4")
+    assert ebpf._attach(bpf, accept, "syscalls:sys_exit_accept", KERNEL_6_18, {}) == ProbeState.by(How.TRACEPOINT)
     assert bpf.calls == [("tp", "syscalls:sys_enter_accept4", "on_syscall_enter"),
                          ("tp", "syscalls:sys_exit_accept4", "on_accept_exit"),
                          ("tp", "syscalls:sys_exit_accept", "on_accept_exit")]
