@@ -153,10 +153,8 @@ def _trace(args: argparse.Namespace) -> int:
         raise CommandError(str(exc.args[0])) from None
     except Unavailable as exc:
         raise CommandError(f"eBPF unavailable: {exc}") from None
-    try:
+    with layer:
         return trace(layer, args.netns, args.port)
-    finally:
-        layer.close()
 
 
 def _rollback(args: argparse.Namespace) -> int:

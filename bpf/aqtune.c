@@ -11,6 +11,10 @@
  *                      userspace attaches when fentry is refused or absent.
  *   OFF_SYSCALL_ARG0, 1  where a syscall's saved registers hold its first two arguments; without
  *                      them the syscalls' entry tracepoints keep the arguments (on_syscall_enter).
+ *   EMIT_FLAGS         which events go out through the perf buffer (EMIT_* below; 0: none).
+ *   ONLY_NETNS         the network namespace inode whose events go out (0: every namespace).
+ *   Both are fixed for the programs' life, so they are constants rather than a map read on every
+ *   connection, and the compiler drops the event code altogether where nothing is emitted.
  *
  * Everything is keyed by the listener's socket inode: sock_diag reports it, and unlike the socket
  * cookie (assigned lazily, by the first sock_diag dump) it exists from socket() on.
@@ -34,9 +38,15 @@ enum event_kind {
 	EV_LISTEN = 6,
 };
 
-/* Flags userspace sets in `config`: which events go out through the perf buffer. */
+/* EMIT_FLAGS bits: which events go out through the perf buffer. */
 #define EMIT_ALL 1    /* aqtune trace: every event */
 #define EMIT_DROPS 2  /* the daemon: drops and stalls, which name the peer that was hurt */
+#ifndef EMIT_FLAGS
+#define EMIT_FLAGS 0
+#endif
+#ifndef ONLY_NETNS
+#define ONLY_NETNS 0
+#endif
 
 struct listener_stats {
 	u64 enqueued;
@@ -80,18 +90,30 @@ struct syscall_exit {
 	s64 ret;
 };
 
-/* When a connection was queued, for its accept() to time its wait. The accept queue is first in,
- * first out, so connection number n (counting enqueues) is the one accept() takes when n - 1 have
- * been taken: a listener's stamps go to consecutive slots of one array from a place its inode
- * chooses. Consecutive slots keep the cache warm, and an array slot costs no lock, allocation or
- * hash bucket: measured, an LRU hash keyed by connection made the enqueue probe cost 940 ns instead
- * of 110. Two listeners whose runs meet overwrite each other's stamps; the tag tells, and those
- * waits go untimed rather than wrong. */
+/* When a connection was queued, for its accept() to time its wait (and for userspace to tell the
+ * age of the oldest one still queued). The accept queue is first in, first out, so connection
+ * number n (counting enqueues) is the one accept() takes when n - 1 have been taken: a listener's
+ * stamps go to consecutive slots of one array from a place its inode chooses. Consecutive slots
+ * keep the cache warm, and an array slot costs no lock, allocation or hash bucket: measured, an LRU
+ * hash keyed by connection made the enqueue probe cost 940 ns instead of 110. Two listeners whose
+ * runs meet overwrite each other's stamps; the tag tells, and those waits go untimed rather than
+ * wrong.
+ *
+ * The enqueue writes the time, then the tag; an accept() on another CPU reads the tag, then the
+ * time. On x86 stores and loads keep their order; on weakly ordered CPUs (arm64, POWER) they do not,
+ * and a reader could see the new tag with the previous occupant's time. So the tag is written with
+ * an exchange and read with a compare-and-exchange: BPF's value-returning atomics (BPF_XCHG,
+ * BPF_CMPXCHG, BPF_FETCH) are fully ordered, as the kernel's atomic_xchg()/cmpxchg() are (arm64's
+ * JIT emits SWPAL/CASAL, or LDAXR/STLXR and DMB ISH), so the time is visible before the tag that
+ * vouches for it, and read after it. A plain store and load with a compiler barrier would be right
+ * on x86 alone. What is left: a slot overwritten, while its connection is still queued, between
+ * the reader's tag and time reads (a few ns) gives that one wait the newer time. */
 #define STAMP_SLOTS (1 << 17)
+#define STAMP_MULTIPLIER 2654435761u  /* spreads listeners' runs over the array (Knuth's) */
 
 struct stamp {
-	u64 tag;  /* listener inode << 32 | connection number */
-	u64 ts;
+	u64 tag;  /* listener inode << 32 | connection number; written last, read first */
+	u64 ts;   /* bpf_ktime_get_ns() at the enqueue */
 };
 
 /* LRU where keys come from the network or from other processes: a flood evicts, it never grows. */
@@ -99,7 +121,6 @@ BPF_TABLE("lru_hash", u64, struct listener_stats, stats, 16384);
 BPF_TABLE("lru_hash", u64, struct accept_stats, accepted, 16384);
 BPF_TABLE("lru_hash", u64, u32, peaks, 16384);           /* inode -> peak queue since userspace drained it */
 BPF_ARRAY(stamps, struct stamp, STAMP_SLOTS);
-BPF_ARRAY(config, u32, 2);
 BPF_PERF_OUTPUT(events);
 
 static __always_inline u64 sock_inode(const void *sk)
@@ -127,20 +148,15 @@ static __always_inline struct listener_stats *stats_of(u64 inode, const void *sk
 	return stats.lookup_or_try_init(&inode, &zero);
 }
 
-/* Whether an event of this kind on this listener goes out: config[0] holds the EMIT_* flags,
- * config[1] a network namespace inode to keep (0: all), so a trace of one namespace is not drowned
- * by a busy neighbour's events in the perf buffer. */
+/* Whether an event of this kind on this listener goes out; ONLY_NETNS keeps a trace of one
+ * namespace from being drowned by a busy neighbour's events in the perf buffer. Constants: with
+ * EMIT_FLAGS 0 this is 0, and the callers' event code compiles to nothing. */
 static __always_inline int wanted(u32 kind, const void *sk)
 {
-	int key = 0;
-	u32 *flags = config.lookup(&key);
-	if (!flags || !*flags)
+	int drop = kind == EV_ACK_OVERFLOW || kind == EV_SYN_OVERFLOW;
+	if (!((EMIT_FLAGS & EMIT_ALL) || ((EMIT_FLAGS & EMIT_DROPS) && drop)))
 		return 0;
-	if (!(*flags & EMIT_ALL) && !(kind == EV_ACK_OVERFLOW || kind == EV_SYN_OVERFLOW))
-		return 0;
-	key = 1;
-	u32 *only = config.lookup(&key);
-	return !only || !*only || *only == sock_netns(sk);
+	return !ONLY_NETNS || sock_netns(sk) == ONLY_NETNS;
 }
 
 static __always_inline void fill_listener(struct event *e, const void *sk)
@@ -186,15 +202,17 @@ static __always_inline void peer_from_request(struct event *e, const void *req)
 
 static __always_inline struct stamp *stamp_slot(u64 inode, u32 seq)
 {
-	int index = ((u32)inode * 2654435761u + seq) & (STAMP_SLOTS - 1);
+	int index = ((u32)inode * STAMP_MULTIPLIER + seq) & (STAMP_SLOTS - 1);
 	return stamps.lookup(&index);
 }
 
-/* Connection `seq`'s stamp, or NULL when its slot holds another's. */
+/* Connection `seq`'s stamp, or NULL when its slot holds another's. The compare-and-exchange writes
+ * back what is there (nothing changes) and orders the caller's read of slot->ts after the tag's. */
 static __always_inline struct stamp *stamp_of(u64 inode, u32 seq)
 {
 	struct stamp *slot = stamp_slot(inode, seq);
-	return slot && slot->tag == (inode << 32 | seq) ? slot : 0;
+	u64 tag = inode << 32 | seq;
+	return slot && __sync_val_compare_and_swap(&slot->tag, tag, tag) == tag ? slot : 0;
 }
 
 static __always_inline void note_enqueue(void *ctx, const void *sk, u32 queue)
@@ -207,11 +225,13 @@ static __always_inline void note_enqueue(void *ctx, const void *sk, u32 queue)
 		u32 seq = s->seq_base + __sync_fetch_and_add(&s->enqueued, 1) + 1;
 		struct stamp *slot = stamp_slot(inode, seq);
 		if (slot) {
-			/* The time before the tag: an accept() on another CPU may already be reading. (x86
-			 * keeps stores in order, and accept() reads the tag first.) */
+			/* The time before the tag: an accept() on another CPU may already be reading. The
+			 * exchange orders the two stores (see struct stamp); the compiler barrier keeps
+			 * clang from sinking the time's store below it (__sync_lock_test_and_set is only an
+			 * acquire barrier to the compiler, though BPF_XCHG is fully ordered). */
 			slot->ts = bpf_ktime_get_ns();
 			asm volatile("" ::: "memory");
-			slot->tag = inode << 32 | seq;
+			__sync_lock_test_and_set(&slot->tag, inode << 32 | seq);
 		}
 	}
 	u32 *peak = peaks.lookup(&inode);
@@ -489,7 +509,7 @@ int on_accept_exit(struct syscall_exit *ctx)
 	a->next_seq = seq + 1;
 	if (!slot)
 		return 0;  /* queued before aqtune started, or its stamp was overwritten */
-	asm volatile("" ::: "memory");  /* the tag before the time: the enqueue writes them the other way */
+	/* stamp_of() read the tag with a fully ordered atomic: this read of the time comes after it. */
 	u64 wait = bpf_ktime_get_ns() - slot->ts;
 	__sync_fetch_and_add(&a->wait_log2_us[log2_bucket(wait / 1000)], 1);
 	if (wanted(EV_ACCEPT, listener)) {

@@ -14,7 +14,6 @@ import ctypes
 import enum
 import os
 import socket
-import struct
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterable
@@ -237,8 +236,11 @@ def choose(features: KernelFeatures) -> dict[str, Way | str]:
     return chosen
 
 
-def compile_flags(btf: Btf | None, features: KernelFeatures, fentry: set[str]) -> list[str]:
-    flags = []
+def compile_flags(btf: Btf | None, features: KernelFeatures, fentry: set[str], emit: int = 0,
+                  netns_inode: int = 0) -> list[str]:
+    """The -D constants bpf/aqtune.c is compiled with: offsets, enum values, which fentry variants to
+    build, and which events go out (``emit``, EMIT_* flags) from which namespace (0: all)."""
+    flags = [f"-DEMIT_FLAGS={emit}", f"-DONLY_NETNS={netns_inode}u"]
     registers = SYSCALL_ARG_OFFSETS[features.machine] if registers_readable(features) else {}
     for name, (path, expression) in (OFFSETS | registers).items():
         if btf is not None:
@@ -294,18 +296,18 @@ class Event:
     comm: str
 
 
-EVENT = struct.Struct("=QQQIIIIIHHHH16s16s16s")
-
-
-def decode_event(data: bytes) -> Event:
-    (ts, inode, value, kind, netns, queue, backlog, pid, port, peer_port, family, _pad, local, peer,
-     comm) = EVENT.unpack_from(data)
+def decode_event(raw: Any) -> Event:
+    """An Event from ``struct event`` as bcc's generated ctypes type reads it (``table.event(data)``):
+    integers, ``local``/``peer`` as arrays of 16 bytes, ``comm`` as bytes up to its NUL. Copied out at
+    once: the perf buffer's memory is reused when the callback returns."""
+    family = int(raw.family)
     af = socket.AF_INET6 if family == socket.AF_INET6 else socket.AF_INET
     size = 16 if af == socket.AF_INET6 else 4
-    peer_text = socket.inet_ntop(af, peer[:size]) if any(peer) else None
-    name = comm.split(b"\0", 1)[0].decode(errors="replace")
-    return Event(ts, EVENT_KINDS.get(kind, str(kind)), netns, inode, family, socket.inet_ntop(af, local[:size]),
-                 port, peer_text, peer_port, queue, backlog, value, pid, name)
+    local, peer = bytes(raw.local)[:size], bytes(raw.peer)[:size]
+    comm = bytes(raw.comm).split(b"\0", 1)[0].decode(errors="replace")  # any bytes a process names itself
+    return Event(int(raw.ts), EVENT_KINDS.get(raw.kind, str(raw.kind)), int(raw.netns), int(raw.inode), family,
+                 socket.inet_ntop(af, local), int(raw.port), socket.inet_ntop(af, peer) if any(peer) else None,
+                 int(raw.peer_port), int(raw.queue), int(raw.backlog), int(raw.value), int(raw.pid), comm)
 
 
 @dataclass(slots=True)
@@ -322,11 +324,13 @@ class EventLayer:
     _reattach: dict[str, tuple[Way, KernelFeatures, dict[str, str]]] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, emit: int = 0, netns_inode: int = 0) -> EventLayer:
+    def start(cls, emit: int = 0, netns_inode: int = 0, pages: int | None = None) -> EventLayer:
         """Compile and attach; raises Unavailable (with the reason) when eBPF cannot run at all.
 
         ``emit`` chooses the events sent to userspace (EMIT_*); ``netns_inode`` keeps only one
-        namespace's, filtered in the kernel.
+        namespace's, filtered in the kernel. Both are compiled in: another choice takes another
+        layer. ``pages`` sizes the perf buffer per CPU (a power of two; default by ``emit``).
+        Use it as a context manager, or call close().
         """
         ensure_tracefs()
         try:
@@ -365,7 +369,8 @@ class EventLayer:
             saved = os.dup(2)
             os.dup2(captured.fileno(), 2)
             try:
-                bpf = Loader(text=source_text(btf), cflags=compile_flags(btf, features, {f for f in fentry if f}))
+                bpf = Loader(text=source_text(btf),
+                             cflags=compile_flags(btf, features, {f for f in fentry if f}, emit, netns_inode))
             except Exception as exc:  # bcc's compile and load errors too
                 captured.seek(0)
                 details = captured.read().decode(errors="replace").strip().splitlines()[-5:]
@@ -390,12 +395,10 @@ class EventLayer:
         layer = cls(bpf, probes, describe_mode(probes, syn_seen), syn_seen, "BTF" if btf else "kernel headers")
         layer._reattach = {target: (way, features, refused) for way in chosen.values() if isinstance(way, Way)
                            for target in way.target.split("+") if probes[target].attached}
-        bpf["config"][ctypes.c_int(0)] = ctypes.c_uint32(emit)
-        bpf["config"][ctypes.c_int(1)] = ctypes.c_uint32(netns_inode)
         if emit:
             try:
                 # Every event (trace) needs room for bursts; drops alone are few.
-                pages = 256 if emit & EMIT_ALL else 64
+                pages = pages or (256 if emit & EMIT_ALL else 64)
                 bpf["events"].open_perf_buffer(layer._dispatch, page_cnt=pages, lost_cb=layer._count_lost)
             except Exception as exc:  # bcc raises bare Exception when perf_event_open is refused
                 bpf.cleanup()
@@ -403,8 +406,14 @@ class EventLayer:
                                   "(CAP_PERFMON, a seccomp filter or perf_event_paranoid)") from None
         return layer
 
-    def _dispatch(self, _cpu: int, data: Any, size: int) -> None:
-        event = decode_event(ctypes.string_at(data, size))
+    def __enter__(self) -> EventLayer:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _dispatch(self, _cpu: int, data: Any, _size: int) -> None:
+        event = decode_event(self.bpf["events"].event(data))
         for handler in self._handlers:
             handler(event)
 
@@ -459,9 +468,13 @@ class EventLayer:
         self._unseen = unseen
 
     def pause(self) -> list[str]:
-        """Detach the probes, keeping programs and maps, so that a benchmark can alternate rounds with
-        and without them a moment apart instead of a compile apart. Returns the probes that stay:
-        bcc attaches fentry programs as it loads them."""
+        """Detach the probes, keeping programs and maps; resume() attaches them again.
+
+        For bench/probe_overhead.py only (the daemon and trace never call it): it alternates rounds
+        with and without the probes a moment apart instead of a compile (about half a second) apart,
+        so that drift in the machine's load falls on both alike. It lives here because only the
+        layer knows how each probe was attached. While paused nothing is counted, so read() then
+        lags the kernel. Returns the probes that stay: bcc attaches fentry programs as it loads them."""
         staying = []
         for target, (way, features, _) in self._reattach.items():
             how = self.probes[target].how
@@ -478,7 +491,7 @@ class EventLayer:
         return staying
 
     def resume(self) -> None:
-        """Attach again what pause() detached."""
+        """Attach again what pause() detached (the benchmark's; see pause())."""
         for target, (way, features, refused) in self._reattach.items():
             if self.probes[target].how is not How.FENTRY:
                 state = _attach(self.bpf, way, target, features, refused)

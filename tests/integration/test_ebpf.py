@@ -17,7 +17,6 @@ Kernel facts the checks rely on (measured on this 6.18 VM, /work/shared/notes/ke
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import os
 import re
@@ -35,7 +34,7 @@ from typing import Any
 import pytest
 
 from aqtune.collect import ebpf
-from aqtune.collect.ebpf import EMIT_ALL, Event, EventLayer, How, ProbeState, decode_event, percentile
+from aqtune.collect.ebpf import EMIT_ALL, Event, EventLayer, How, ProbeState, percentile
 from aqtune.records import ListenerEvents
 from aqtune.surfaces.trace import HEADER
 from tests.helpers.aqtune_run import Daemon, write_policy
@@ -65,10 +64,9 @@ class Recorder:
     """The session's EventLayer and the events of this session's namespaces.
 
     EMIT_ALL sends every listener's events on the host through one perf buffer, and a busy neighbour
-    (a benchmark in another namespace, tens of thousands of events a second) overflows aqtune's
-    64-page buffer whenever the reader is starved for a moment on a loaded 2-core machine. So the
-    layer is started without a buffer and the test opens a 1024-page one on the same map, set to
-    EMIT_ALL as start() does, and a thread reads it all the time. Only events from namespaces this
+    (a benchmark in another namespace, tens of thousands of events a second) overflows trace's
+    256-page buffer whenever the reader is starved for a moment on a loaded 2-core machine. So the
+    layer gets a 1024-page one, and a thread reads it all the time. Only events from namespaces this
     test process made (aqt-<pid>-*) are kept; the others are decoded and dropped.
     """
 
@@ -81,17 +79,18 @@ class Recorder:
     def __init__(self, layer: EventLayer) -> None:
         self.layer = layer
         self.events: list[Event] = []
-        self.lost = 0
         self.ours: set[int] = set()
         self.foreign: dict[int, int] = {}  # netns inode -> until when (monotonic ns) it counts as not ours
-        layer.bpf["events"].open_perf_buffer(self._deliver, page_cnt=self.PAGES, lost_cb=self._count_lost)
-        layer.bpf["config"][ctypes.c_int(0)] = ctypes.c_uint32(EMIT_ALL)
+        layer.on_event(self._deliver)
         self.stop = threading.Event()
         self.poller = threading.Thread(target=self._poll, name="perf-poll", daemon=True)
         self.poller.start()
 
-    def _deliver(self, _cpu: int, data: Any, size: int) -> None:
-        event = decode_event(ctypes.string_at(data, size))
+    @property
+    def lost(self) -> int:
+        return self.layer.lost
+
+    def _deliver(self, event: Event) -> None:
         if event.netns not in self.ours:
             now = time.monotonic_ns()
             if self.foreign.get(event.netns, 0) > now:
@@ -104,18 +103,14 @@ class Recorder:
                 return
         self.events.append(event)
 
-    def _count_lost(self, lost: int) -> None:
-        self.lost += lost
-
     def _poll(self) -> None:
         while not self.stop.is_set():
             self.layer.poll(50)
 
-    def close(self) -> None:
-        # The poller must be gone before bcc frees the perf readers it is blocked in.
+    def stop_polling(self) -> None:
+        # The poller must be gone before bcc frees the perf readers it is blocked in (the layer's close).
         self.stop.set()
         self.poller.join(timeout=5)
-        self.layer.close()
 
     def read(self, inode: int) -> ListenerEvents | None:
         return self.layer.read().get(inode)
@@ -150,11 +145,12 @@ def our_namespaces() -> set[int]:
 
 @pytest.fixture(scope="session")
 def layer() -> Iterator[Recorder]:
-    recorder = Recorder(EventLayer.start())
-    try:
-        yield recorder
-    finally:
-        recorder.close()
+    with EventLayer.start(emit=EMIT_ALL, pages=Recorder.PAGES) as events:
+        recorder = Recorder(events)
+        try:
+            yield recorder
+        finally:
+            recorder.stop_polling()
 
 
 # --- reading eBPF, ss and nstat together ---------------------------------------------------------------
@@ -644,8 +640,7 @@ def test_without_ebpf_the_loop_still_sweeps_and_advises(
 
 def test_paused_probes_count_nothing_until_resumed(netns: Callable[[], TestNamespace]) -> None:
     """pause() and resume() let the overhead benchmark compare rounds a moment apart."""
-    layer = EventLayer.start()
-    try:
+    with EventLayer.start() as layer:
         ns = netns()
         assert layer.pause() == []  # nothing here attaches by fentry
         paused = ns.spawn("eventload.py", ["acceptor", "--clients", "2", "--every", "0"], "DONE").ready(timeout=15)
@@ -654,8 +649,6 @@ def test_paused_probes_count_nothing_until_resumed(netns: Callable[[], TestNames
         resumed = ns.spawn("eventload.py", ["acceptor", "--clients", "2", "--every", "0"], "DONE").ready(timeout=15)
         seen = layer.read()[resumed["inode"]]
         assert (seen.enqueued, seen.accepts, seen.requested_backlog) == (2, 2, 2)
-    finally:
-        layer.close()
 
 
 def test_where_registers_cannot_be_read_the_entry_tracepoints_keep_the_arguments(
@@ -664,8 +657,7 @@ def test_where_registers_cannot_be_read_the_entry_tracepoints_keep_the_arguments
     saved registers aqtune does not know, run here by making detect() say so."""
     detect = ebpf.detect
     monkeypatch.setattr(ebpf, "detect", lambda btf: dataclasses.replace(detect(btf), task_pt_regs=False))
-    layer = EventLayer.start()
-    try:
+    with EventLayer.start() as layer:
         assert layer.probes["syscalls:sys_exit_accept4"] == ProbeState.by(
             How.TRACEPOINT, "arguments kept by syscalls:sys_enter_accept4")
         done = netns().spawn("eventload.py", ["acceptor", "--clients", str(WAIT_CLIENTS), "--every", "0.05"],
@@ -677,5 +669,3 @@ def test_where_registers_cannot_be_read_the_entry_tracepoints_keep_the_arguments
         layer.pause()
         paused = netns().spawn("eventload.py", ["acceptor", "--clients", "1", "--every", "0"], "DONE").ready(timeout=15)
         assert paused["inode"] not in layer.read()
-    finally:
-        layer.close()

@@ -31,7 +31,6 @@ from aqtune.collect.ebpf import (
     CAPABILITIES,
     EMIT_ALL,
     EMIT_DROPS,
-    EVENT,
     EVENT_KINDS,
     OFFSET_ADDENDS,
     OFFSETS,
@@ -449,11 +448,36 @@ def test_percentile_is_the_bound_of_the_bucket_holding_the_rank(histogram: list[
 # --- events ---------------------------------------------------------------------------------------------
 
 
+def c_block(pattern: str) -> str:
+    found = re.search(pattern + r"\s*\{(.*?)\};", C_SOURCE.read_text(), re.S)
+    assert found, f"{pattern} not found in {C_SOURCE}"
+    return found.group(1)
+
+
+# How bcc's table.event() types the members of `struct event` (bcc/table.py, _get_event_class).
+BCC_CTYPES = {"u64": ctypes.c_ulonglong, "u32": ctypes.c_uint, "u16": ctypes.c_ushort, "u8": ctypes.c_ubyte,
+              "char": ctypes.c_char}
+
+
+def bcc_event_class() -> type[ctypes.Structure]:
+    """The ctypes type bcc generates for `struct event`, built the same way from the C source."""
+    fields: list[tuple[str, Any]] = []
+    for line in c_block(r"struct event").splitlines():
+        declared = re.match(r"\s*(u64|u32|u16|u8|char)\s+(\w+)(?:\[(\d+)\])?;", line)
+        if declared:
+            kind, name, length = declared.groups()
+            fields.append((name, BCC_CTYPES[kind] * int(length) if length else BCC_CTYPES[kind]))
+    return type("Event", (ctypes.Structure,), {"_fields_": fields})
+
+
 def packed(kind: int = 2, family: int = socket.AF_INET, local: bytes = socket.inet_aton("127.0.0.1"),
-           peer: bytes = socket.inet_aton("127.0.0.2"), comm: bytes = b"aqt-listen") -> bytes:
-    data = EVENT.pack(123_456_789, 4242, 300_400_500, kind, 4026532315, 5, 4, 777, 8080, 51234, family, 0,
-                      local.ljust(16, b"\0"), peer.ljust(16, b"\0"), comm.ljust(16, b"\0"))
-    return data + b"\0" * 4  # the C struct is padded to 104 bytes; the perf buffer hands over all of it
+           peer: bytes = socket.inet_aton("127.0.0.2"), comm: bytes = b"aqt-listen") -> Any:
+    raw = bcc_event_class()(ts=123_456_789, inode=4242, value=300_400_500, kind=kind, netns=4026532315, queue=5,
+                            backlog=4, pid=777, port=8080, peer_port=51234, family=family)
+    ctypes.memmove(raw.local, local, len(local))
+    ctypes.memmove(raw.peer, peer, len(peer))
+    raw.comm = comm
+    return raw
 
 
 def test_decode_v4_event_with_a_peer() -> None:
@@ -474,30 +498,10 @@ def test_decode_event_without_a_peer_and_an_unknown_kind() -> None:
     assert decode_event(packed(kind=99)).kind == "99"
 
 
-def c_block(pattern: str) -> str:
-    found = re.search(pattern + r"\s*\{(.*?)\};", C_SOURCE.read_text(), re.S)
-    assert found, f"{pattern} not found in {C_SOURCE}"
-    return found.group(1)
-
-
-def test_event_layout_matches_the_c_struct() -> None:
-    """EVENT must read `struct event` exactly as the C compiler lays it out, field by field."""
-    ctype = {"u64": ctypes.c_uint64, "u32": ctypes.c_uint32, "u16": ctypes.c_uint16}
-    fields: list[tuple[str, Any]] = []
-    for line in c_block(r"struct event").splitlines():
-        declared = re.match(r"\s*(u64|u32|u16|u8|char)\s+(\w+)(?:\[(\d+)\])?;", line)
-        if declared:
-            kind, name, length = declared.groups()
-            base = ctypes.c_uint8 if kind in ("u8", "char") else ctype[kind]
-            fields.append((name, base * int(length) if length else base))
-    layout = type("CEvent", (ctypes.Structure,), {"_fields_": fields})
-    codes = re.findall(r"(\d*)([A-Za-z])", EVENT.format.lstrip("="))
-    assert len(codes) == len(fields)
-    offset = 0
-    for (name, _), (count, code) in zip(fields, codes, strict=True):
-        assert getattr(layout, name).offset == offset, name
-        offset += struct.calcsize("=" + count + code)
-    assert ctypes.sizeof(layout) >= EVENT.size
+def test_decode_event_keeps_a_hostile_process_name_as_text() -> None:
+    """comm is whatever a process called itself (prctl PR_SET_NAME): decoded, never trusted; trace escapes it."""
+    event = decode_event(packed(comm=b"\x1b[31m\xff\n"))
+    assert event.comm == "\x1b[31m\ufffd\n"
 
 
 def test_event_kinds_and_emit_flags_match_the_c_source() -> None:
@@ -506,6 +510,15 @@ def test_event_kinds_and_emit_flags_match_the_c_source() -> None:
     source = C_SOURCE.read_text()
     assert re.search(rf"#define EMIT_ALL {EMIT_ALL}\b", source)
     assert re.search(rf"#define EMIT_DROPS {EMIT_DROPS}\b", source)
+    # Compiled in, not read from a map on every connection.
+    assert re.search(r"int wanted\(u32 kind, const void \*sk\)\s*\{[^}]*EMIT_FLAGS[^}]*ONLY_NETNS", source)
+    assert "BPF_ARRAY(config" not in source
+
+
+def test_compile_flags_carry_the_emit_mode_and_the_namespace() -> None:
+    flags = compile_flags(full_btf({}), KERNEL_6_18, set(), emit=EMIT_ALL, netns_inode=4026532315)
+    assert flags[:2] == [f"-DEMIT_FLAGS={EMIT_ALL}", "-DONLY_NETNS=4026532315u"]
+    assert compile_flags(full_btf({}), KERNEL_6_18, set())[:2] == ["-DEMIT_FLAGS=0", "-DONLY_NETNS=0u"]
 
 
 def test_every_probe_program_offset_and_fentry_define_exists_in_the_c_source() -> None:
