@@ -36,7 +36,7 @@ import pytest
 from aqtune.collect import ebpf
 from aqtune.collect.ebpf import EMIT_ALL, Event, EventLayer, How, ProbeState, percentile
 from aqtune.records import ListenerEvents
-from aqtune.surfaces.trace import HEADER
+from aqtune.surfaces.trace import HEADER, SUMMARY_HEADER
 from tests.helpers.aqtune_run import Daemon, write_policy
 from tests.helpers.kernelview import SsListener
 from tests.helpers.namespace import PYTHON, REPO, HelperProcess, TestNamespace, wait_until
@@ -579,6 +579,44 @@ def test_trace_prints_the_namespace_events_and_the_degradation(layer: Recorder, 
     assert re.fullmatch(r"waited \d+\.\d ms in the queue \(pid \d+ python3\)", accepts[0][6])
     assert f"  tcp_conn_request: not attached: fentry refused (EPERM); kprobes absent (no {KPROBE_EVENTS})" in err
     assert err.startswith("aqtune trace: partial: tcp_conn_request not observed")
+
+
+SUMMARY_CLIENTS = 40
+
+
+def test_trace_summary_gives_a_line_per_listener_and_second_with_the_kinds_asked_for(
+        netns: Callable[[], TestNamespace], tmp_path: Path) -> None:
+    ns = netns()
+    out_path, err_path = tmp_path / "stdout", tmp_path / "stderr"
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        trace = subprocess.Popen([PYTHON, "-m", "aqtune", "trace", "--summary", "--netns", ns.name,
+                                  "--kind", "enqueue,accept"], stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                 cwd=REPO)
+    try:
+        wait_until(lambda: out_path.read_text().startswith(SUMMARY_HEADER) or trace.poll() is not None,
+                   "aqtune trace --summary's header", timeout=20)
+        assert trace.poll() is None, err_path.read_text()
+        done = ns.spawn("eventload.py", ["acceptor", "--clients", str(SUMMARY_CLIENTS), "--every", "0.01"],
+                        "DONE").ready(timeout=15)
+        address = done["address"]
+
+        def rows() -> list[list[str]]:
+            return [line.split() for line in out_path.read_text().splitlines()[1:] if f" {address} " in line]
+
+        # A second is printed once it is over: wait for the lines that hold every accept.
+        wait_until(lambda: sum(int(row[4]) for row in rows()) >= SUMMARY_CLIENTS, "the summary lines", timeout=10)
+    finally:
+        trace.send_signal(signal.SIGINT)
+        assert trace.wait(timeout=10) == 0, err_path.read_text()
+    mine = rows()
+    # 80 events in 0.4 s or so: a line for each second they fell in, not a line each.
+    assert 1 <= len(mine) <= 3, mine
+    assert sum(int(row[3]) for row in mine) == sum(int(row[4]) for row in mine) == SUMMARY_CLIENTS
+    for row in mine:
+        assert row[1:3] == [ns.name, address]
+        assert row[5:10] == ["-", "-", "-", "-", "-"], row  # drops, retransmits, listen(): not asked for
+        assert row[11] != "-" and float(row[11]) > 0 and row[12] == "ms", row  # the p99 of the waits
+    assert "per listener and second" in err_path.read_text()
 
 
 # --- 8. degradation, for real ---------------------------------------------------------------------------

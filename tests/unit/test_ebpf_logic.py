@@ -48,7 +48,18 @@ from aqtune.collect.ebpf import (
     usable,
 )
 from aqtune.surfaces import trace as trace_module
-from aqtune.surfaces.trace import HEADER, NamespaceNames, detail, format_event
+from aqtune.surfaces.trace import (
+    HEADER,
+    KINDS,
+    SUMMARY_HEADER,
+    NamespaceNames,
+    Summary,
+    detail,
+    emit_for,
+    format_event,
+    nearest_rank,
+    parse_kinds,
+)
 
 C_SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "aqtune.c"
 
@@ -682,6 +693,7 @@ class FakeLayer:
         self.probes = {"sock:sk_data_ready": ProbeState.by(How.RAW_TRACEPOINT),
                        "tcp_conn_request": ProbeState.failed("fentry refused")}
         self.lost = 2
+        self.syn_overflow_seen = False
         self.events = events
         self.handlers: list[Any] = []
 
@@ -696,9 +708,9 @@ class FakeLayer:
         os.kill(os.getpid(), signal.SIGINT)
 
 
-def test_trace_filters_by_port_and_reports_degradation(capsys: pytest.CaptureFixture[str]) -> None:
+def run_trace(layer: FakeLayer, port: int | None, **options: Any) -> list[str]:
+    """trace() over the fake layer's events: the lines it printed."""
     saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    layer = FakeLayer([an_event(port=8080), an_event(port=9090), an_event(port=8080, kind="enqueue")])
     out: list[str] = []
 
     class Out:
@@ -709,11 +721,16 @@ def test_trace_filters_by_port_and_reports_degradation(capsys: pytest.CaptureFix
             pass
 
     try:
-        assert trace_module.trace(layer, "all", 8080, out=Out()) == 0  # type: ignore[arg-type]
+        assert trace_module.trace(layer, "all", port, out=Out(), **options) == 0  # type: ignore[arg-type]
     finally:
         for signum, handler in saved.items():  # trace() installs its own; pytest's must come back
             signal.signal(signum, handler)
-    lines = "".join(out).splitlines()
+    return "".join(out).splitlines()
+
+
+def test_trace_filters_by_port_and_reports_degradation(capsys: pytest.CaptureFixture[str]) -> None:
+    layer = FakeLayer([an_event(port=8080), an_event(port=9090), an_event(port=8080, kind="enqueue")])
+    lines = run_trace(layer, 8080)
     assert lines[0] == HEADER
     assert [line.split()[1] for line in lines[1:]] == ["ack-overflow", "enqueue"]
     assert all(":8080" in line for line in lines[1:])
@@ -722,6 +739,111 @@ def test_trace_filters_by_port_and_reports_degradation(capsys: pytest.CaptureFix
     assert "  tcp_conn_request: not attached: fentry refused" in err
     assert "sock:sk_data_ready" not in err  # attached probes are not listed
     assert "2 events lost" in err
+
+
+def test_trace_filters_by_kind() -> None:
+    layer = FakeLayer([an_event(kind="enqueue"), an_event(kind="accept"), an_event(kind="ack-overflow"),
+                       an_event(kind="accept", port=9090)])
+    lines = run_trace(layer, None, kinds={"accept"})
+    assert [line.split()[1] for line in lines[1:]] == ["accept", "accept"]
+
+
+def test_trace_escapes_untrusted_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process name or namespace name is anyone's choice: control characters reach the terminal escaped."""
+    from aqtune.collect import netns
+
+    monkeypatch.setattr(netns, "list_namespaces", lambda: [netns.NamespaceRef("evil\x1b]0;owned\x07", 7, "/x")])
+    line = format_event(an_event(kind="accept", netns=7, comm="a\x1b[2J\nb\\"), NamespaceNames())
+    assert "\x1b" not in line and "\n" not in line and "\x07" not in line
+    assert "evil\\x1b]0;owned\\a" in line
+    assert line.endswith("(pid 777 a\\x1b[2J\\nb\\\\)")
+
+
+@pytest.mark.parametrize(("values", "kinds"), [
+    (None, set(KINDS)),
+    (["accept"], {"accept"}),
+    (["accept,enqueue", " listen "], {"accept", "enqueue", "listen"}),
+])
+def test_parse_kinds(values: list[str] | None, kinds: set[str]) -> None:
+    assert parse_kinds(values) == kinds
+
+
+def test_parse_kinds_names_the_unknown_and_the_known() -> None:
+    with pytest.raises(ValueError, match=r"unknown event kind\(s\) drop, x: choose from enqueue, ack-overflow"):
+        parse_kinds(["x,drop"])
+
+
+def test_emit_for_asks_the_kernel_only_for_what_is_shown() -> None:
+    assert emit_for({"ack-overflow"}) == emit_for({"ack-overflow", "syn-overflow"}) == EMIT_DROPS
+    assert emit_for({"ack-overflow", "accept"}) == emit_for(KINDS) == EMIT_ALL
+
+
+def test_trace_help_lists_every_kind(capsys: pytest.CaptureFixture[str]) -> None:
+    from aqtune.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["trace", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert all(kind in help_text for kind in KINDS), help_text
+
+
+# --- trace --summary ------------------------------------------------------------------------------------
+
+SECOND = 1_000_000_000
+
+
+def summary_rows(summary: Summary, now_ns: int) -> list[list[str]]:
+    return [line.split() for line in summary.due(now_ns)]
+
+
+def test_summary_counts_each_kind_per_listener_and_second() -> None:
+    summary = Summary(names_for({4026532315: "aqt-web"}), KINDS)
+    base = 1000 * SECOND
+    for n in range(200):  # 200 arrivals and accepts in the first second, waits 1..200 ms
+        summary.add(an_event(kind="enqueue", ts_ns=base + n * 1000, queue=n % 7 + 1, inode=1))
+        summary.add(an_event(kind="accept", ts_ns=base + n * 1000 + 1, value=(n + 1) * 1_000_000, queue=0, inode=1))
+    for _ in range(3):
+        summary.add(an_event(kind="ack-overflow", ts_ns=base + 5, queue=5, inode=1))
+    summary.add(an_event(kind="listen", ts_ns=base + 9, value=4, queue=0, inode=2, port=9090))
+    summary.add(an_event(kind="enqueue", ts_ns=base + SECOND + 1, inode=1))  # the next second
+    assert summary.due(base + SECOND) == []  # late events for the first second may still come
+    rows = summary_rows(summary, base + SECOND + trace_module.SUMMARY_LATENESS_NS)
+    # Worst first: the listener with drops, then the quiet one; the second second is not over yet.
+    assert [row[1:] for row in rows] == [
+        ["aqt-web", "127.0.0.1:8080", "200", "200", "3", "0", "0", "0", "3", "7/4", "198.0", "ms"],
+        ["aqt-web", "127.0.0.1:9090", "0", "0", "0", "0", "0", "1", "0", "0/4", "-"]]
+    assert rows[0][0] == time.strftime("%H:%M:%S", time.localtime(base / 1e9 + trace_module._WALL_MINUS_MONOTONIC))
+    assert summary_rows(summary, base + 3 * SECOND)[0][2:4] == ["127.0.0.1:8080", "1"]
+    assert summary.rest() == []
+
+
+def test_summary_dashes_what_is_not_asked_for_or_not_observable() -> None:
+    summary = Summary(names_for({4026532315: "aqt-web"}), {"accept", "syn-overflow"}, unobserved={"syn-overflow"})
+    summary.add(an_event(kind="accept", ts_ns=SECOND, value=2_500_000))
+    (row,) = [line.split() for line in summary.rest()]
+    assert row[3:12] == ["-", "1", "-", "-", "-", "-", "-", "5/4", "2.5"]
+
+
+def test_summary_columns_sit_under_their_titles() -> None:
+    summary = Summary(names_for({4026532315: "aqt-web"}), KINDS)
+    summary.add(an_event(kind="accept", ts_ns=SECOND, value=12_345_678_000))
+    (line,) = summary.rest()
+    for title, value in (("ACCEPT", " 1 "), ("PEAK/BACKLOG", "5/4"), ("WAIT-P99", "12345.7 ms")):
+        assert line.index(value) + len(value) == SUMMARY_HEADER.index(title) + len(title) + (value == " 1 "), title
+
+
+def test_trace_summary_prints_lines_not_events() -> None:
+    ts = time.monotonic_ns() - 5 * SECOND  # long over: due at the first poll
+    layer = FakeLayer([an_event(kind="accept", ts_ns=ts + n, value=n * 1000) for n in range(7500)])
+    lines = run_trace(layer, None, summary=True)
+    assert lines[0] == SUMMARY_HEADER
+    assert len(lines) == 2 and lines[1].split()[4] == "7500"
+
+
+@pytest.mark.parametrize(("values", "fraction", "expected"), [
+    ([5], 0.99, 5), ([1, 2, 3, 4], 0.5, 2), (list(range(1, 101)), 0.99, 99), (list(range(100, 0, -1)), 1.0, 100)])
+def test_nearest_rank(values: list[int], fraction: float, expected: int) -> None:
+    assert nearest_rank(values, fraction) == expected
 
 
 def test_btf_module_constants_match_the_format() -> None:
