@@ -16,7 +16,8 @@ import os
 import socket
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,10 @@ WAIT_BUCKETS = 32
 EMIT_ALL = 1
 EMIT_DROPS = 2
 EVENT_KINDS = {1: "enqueue", 2: "ack-overflow", 3: "syn-overflow", 4: "synack-retrans", 5: "accept", 6: "listen"}
+# The arrival stamps (struct stamp in bpf/aqtune.c): where connection number `seq` of a listener is.
+STAMP_SLOTS = 1 << 17
+STAMP_MULTIPLIER = 2654435761
+U32 = 0xFFFFFFFF  # connection numbers are u32 and wrap
 
 # Name in the C source -> (BTF member path, the header expression used when there is no BTF).
 OFFSETS = {
@@ -267,6 +272,35 @@ def source_text(btf: Btf | None) -> str:
     raise Unavailable(f"aqtune.c not found in {' or '.join(str(d) for d in SOURCE_DIRS)}")
 
 
+def stamp_index(inode: int, seq: int) -> int:
+    """The stamps slot of connection ``seq`` of listener ``inode``, as stamp_slot() computes it."""
+    return ((inode & U32) * STAMP_MULTIPLIER + seq) & (STAMP_SLOTS - 1)
+
+
+def stamp_tag(inode: int, seq: int) -> int:
+    return (inode << 32 | seq) & 0xFFFFFFFFFFFFFFFF
+
+
+def oldest_queued(seq_base: int, enqueued: int, accepts: int, next_seq: int,
+                  queue: int | None) -> tuple[int, int] | None:
+    """(the number of the oldest connection still queued, how many are queued), or None when that
+    cannot be known. Connections are numbered seq_base + 1, + 2, ... as they are queued (u32, wrapping).
+
+    With ``queue``, the queue's length now (sock_diag), the queued ones are the last ``queue``
+    numbered: right even when accepts went unseen (io_uring). Without it, the oldest is the one the
+    next accept() takes (``next_seq``), or the first numbered when no accept() was seen at all."""
+    last = (seq_base + enqueued) & U32
+    if queue is not None:
+        return (last - queue + 1) & U32, queue
+    if not accepts:
+        return (seq_base + 1) & U32, enqueued
+    if not next_seq:  # accepts counted, but none could be placed in the numbering
+        return None
+    count = (last - next_seq + 1) & U32
+    # An accept() that ran ahead of its enqueue's probe: nothing queued.
+    return next_seq, 0 if count > 2**31 else count
+
+
 def percentile(histogram: list[int], fraction: float) -> float:
     """Upper bound in ms of the log2(us) bucket holding the ``fraction`` quantile (of a non-empty one)."""
     rank = fraction * sum(histogram)
@@ -427,8 +461,13 @@ class EventLayer:
         """Deliver pending events to the handlers; returns after ``timeout_ms`` at most."""
         self.bpf.perf_buffer_poll(timeout=timeout_ms)
 
-    def read(self) -> dict[int, ListenerEvents]:
-        """Per-listener events by socket inode; drains the peak-queue map (peaks since last read)."""
+    def read(self, queues: Mapping[int, int] | None = None) -> dict[int, ListenerEvents]:
+        """Per-listener events by socket inode; drains the peak-queue map (peaks since last read).
+
+        ``queues`` (socket inode -> queue length, from the sweep just made) lets the age of the
+        oldest queued connection be found whether or not every accept was seen; without it, that
+        age trusts the accepts the probes saw (see oldest_queued())."""
+        now_ns = time.monotonic_ns()  # bpf_ktime_get_ns()'s clock
         peaks = {_number(key): _number(value) for key, value in _drain(self.bpf["peaks"])}
         queued = {_number(key): value for key, value in _entries(self.bpf["stats"])}
         # A listener whose connections were all queued before the probes came has accepts alone.
@@ -448,8 +487,26 @@ class EventLayer:
                 synack_retransmits=stats.synack_retrans, accepts=taken.accepts, queue_wait_ms=waits,
                 # listen(fd, -1) in C asks for the maximum: the kernel caps it at somaxconn.
                 requested_backlog=(2**31 - 1 if requested >= 2**31 else requested) or None,
+                oldest_queued_ms=self._oldest_queued_ms(inode, stats if inode in queued else None, taken,
+                                                        None if queues is None else queues.get(inode), now_ns),
             )
         return result
+
+    def _oldest_queued_ms(self, inode: int, stats: Any, taken: Any, queue: int | None, now_ns: int) -> float | None:
+        """How long the oldest connection still queued has waited at ``now_ns``: 0.0 when none is,
+        None when unknown (queued before aqtune's probes came, or its stamp was overwritten)."""
+        if stats is None:  # nothing seen entering this listener's queue
+            return 0.0 if queue == 0 else None
+        found = oldest_queued(stats.seq_base, stats.enqueued, taken.accepts, taken.next_seq, queue)
+        if found is None:
+            return None
+        seq, count = found
+        if count == 0:
+            return 0.0
+        stamp = self.bpf["stamps"][ctypes.c_int(stamp_index(inode, seq))]
+        if int(stamp.tag) != stamp_tag(inode, seq):
+            return None
+        return max(now_ns - int(stamp.ts), 0) / 1e6
 
     def forget_closed(self, observed: Iterable[int], live: set[int]) -> None:
         """Drop the entries of listeners that two sweeps in a row did not find (closed, or in a

@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import threading
@@ -35,6 +36,7 @@ import pytest
 
 from aqtune.collect import ebpf
 from aqtune.collect.ebpf import EMIT_ALL, Event, EventLayer, How, ProbeState, percentile
+from aqtune.collect.netns import NamespaceRef, entered
 from aqtune.records import ListenerEvents
 from aqtune.surfaces.trace import HEADER, SUMMARY_HEADER
 from tests.helpers.aqtune_run import Daemon, write_policy
@@ -182,7 +184,8 @@ def settled(recorder: Recorder, ns: TestNamespace, address: str, inode: int, tim
             if reading is not None and reading.peak_queue is not None:
                 peak = max(peak or 0, reading.peak_queue)
         if (first is not None and second is not None and row is not None and before == after
-                and dataclasses.replace(first, peak_queue=None) == dataclasses.replace(second, peak_queue=None)):
+                and dataclasses.replace(first, peak_queue=None, oldest_queued_ms=None)
+                == dataclasses.replace(second, peak_queue=None, oldest_queued_ms=None)):
             return Reading(second, row, after, peak, at_ns)
         if time.monotonic() >= deadline:
             raise AssertionError(f"eBPF, ss and nstat never agreed on {address} within {timeout} s: {first} {second}")
@@ -489,6 +492,55 @@ def test_unix_queue_wait_is_timed_too(layer: Recorder, netns: Callable[[], TestN
     for wait in waits:
         histogram[bucket(wait)] += 1
     assert seen.queue_wait_ms == {"p50": percentile(histogram, 0.5), "p99": percentile(histogram, 0.99)}
+
+
+QUEUED = 3
+APART = 0.2  # seconds between the connects: far more than a read() takes, even on a loaded machine
+
+
+def test_oldest_queued_age_matches_the_clients_clock(layer: Recorder, netns: Callable[[], TestNamespace]) -> None:
+    """A listener that never accepts: the oldest queued connection's age is the time since its client
+    connected, by this process's CLOCK_MONOTONIC (bpf_ktime_get_ns's clock), whether read() is given
+    the sweep's queue lengths or counts from the accepts it saw (none)."""
+    ns = netns()
+    listener = listener_of(ns.listen("tcp4:8"))
+    host, _, port = listener["address"].rpartition(":")
+    clients: list[socket.socket] = []
+    connected: list[tuple[float, float]] = []
+    try:
+        with entered(NamespaceRef(ns.name, ns.inode, f"{RUN_NETNS}/{ns.name}")):
+            for _ in range(QUEUED):
+                client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                clients.append(client)
+                before = time.monotonic()
+                client.connect((host, int(port)))
+                connected.append((before, time.monotonic()))
+                time.sleep(APART)  # so that the oldest is told from the others
+        wait_for_queues(ns, {listener["address"]: QUEUED})
+        queue = ns.ss_tcp()[listener["address"]].queue
+        for queues in ({listener["inode"]: queue}, None):
+            before = time.monotonic()
+            seen = layer.layer.read(queues)[listener["inode"]]
+            after = time.monotonic()
+            assert seen.oldest_queued_ms is not None, queues
+            # Queued between the first connect()'s start and a moment after it returned (the server
+            # may take the final ACK just after): the age read lies in the window that leaves.
+            low = (before - connected[0][1] - HANDSHAKE_SLACK_S) * 1000
+            high = (after - connected[0][0]) * 1000
+            assert low <= seen.oldest_queued_ms <= high, (queues, low, seen.oldest_queued_ms, high)
+            # Not the second connection's age: that one came APART later.
+            assert seen.oldest_queued_ms > (after - connected[1][0]) * 1000
+        # An empty queue is known to be empty.
+        assert layer.layer.read({listener["inode"]: 0})[listener["inode"]].oldest_queued_ms == 0.0
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_once_everything_is_accepted_nothing_is_queued(layer: Recorder, netns: Callable[[], TestNamespace]) -> None:
+    done = netns().spawn("eventload.py", ["acceptor", "--clients", "3", "--every", "0.05"], "DONE").ready(timeout=15)
+    for queues in ({done["inode"]: 0}, None):
+        assert layer.layer.read(queues)[done["inode"]].oldest_queued_ms == 0.0
 
 
 def test_closed_listeners_are_forgotten_after_two_sweeps_without_them(

@@ -545,6 +545,41 @@ def test_every_probe_program_offset_and_fentry_define_exists_in_the_c_source() -
     assert used == set(OFFSETS) | set(SYSCALL_ARG_OFFSETS[X86]), "offsets the C source reads vs compile_flags'"
 
 
+# --- arrival stamps and the oldest queued connection ------------------------------------------------
+
+
+def test_stamp_constants_match_the_c_source() -> None:
+    source = C_SOURCE.read_text()
+    assert f"#define STAMP_SLOTS (1 << {ebpf.STAMP_SLOTS.bit_length() - 1})" in source
+    assert re.search(rf"#define STAMP_MULTIPLIER {ebpf.STAMP_MULTIPLIER}u\b", source)
+    assert "((u32)inode * STAMP_MULTIPLIER + seq) & (STAMP_SLOTS - 1)" in source
+    assert "u64 tag = inode << 32 | seq;" in source
+
+
+def test_stamp_index_wraps_as_u32_arithmetic_does() -> None:
+    inode, seq = 0x1_2345_6789, 0xFFFF_FFFF  # only the inode's low 32 bits count, as in the C cast
+    expected = ((0x2345_6789 * ebpf.STAMP_MULTIPLIER) % 2**32 + seq) % 2**32 % ebpf.STAMP_SLOTS
+    assert ebpf.stamp_index(inode, seq) == expected
+    assert ebpf.stamp_index(7, 10) + 1 == ebpf.stamp_index(7, 11)  # a listener's run is consecutive
+    assert ebpf.stamp_tag(7, 10) == 7 << 32 | 10
+
+
+@pytest.mark.parametrize(("seq_base", "enqueued", "accepts", "next_seq", "queue", "expected"), [
+    (100, 5, 0, 0, 3, (103, 3)),  # the sweep's queue: the last 3 of 101..105
+    (100, 5, 0, 0, 0, (106, 0)),
+    (100, 5, 2, 0, 3, (103, 3)),  # whatever the accepts: 2 taken by io_uring, unseen, counts no differently
+    (100, 5, 0, 0, None, (101, 5)),  # nothing accepted yet: all since the first
+    (100, 5, 2, 103, None, (103, 3)),  # the next accept() takes 103
+    (100, 5, 5, 106, None, (106, 0)),  # all taken
+    (100, 5, 6, 107, None, (107, 0)),  # an accept ran ahead of its enqueue's probe
+    (100, 5, 1, 0, None, None),  # accepts counted that had no place in the numbering
+    (2**32 - 2, 5, 0, 0, 2, (2, 2)),  # numbers wrap: ..., 2**32 - 1, 0, 1, 2, 3
+])
+def test_oldest_queued(seq_base: int, enqueued: int, accepts: int, next_seq: int, queue: int | None,
+                       expected: tuple[int, int] | None) -> None:
+    assert ebpf.oldest_queued(seq_base, enqueued, accepts, next_seq, queue) == expected
+
+
 # --- compile flags --------------------------------------------------------------------------------------
 
 
