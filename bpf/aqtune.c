@@ -121,6 +121,14 @@ BPF_TABLE("lru_hash", u64, struct listener_stats, stats, 16384);
 BPF_TABLE("lru_hash", u64, struct accept_stats, accepted, 16384);
 BPF_TABLE("lru_hash", u64, u32, peaks, 16384);           /* inode -> peak queue since userspace drained it */
 BPF_ARRAY(stamps, struct stamp, STAMP_SLOTS);
+/* When each accepted connection was accepted (bpf_ktime_get_ns), by its socket inode, for its age.
+ * Not by socket cookie: the kernel assigns a cookie only when something asks for one (sock_diag,
+ * SO_COOKIE), so at accept() it is still 0; sock_diag reports the inode of established sockets
+ * too. Nothing here sees a connection close (that takes a probe on every socket's state changes):
+ * closed ones are evicted, the least recently accepted first, so at high churn a connection's
+ * stamp lasts ACCEPT_TIMES accepts, and its age then reads as unknown, not wrong. */
+#define ACCEPT_TIMES 65536
+BPF_TABLE("lru_hash", u64, u64, accept_times, ACCEPT_TIMES);
 BPF_PERF_OUTPUT(events);
 
 static __always_inline u64 sock_inode(const void *sk)
@@ -449,14 +457,25 @@ static __always_inline int syscall_args(s64 ret, u64 *args, int count)
 }
 #endif
 
-static __always_inline const void *fd_socket(s64 fd)
+/* The current task's descriptor table: current->files->fdt->fd. */
+static __always_inline const void **fd_table(void)
 {
 	const void *task = (const void *)bpf_get_current_task();
 	const void *files = KREAD(const void *, task, OFF_TASK_FILES);
 	const void *fdt = KREAD(const void *, files, OFF_FILES_FDT);
-	const void **fds = KREAD(const void **, fdt, OFF_FDTABLE_FD);
+	return KREAD(const void **, fdt, OFF_FDTABLE_FD);
+}
+
+/* The struct socket behind descriptor `fd` of that table (file->private_data), or NULL. */
+static __always_inline const void *fd_socket_in(const void **fds, s64 fd)
+{
 	const void *file = KREAD(const void *, fds, fd * sizeof(void *));
 	return file ? KREAD(const void *, file, OFF_FILE_PRIVATE_DATA) : 0;
+}
+
+static __always_inline const void *fd_socket(s64 fd)
+{
+	return fd_socket_in(fd_table(), fd);
 }
 
 /* Bucket i of the wait histogram holds [2^i, 2^(i+1)) us. */
@@ -477,10 +496,16 @@ int on_accept_exit(struct syscall_exit *ctx)
 	u64 args[1];
 	if (!syscall_args(ctx->ret, args, 1))
 		return 0;
-	const void *listener_socket = fd_socket(args[0]);
+	const void **fds = fd_table();
+	const void *listener_socket = fd_socket_in(fds, args[0]);
 	u64 inode = KREAD(u64, listener_socket, OFF_SOCKET_INODE);
 	if (!inode)
 		return 0;
+	u64 now = bpf_ktime_get_ns();
+	const void *child_socket = fd_socket_in(fds, ctx->ret);
+	u64 child = KREAD(u64, child_socket, OFF_SOCKET_INODE);
+	if (child)
+		accept_times.update(&child, &now);
 	struct accept_stats zero = {}, *a = accepted.lookup(&inode);
 	if (!a)
 		a = accepted.lookup_or_try_init(&inode, &zero);
@@ -510,14 +535,13 @@ int on_accept_exit(struct syscall_exit *ctx)
 	if (!slot)
 		return 0;  /* queued before aqtune started, or its stamp was overwritten */
 	/* stamp_of() read the tag with a fully ordered atomic: this read of the time comes after it. */
-	u64 wait = bpf_ktime_get_ns() - slot->ts;
+	u64 wait = now - slot->ts;
 	__sync_fetch_and_add(&a->wait_log2_us[log2_bucket(wait / 1000)], 1);
 	if (wanted(EV_ACCEPT, listener)) {
 		struct event e = {};
 		fill_listener(&e, listener);
 		e.kind = EV_ACCEPT;
 		e.value = wait;
-		const void *child_socket = fd_socket(ctx->ret);
 		peer_from_request(&e, KREAD(const void *, child_socket, OFF_SOCKET_SK));
 		events.perf_submit(ctx, &e, sizeof(e));
 	}

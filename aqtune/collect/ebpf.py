@@ -508,6 +508,22 @@ class EventLayer:
             return None
         return max(now_ns - int(stamp.ts), 0) / 1e6
 
+    def accepted_at(self, inodes: Iterable[int]) -> dict[int, float]:
+        """When each of these accepted sockets (by socket inode, as sock_diag reports established
+        ones) was accepted, in wall-clock seconds (time.time()'s scale), for those the probes saw
+        accepted and whose stamp is still kept (the last ACCEPT_TIMES accepts, in bpf/aqtune.c).
+        Sockets accepted before aqtune started, through io_uring, or evicted are left out."""
+        table = self.bpf["accept_times"]
+        wall_minus_monotonic = time.time() - time.monotonic()
+        found = {}
+        for inode in inodes:
+            try:
+                stamp = table[table.Key(inode)]
+            except KeyError:
+                continue
+            found[inode] = _number(stamp) / 1e9 + wall_minus_monotonic
+        return found
+
     def forget_closed(self, observed: Iterable[int], live: set[int]) -> None:
         """Drop the entries of listeners that two sweeps in a row did not find (closed, or in a
         namespace nobody watches): ``observed`` are the inodes read() returned, ``live`` those the

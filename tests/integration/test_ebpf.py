@@ -543,6 +543,37 @@ def test_once_everything_is_accepted_nothing_is_queued(layer: Recorder, netns: C
         assert layer.layer.read(queues)[done["inode"]].oldest_queued_ms == 0.0
 
 
+# The wall clock seen from two processes, each turning CLOCK_MONOTONIC into it a moment apart: the
+# offsets they measure may differ by the time between two clock reads (and NTP's slew meanwhile).
+CLOCK_CONVERSION_S = 0.001
+
+
+def accepted_sockets(ns: TestNamespace, port: int) -> dict[int, int]:
+    """Peer port -> socket inode of the server side of each established connection to ``port`` (ss)."""
+    found = {}
+    for line in ns.run("ss", "-tnHe", "state", "established", "sport", "=", f":{port}").splitlines():
+        peer = re.search(r"\s\S+:(\d+)\s+(?:timer|uid|ino)", line)
+        inode = re.search(r"\bino:(\d+)", line)
+        assert peer and inode, line
+        found[int(peer.group(1))] = int(inode.group(1))
+    return found
+
+
+def test_accept_times_of_accepted_sockets_match_the_acceptors_clock(
+        layer: Recorder, netns: Callable[[], TestNamespace]) -> None:
+    ns = netns()
+    done = ns.spawn("eventload.py", ["acceptor", "--clients", str(WAIT_CLIENTS), "--every", "0.1"],
+                    "DONE").ready(timeout=15)
+    inodes = accepted_sockets(ns, done["port"])
+    assert sorted(inodes) == sorted(done["peer_ports"])
+    wall_minus_monotonic = time.time() - time.monotonic()
+    seen = layer.layer.accepted_at([*inodes.values(), 1])  # 1: no such socket
+    assert set(seen) == set(inodes.values())
+    for port, (before, after) in zip(done["peer_ports"], done["accepted"], strict=True):
+        accepted = seen[inodes[port]] - wall_minus_monotonic
+        assert before - CLOCK_CONVERSION_S <= accepted <= after + CLOCK_CONVERSION_S, (port, before, accepted, after)
+
+
 def test_closed_listeners_are_forgotten_after_two_sweeps_without_them(
         layer: Recorder, netns: Callable[[], TestNamespace]) -> None:
     ns = netns()
