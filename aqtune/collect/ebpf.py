@@ -35,6 +35,11 @@ EVENT_KINDS = {1: "enqueue", 2: "ack-overflow", 3: "syn-overflow", 4: "synack-re
 STAMP_SLOTS = 1 << 17
 STAMP_MULTIPLIER = 2654435761
 U32 = 0xFFFFFFFF  # connection numbers are u32 and wrap
+# Accept times (accept_times in bpf/aqtune.c): slot = inode's low bits; the word holds a tag (the
+# inode's next bits) over the time in units of 2^ACCEPT_TIME_SHIFT ns.
+ACCEPT_SLOT_BITS = 19
+ACCEPT_TAG_BITS = 14
+ACCEPT_TIME_SHIFT = 10
 
 # Name in the C source -> (BTF member path, the header expression used when there is no BTF).
 OFFSETS = {
@@ -281,6 +286,20 @@ def stamp_tag(inode: int, seq: int) -> int:
     return (inode << 32 | seq) & 0xFFFFFFFFFFFFFFFF
 
 
+def accept_time_slot(inode: int) -> int:
+    return inode & ((1 << ACCEPT_SLOT_BITS) - 1)
+
+
+def accept_time_ns(inode: int, word: int) -> int | None:
+    """The CLOCK_MONOTONIC ns (to 1.024 us) at which socket ``inode`` was accepted, from its slot's
+    word; None when the slot holds another socket's time or none."""
+    time_bits = 64 - ACCEPT_TAG_BITS
+    units = word & ((1 << time_bits) - 1)
+    if not units or word >> time_bits != (inode >> ACCEPT_SLOT_BITS) & ((1 << ACCEPT_TAG_BITS) - 1):
+        return None
+    return units << ACCEPT_TIME_SHIFT
+
+
 def oldest_queued(seq_base: int, enqueued: int, accepts: int, next_seq: int,
                   queue: int | None) -> tuple[int, int] | None:
     """(the number of the oldest connection still queued, how many are queued), or None when that
@@ -510,18 +529,16 @@ class EventLayer:
 
     def accepted_at(self, inodes: Iterable[int]) -> dict[int, float]:
         """When each of these accepted sockets (by socket inode, as sock_diag reports established
-        ones) was accepted, in wall-clock seconds (time.time()'s scale), for those the probes saw
-        accepted and whose stamp is still kept (the last ACCEPT_TIMES accepts, in bpf/aqtune.c).
-        Sockets accepted before aqtune started, through io_uring, or evicted are left out."""
+        ones) was accepted, in wall-clock seconds (time.time()'s scale, to about a microsecond),
+        for those the probes saw accepted and whose slot no newer socket took (see accept_times in
+        bpf/aqtune.c). Sockets accepted before aqtune started or through io_uring are left out."""
         table = self.bpf["accept_times"]
         wall_minus_monotonic = time.time() - time.monotonic()
         found = {}
         for inode in inodes:
-            try:
-                stamp = table[table.Key(inode)]
-            except KeyError:
-                continue
-            found[inode] = _number(stamp) / 1e9 + wall_minus_monotonic
+            at_ns = accept_time_ns(inode, _number(table[ctypes.c_int(accept_time_slot(inode))]))
+            if at_ns is not None:
+                found[inode] = at_ns / 1e9 + wall_minus_monotonic
         return found
 
     def forget_closed(self, observed: Iterable[int], live: set[int]) -> None:

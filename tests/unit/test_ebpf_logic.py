@@ -580,6 +580,35 @@ def test_oldest_queued(seq_base: int, enqueued: int, accepts: int, next_seq: int
     assert ebpf.oldest_queued(seq_base, enqueued, accepts, next_seq, queue) == expected
 
 
+def accept_word(inode: int, now_ns: int) -> int:
+    """What on_accept_exit stores for socket ``inode`` accepted at ``now_ns`` (u64 arithmetic)."""
+    time_bits = 64 - ebpf.ACCEPT_TAG_BITS
+    return ((inode >> ebpf.ACCEPT_SLOT_BITS) << time_bits | (now_ns >> ebpf.ACCEPT_TIME_SHIFT)
+            & ((1 << time_bits) - 1)) & (2**64 - 1)
+
+
+def test_accept_time_constants_match_the_c_source() -> None:
+    source = C_SOURCE.read_text()
+    for name in ("ACCEPT_SLOT_BITS", "ACCEPT_TAG_BITS", "ACCEPT_TIME_SHIFT"):
+        assert re.search(rf"#define {name} {getattr(ebpf, name)}\b", source), name
+    assert "(child >> ACCEPT_SLOT_BITS) << (64 - ACCEPT_TAG_BITS)" in source
+    assert "(now >> ACCEPT_TIME_SHIFT) & ((1ull << (64 - ACCEPT_TAG_BITS)) - 1)" in source
+
+
+@pytest.mark.parametrize("inode", [1, 6_420_748, 2**19 - 1, 2**19, 2**32 - 1])
+def test_accept_time_round_trip_and_other_sockets_in_the_slot(inode: int) -> None:
+    now_ns = 123_456_789_012_345
+    word = accept_word(inode, now_ns)
+    at = ebpf.accept_time_ns(inode, word)
+    assert at is not None and now_ns - 1024 < at <= now_ns  # to 1.024 us
+    # Another socket with the same slot (its inode 2^19 apart) is told apart by the tag.
+    for other in (inode + 2**19, inode - 2**19):
+        if other > 0:
+            assert ebpf.accept_time_slot(other) == ebpf.accept_time_slot(inode)
+            assert ebpf.accept_time_ns(other, word) is None
+    assert ebpf.accept_time_ns(inode, 0) is None  # a slot never written, even for a small inode
+
+
 # --- compile flags --------------------------------------------------------------------------------------
 
 
