@@ -142,21 +142,23 @@ def _run(args: argparse.Namespace) -> int:
 
 def _trace(args: argparse.Namespace) -> int:
     from aqtune.collect import netns
-    from aqtune.collect.ebpf import EMIT_ALL, EventLayer, Unavailable
-    from aqtune.surfaces.trace import trace
+    from aqtune.collect.ebpf import EventLayer, Unavailable
+    from aqtune.surfaces.trace import emit_for, parse_kinds, trace
 
+    try:
+        kinds = parse_kinds(args.kind)
+    except ValueError as exc:
+        raise CommandError(f"--kind: {exc}") from None
     _require_root("it loads eBPF programs")
     try:
         selected = netns.select_namespaces(netns.list_namespaces(), args.netns)
-        layer = EventLayer.start(emit=EMIT_ALL, netns_inode=selected[0].inode if args.netns != "all" else 0)
+        layer = EventLayer.start(emit=emit_for(kinds), netns_inode=selected[0].inode if args.netns != "all" else 0)
     except LookupError as exc:
         raise CommandError(str(exc.args[0])) from None
     except Unavailable as exc:
         raise CommandError(f"eBPF unavailable: {exc}") from None
-    try:
-        return trace(layer, args.netns, args.port)
-    finally:
-        layer.close()
+    with layer:
+        return trace(layer, args.netns, args.port, kinds=kinds, summary=args.summary)
 
 
 def _rollback(args: argparse.Namespace) -> int:
@@ -214,6 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
     trace = commands.add_parser("trace", help="print accept-queue events live (eBPF)")
     trace.add_argument("--netns", default="all", metavar="NAME", help="only this namespace (default all)")
     trace.add_argument("--port", type=int, metavar="PORT", help="only listeners on this port")
+    trace.add_argument("--kind", action="append", metavar="KIND",
+                       help="only these event kinds (repeat or comma-separate): enqueue, ack-overflow, "
+                            "syn-overflow, synack-retrans, accept, listen")
+    trace.add_argument("--summary", action="store_true",
+                       help="one line per listener per second: counts per kind, drops, peak queue, wait p99")
     trace.set_defaults(handler=_trace)
 
     rollback = commands.add_parser("rollback", help="restore every sysctl aqtune changed")

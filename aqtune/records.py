@@ -99,3 +99,6 @@ class ListenerEvents:
     accepts: int
     queue_wait_ms: dict[str, float] | None  # {"p50": ..., "p99": ...} of enqueue-to-accept time
     requested_backlog: int | None  # the backlog the application passed to listen(), if seen
+    # How long the oldest connection still queued has waited, from the arrival stamps: 0.0 when none
+    # is queued, None where unknown (no eBPF, or it was queued before the probes came).
+    oldest_queued_ms: float | None = None

@@ -11,6 +11,10 @@
  *                      userspace attaches when fentry is refused or absent.
  *   OFF_SYSCALL_ARG0, 1  where a syscall's saved registers hold its first two arguments; without
  *                      them the syscalls' entry tracepoints keep the arguments (on_syscall_enter).
+ *   EMIT_FLAGS         which events go out through the perf buffer (EMIT_* below; 0: none).
+ *   ONLY_NETNS         the network namespace inode whose events go out (0: every namespace).
+ *   Both are fixed for the programs' life, so they are constants rather than a map read on every
+ *   connection, and the compiler drops the event code altogether where nothing is emitted.
  *
  * Everything is keyed by the listener's socket inode: sock_diag reports it, and unlike the socket
  * cookie (assigned lazily, by the first sock_diag dump) it exists from socket() on.
@@ -34,9 +38,15 @@ enum event_kind {
 	EV_LISTEN = 6,
 };
 
-/* Flags userspace sets in `config`: which events go out through the perf buffer. */
+/* EMIT_FLAGS bits: which events go out through the perf buffer. */
 #define EMIT_ALL 1    /* aqtune trace: every event */
 #define EMIT_DROPS 2  /* the daemon: drops and stalls, which name the peer that was hurt */
+#ifndef EMIT_FLAGS
+#define EMIT_FLAGS 0
+#endif
+#ifndef ONLY_NETNS
+#define ONLY_NETNS 0
+#endif
 
 struct listener_stats {
 	u64 enqueued;
@@ -80,18 +90,30 @@ struct syscall_exit {
 	s64 ret;
 };
 
-/* When a connection was queued, for its accept() to time its wait. The accept queue is first in,
- * first out, so connection number n (counting enqueues) is the one accept() takes when n - 1 have
- * been taken: a listener's stamps go to consecutive slots of one array from a place its inode
- * chooses. Consecutive slots keep the cache warm, and an array slot costs no lock, allocation or
- * hash bucket: measured, an LRU hash keyed by connection made the enqueue probe cost 940 ns instead
- * of 110. Two listeners whose runs meet overwrite each other's stamps; the tag tells, and those
- * waits go untimed rather than wrong. */
+/* When a connection was queued, for its accept() to time its wait (and for userspace to tell the
+ * age of the oldest one still queued). The accept queue is first in, first out, so connection
+ * number n (counting enqueues) is the one accept() takes when n - 1 have been taken: a listener's
+ * stamps go to consecutive slots of one array from a place its inode chooses. Consecutive slots
+ * keep the cache warm, and an array slot costs no lock, allocation or hash bucket: measured, an LRU
+ * hash keyed by connection made the enqueue probe cost 940 ns instead of 110. Two listeners whose
+ * runs meet overwrite each other's stamps; the tag tells, and those waits go untimed rather than
+ * wrong.
+ *
+ * The enqueue writes the time, then the tag; an accept() on another CPU reads the tag, then the
+ * time. On x86 stores and loads keep their order; on weakly ordered CPUs (arm64, POWER) they do not,
+ * and a reader could see the new tag with the previous occupant's time. So the tag is written with
+ * an exchange and read with a compare-and-exchange: BPF's value-returning atomics (BPF_XCHG,
+ * BPF_CMPXCHG, BPF_FETCH) are fully ordered, as the kernel's atomic_xchg()/cmpxchg() are (arm64's
+ * JIT emits SWPAL/CASAL, or LDAXR/STLXR and DMB ISH), so the time is visible before the tag that
+ * vouches for it, and read after it. A plain store and load with a compiler barrier would be right
+ * on x86 alone. What is left: a slot overwritten, while its connection is still queued, between
+ * the reader's tag and time reads (a few ns) gives that one wait the newer time. */
 #define STAMP_SLOTS (1 << 17)
+#define STAMP_MULTIPLIER 2654435761u  /* spreads listeners' runs over the array (Knuth's) */
 
 struct stamp {
-	u64 tag;  /* listener inode << 32 | connection number */
-	u64 ts;
+	u64 tag;  /* listener inode << 32 | connection number; written last, read first */
+	u64 ts;   /* bpf_ktime_get_ns() at the enqueue */
 };
 
 /* LRU where keys come from the network or from other processes: a flood evicts, it never grows. */
@@ -99,7 +121,25 @@ BPF_TABLE("lru_hash", u64, struct listener_stats, stats, 16384);
 BPF_TABLE("lru_hash", u64, struct accept_stats, accepted, 16384);
 BPF_TABLE("lru_hash", u64, u32, peaks, 16384);           /* inode -> peak queue since userspace drained it */
 BPF_ARRAY(stamps, struct stamp, STAMP_SLOTS);
-BPF_ARRAY(config, u32, 2);
+/* When each accepted connection was accepted, for its age: slot `inode & ACCEPT_SLOT_MASK` of an
+ * array, keyed by the accepted socket's inode. Not by socket cookie: the kernel assigns a cookie
+ * only when something asks for one (sock_diag, SO_COOKIE), so at accept() it is still 0, and
+ * sock_diag reports the inode of established sockets too.
+ *
+ * One u64 per slot: the inode's bits above the slot number (the tag) in the top ACCEPT_TAG_BITS,
+ * bpf_ktime_get_ns() >> ACCEPT_TIME_SHIFT (1.024 us units, 36 years in 50 bits) below, 0 for
+ * never written. One aligned 64-bit store, so a reader (userspace) sees a stamp whole, old or new,
+ * with no ordering to get right. Measured, an LRU hash keyed by inode made the accept probe cost
+ * 940 ns more; an array slot costs a store. Nothing here sees a connection close (that takes a
+ * probe on every socket's state changes), and nothing needs to: the kernel hands out socket (and
+ * pipe) inode numbers from one increasing counter, so a slot is taken over once 2^ACCEPT_SLOT_BITS
+ * more inodes were made on the host, and the older socket's age then reads as unknown (the tag
+ * differs), never wrong. */
+#define ACCEPT_SLOT_BITS 19  /* 4 MiB; at 7,500 accepts a second a stamp lasts over a minute */
+#define ACCEPT_SLOT_MASK ((1 << ACCEPT_SLOT_BITS) - 1)
+#define ACCEPT_TAG_BITS 14  /* inode numbers are 32-bit (get_next_ino): 32 - ACCEPT_SLOT_BITS bits, and more */
+#define ACCEPT_TIME_SHIFT 10
+BPF_ARRAY(accept_times, u64, 1 << ACCEPT_SLOT_BITS);
 BPF_PERF_OUTPUT(events);
 
 static __always_inline u64 sock_inode(const void *sk)
@@ -127,20 +167,15 @@ static __always_inline struct listener_stats *stats_of(u64 inode, const void *sk
 	return stats.lookup_or_try_init(&inode, &zero);
 }
 
-/* Whether an event of this kind on this listener goes out: config[0] holds the EMIT_* flags,
- * config[1] a network namespace inode to keep (0: all), so a trace of one namespace is not drowned
- * by a busy neighbour's events in the perf buffer. */
+/* Whether an event of this kind on this listener goes out; ONLY_NETNS keeps a trace of one
+ * namespace from being drowned by a busy neighbour's events in the perf buffer. Constants: with
+ * EMIT_FLAGS 0 this is 0, and the callers' event code compiles to nothing. */
 static __always_inline int wanted(u32 kind, const void *sk)
 {
-	int key = 0;
-	u32 *flags = config.lookup(&key);
-	if (!flags || !*flags)
+	int drop = kind == EV_ACK_OVERFLOW || kind == EV_SYN_OVERFLOW;
+	if (!((EMIT_FLAGS & EMIT_ALL) || ((EMIT_FLAGS & EMIT_DROPS) && drop)))
 		return 0;
-	if (!(*flags & EMIT_ALL) && !(kind == EV_ACK_OVERFLOW || kind == EV_SYN_OVERFLOW))
-		return 0;
-	key = 1;
-	u32 *only = config.lookup(&key);
-	return !only || !*only || *only == sock_netns(sk);
+	return !ONLY_NETNS || sock_netns(sk) == ONLY_NETNS;
 }
 
 static __always_inline void fill_listener(struct event *e, const void *sk)
@@ -186,15 +221,17 @@ static __always_inline void peer_from_request(struct event *e, const void *req)
 
 static __always_inline struct stamp *stamp_slot(u64 inode, u32 seq)
 {
-	int index = ((u32)inode * 2654435761u + seq) & (STAMP_SLOTS - 1);
+	int index = ((u32)inode * STAMP_MULTIPLIER + seq) & (STAMP_SLOTS - 1);
 	return stamps.lookup(&index);
 }
 
-/* Connection `seq`'s stamp, or NULL when its slot holds another's. */
+/* Connection `seq`'s stamp, or NULL when its slot holds another's. The compare-and-exchange writes
+ * back what is there (nothing changes) and orders the caller's read of slot->ts after the tag's. */
 static __always_inline struct stamp *stamp_of(u64 inode, u32 seq)
 {
 	struct stamp *slot = stamp_slot(inode, seq);
-	return slot && slot->tag == (inode << 32 | seq) ? slot : 0;
+	u64 tag = inode << 32 | seq;
+	return slot && __sync_val_compare_and_swap(&slot->tag, tag, tag) == tag ? slot : 0;
 }
 
 static __always_inline void note_enqueue(void *ctx, const void *sk, u32 queue)
@@ -207,11 +244,13 @@ static __always_inline void note_enqueue(void *ctx, const void *sk, u32 queue)
 		u32 seq = s->seq_base + __sync_fetch_and_add(&s->enqueued, 1) + 1;
 		struct stamp *slot = stamp_slot(inode, seq);
 		if (slot) {
-			/* The time before the tag: an accept() on another CPU may already be reading. (x86
-			 * keeps stores in order, and accept() reads the tag first.) */
+			/* The time before the tag: an accept() on another CPU may already be reading. The
+			 * exchange orders the two stores (see struct stamp); the compiler barrier keeps
+			 * clang from sinking the time's store below it (__sync_lock_test_and_set is only an
+			 * acquire barrier to the compiler, though BPF_XCHG is fully ordered). */
 			slot->ts = bpf_ktime_get_ns();
 			asm volatile("" ::: "memory");
-			slot->tag = inode << 32 | seq;
+			__sync_lock_test_and_set(&slot->tag, inode << 32 | seq);
 		}
 	}
 	u32 *peak = peaks.lookup(&inode);
@@ -429,14 +468,25 @@ static __always_inline int syscall_args(s64 ret, u64 *args, int count)
 }
 #endif
 
-static __always_inline const void *fd_socket(s64 fd)
+/* The current task's descriptor table: current->files->fdt->fd. */
+static __always_inline const void **fd_table(void)
 {
 	const void *task = (const void *)bpf_get_current_task();
 	const void *files = KREAD(const void *, task, OFF_TASK_FILES);
 	const void *fdt = KREAD(const void *, files, OFF_FILES_FDT);
-	const void **fds = KREAD(const void **, fdt, OFF_FDTABLE_FD);
+	return KREAD(const void **, fdt, OFF_FDTABLE_FD);
+}
+
+/* The struct socket behind descriptor `fd` of that table (file->private_data), or NULL. */
+static __always_inline const void *fd_socket_in(const void **fds, s64 fd)
+{
 	const void *file = KREAD(const void *, fds, fd * sizeof(void *));
 	return file ? KREAD(const void *, file, OFF_FILE_PRIVATE_DATA) : 0;
+}
+
+static __always_inline const void *fd_socket(s64 fd)
+{
+	return fd_socket_in(fd_table(), fd);
 }
 
 /* Bucket i of the wait histogram holds [2^i, 2^(i+1)) us. */
@@ -457,10 +507,19 @@ int on_accept_exit(struct syscall_exit *ctx)
 	u64 args[1];
 	if (!syscall_args(ctx->ret, args, 1))
 		return 0;
-	const void *listener_socket = fd_socket(args[0]);
+	const void **fds = fd_table();
+	const void *listener_socket = fd_socket_in(fds, args[0]);
 	u64 inode = KREAD(u64, listener_socket, OFF_SOCKET_INODE);
 	if (!inode)
 		return 0;
+	u64 now = bpf_ktime_get_ns();
+	const void *child_socket = fd_socket_in(fds, ctx->ret);
+	u64 child = KREAD(u64, child_socket, OFF_SOCKET_INODE);
+	int index = child & ACCEPT_SLOT_MASK;
+	u64 *accepted_at = accept_times.lookup(&index);
+	if (child && accepted_at)
+		*(volatile u64 *)accepted_at = (child >> ACCEPT_SLOT_BITS) << (64 - ACCEPT_TAG_BITS)
+					       | (now >> ACCEPT_TIME_SHIFT) & ((1ull << (64 - ACCEPT_TAG_BITS)) - 1);
 	struct accept_stats zero = {}, *a = accepted.lookup(&inode);
 	if (!a)
 		a = accepted.lookup_or_try_init(&inode, &zero);
@@ -489,15 +548,14 @@ int on_accept_exit(struct syscall_exit *ctx)
 	a->next_seq = seq + 1;
 	if (!slot)
 		return 0;  /* queued before aqtune started, or its stamp was overwritten */
-	asm volatile("" ::: "memory");  /* the tag before the time: the enqueue writes them the other way */
-	u64 wait = bpf_ktime_get_ns() - slot->ts;
+	/* stamp_of() read the tag with a fully ordered atomic: this read of the time comes after it. */
+	u64 wait = now - slot->ts;
 	__sync_fetch_and_add(&a->wait_log2_us[log2_bucket(wait / 1000)], 1);
 	if (wanted(EV_ACCEPT, listener)) {
 		struct event e = {};
 		fill_listener(&e, listener);
 		e.kind = EV_ACCEPT;
 		e.value = wait;
-		const void *child_socket = fd_socket(ctx->ret);
 		peer_from_request(&e, KREAD(const void *, child_socket, OFF_SOCKET_SK));
 		events.perf_submit(ctx, &e, sizeof(e));
 	}

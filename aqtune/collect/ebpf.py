@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import enum
 import os
 import socket
-import struct
 import subprocess
 import tempfile
-from collections.abc import Callable, Iterable
+import time
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -30,6 +31,15 @@ WAIT_BUCKETS = 32
 EMIT_ALL = 1
 EMIT_DROPS = 2
 EVENT_KINDS = {1: "enqueue", 2: "ack-overflow", 3: "syn-overflow", 4: "synack-retrans", 5: "accept", 6: "listen"}
+# The arrival stamps (struct stamp in bpf/aqtune.c): where connection number `seq` of a listener is.
+STAMP_SLOTS = 1 << 17
+STAMP_MULTIPLIER = 2654435761
+U32 = 0xFFFFFFFF  # connection numbers are u32 and wrap
+# Accept times (accept_times in bpf/aqtune.c): slot = inode's low bits; the word holds a tag (the
+# inode's next bits) over the time in units of 2^ACCEPT_TIME_SHIFT ns.
+ACCEPT_SLOT_BITS = 19
+ACCEPT_TAG_BITS = 14
+ACCEPT_TIME_SHIFT = 10
 
 # Name in the C source -> (BTF member path, the header expression used when there is no BTF).
 OFFSETS = {
@@ -86,6 +96,48 @@ class KernelFeatures:
     btf: bool
     machine: str  # os.uname().machine
     task_pt_regs: bool  # the kernel's BTF knows the bpf_task_pt_regs() helper (5.15+)
+
+
+class How(enum.Enum):
+    """The mechanism that attached a probe; the value is the word status shows."""
+
+    RAW_TRACEPOINT = "raw tracepoint"
+    TRACEPOINT = "tracepoint"
+    FENTRY = "fentry"
+    KPROBE = "kprobe"
+
+
+@dataclass(frozen=True, slots=True)
+class ProbeState:
+    """One attach point: attached ``how`` (with an optional ``note``), or not attached and ``why_not``.
+
+    ``text`` is the wording status, the journal and trace show: "attached (how[; note])" or
+    "not attached: why"."""
+
+    how: How | None = None
+    note: str | None = None  # attached: what else to know (entry probes kept arguments, why not fentry)
+    why_not: str | None = None  # not attached: the reason, what was tried
+
+    @classmethod
+    def by(cls, how: How, note: str | None = None) -> ProbeState:
+        return cls(how=how, note=note)
+
+    @classmethod
+    def failed(cls, why_not: str) -> ProbeState:
+        return cls(why_not=why_not)
+
+    @property
+    def attached(self) -> bool:
+        return self.how is not None
+
+    @property
+    def text(self) -> str:
+        if self.how is None:
+            return f"not attached: {self.why_not}"
+        return f"attached ({self.how.value}; {self.note})" if self.note else f"attached ({self.how.value})"
+
+    def __str__(self) -> str:
+        return self.text
 
 
 @dataclass(frozen=True, slots=True)
@@ -194,8 +246,11 @@ def choose(features: KernelFeatures) -> dict[str, Way | str]:
     return chosen
 
 
-def compile_flags(btf: Btf | None, features: KernelFeatures, fentry: set[str]) -> list[str]:
-    flags = []
+def compile_flags(btf: Btf | None, features: KernelFeatures, fentry: set[str], emit: int = 0,
+                  netns_inode: int = 0) -> list[str]:
+    """The -D constants bpf/aqtune.c is compiled with: offsets, enum values, which fentry variants to
+    build, and which events go out (``emit``, EMIT_* flags) from which namespace (0: all)."""
+    flags = [f"-DEMIT_FLAGS={emit}", f"-DONLY_NETNS={netns_inode}u"]
     registers = SYSCALL_ARG_OFFSETS[features.machine] if registers_readable(features) else {}
     for name, (path, expression) in (OFFSETS | registers).items():
         if btf is not None:
@@ -220,6 +275,49 @@ def source_text(btf: Btf | None) -> str:
                 text = "".join(f"#include <{h}>\n" for h in HEADER_INCLUDES) + text
             return text
     raise Unavailable(f"aqtune.c not found in {' or '.join(str(d) for d in SOURCE_DIRS)}")
+
+
+def stamp_index(inode: int, seq: int) -> int:
+    """The stamps slot of connection ``seq`` of listener ``inode``, as stamp_slot() computes it."""
+    return ((inode & U32) * STAMP_MULTIPLIER + seq) & (STAMP_SLOTS - 1)
+
+
+def stamp_tag(inode: int, seq: int) -> int:
+    return (inode << 32 | seq) & 0xFFFFFFFFFFFFFFFF
+
+
+def accept_time_slot(inode: int) -> int:
+    return inode & ((1 << ACCEPT_SLOT_BITS) - 1)
+
+
+def accept_time_ns(inode: int, word: int) -> int | None:
+    """The CLOCK_MONOTONIC ns (to 1.024 us) at which socket ``inode`` was accepted, from its slot's
+    word; None when the slot holds another socket's time or none."""
+    time_bits = 64 - ACCEPT_TAG_BITS
+    units = word & ((1 << time_bits) - 1)
+    if not units or word >> time_bits != (inode >> ACCEPT_SLOT_BITS) & ((1 << ACCEPT_TAG_BITS) - 1):
+        return None
+    return units << ACCEPT_TIME_SHIFT
+
+
+def oldest_queued(seq_base: int, enqueued: int, accepts: int, next_seq: int,
+                  queue: int | None) -> tuple[int, int] | None:
+    """(the number of the oldest connection still queued, how many are queued), or None when that
+    cannot be known. Connections are numbered seq_base + 1, + 2, ... as they are queued (u32, wrapping).
+
+    With ``queue``, the queue's length now (sock_diag), the queued ones are the last ``queue``
+    numbered: right even when accepts went unseen (io_uring). Without it, the oldest is the one the
+    next accept() takes (``next_seq``), or the first numbered when no accept() was seen at all."""
+    last = (seq_base + enqueued) & U32
+    if queue is not None:
+        return (last - queue + 1) & U32, queue
+    if not accepts:
+        return (seq_base + 1) & U32, enqueued
+    if not next_seq:  # accepts counted, but none could be placed in the numbering
+        return None
+    count = (last - next_seq + 1) & U32
+    # An accept() that ran ahead of its enqueue's probe: nothing queued.
+    return next_seq, 0 if count > 2**31 else count
 
 
 def percentile(histogram: list[int], fraction: float) -> float:
@@ -251,24 +349,24 @@ class Event:
     comm: str
 
 
-EVENT = struct.Struct("=QQQIIIIIHHHH16s16s16s")
-
-
-def decode_event(data: bytes) -> Event:
-    (ts, inode, value, kind, netns, queue, backlog, pid, port, peer_port, family, _pad, local, peer,
-     comm) = EVENT.unpack_from(data)
+def decode_event(raw: Any) -> Event:
+    """An Event from ``struct event`` as bcc's generated ctypes type reads it (``table.event(data)``):
+    integers, ``local``/``peer`` as arrays of 16 bytes, ``comm`` as bytes up to its NUL. Copied out at
+    once: the perf buffer's memory is reused when the callback returns."""
+    family = int(raw.family)
     af = socket.AF_INET6 if family == socket.AF_INET6 else socket.AF_INET
     size = 16 if af == socket.AF_INET6 else 4
-    peer_text = socket.inet_ntop(af, peer[:size]) if any(peer) else None
-    name = comm.split(b"\0", 1)[0].decode(errors="replace")
-    return Event(ts, EVENT_KINDS.get(kind, str(kind)), netns, inode, family, socket.inet_ntop(af, local[:size]),
-                 port, peer_text, peer_port, queue, backlog, value, pid, name)
+    local, peer = bytes(raw.local)[:size], bytes(raw.peer)[:size]
+    comm = bytes(raw.comm).split(b"\0", 1)[0].decode(errors="replace")  # any bytes a process names itself
+    return Event(int(raw.ts), EVENT_KINDS.get(raw.kind, str(raw.kind)), int(raw.netns), int(raw.inode), family,
+                 socket.inet_ntop(af, local), int(raw.port), socket.inet_ntop(af, peer) if any(peer) else None,
+                 int(raw.peer_port), int(raw.queue), int(raw.backlog), int(raw.value), int(raw.pid), comm)
 
 
 @dataclass(slots=True)
 class EventLayer:
     bpf: Any
-    probes: dict[str, str]  # attach point -> "attached (how)" or why not
+    probes: dict[str, ProbeState]  # attach point -> how it attached, or why not
     mode: str
     syn_overflow_seen: bool
     offsets_from: str  # "BTF" or "kernel headers"
@@ -279,11 +377,13 @@ class EventLayer:
     _reattach: dict[str, tuple[Way, KernelFeatures, dict[str, str]]] = field(default_factory=dict)
 
     @classmethod
-    def start(cls, emit: int = 0, netns_inode: int = 0) -> EventLayer:
+    def start(cls, emit: int = 0, netns_inode: int = 0, pages: int | None = None) -> EventLayer:
         """Compile and attach; raises Unavailable (with the reason) when eBPF cannot run at all.
 
         ``emit`` chooses the events sent to userspace (EMIT_*); ``netns_inode`` keeps only one
-        namespace's, filtered in the kernel.
+        namespace's, filtered in the kernel. Both are compiled in: another choice takes another
+        layer. ``pages`` sizes the perf buffer per CPU (a power of two; default by ``emit``).
+        Use it as a context manager, or call close().
         """
         ensure_tracefs()
         try:
@@ -322,7 +422,8 @@ class EventLayer:
             saved = os.dup(2)
             os.dup2(captured.fileno(), 2)
             try:
-                bpf = Loader(text=source_text(btf), cflags=compile_flags(btf, features, {f for f in fentry if f}))
+                bpf = Loader(text=source_text(btf),
+                             cflags=compile_flags(btf, features, {f for f in fentry if f}, emit, netns_inode))
             except Exception as exc:  # bcc's compile and load errors too
                 captured.seek(0)
                 details = captured.read().decode(errors="replace").strip().splitlines()[-5:]
@@ -336,23 +437,21 @@ class EventLayer:
             finally:
                 os.dup2(saved, 2)
                 os.close(saved)
-        probes: dict[str, str] = {}
+        probes: dict[str, ProbeState] = {}
         for capability, way in chosen.items():
             if isinstance(way, str):
-                probes[capability] = f"not attached: {way}"
+                probes[capability] = ProbeState.failed(way)
                 continue
             for target in way.target.split("+"):
                 probes[target] = _attach(bpf, way, target, features, refused)
-        syn_seen = probes.get("tcp_conn_request", "").startswith("attached")
+        syn_seen = "tcp_conn_request" in probes and probes["tcp_conn_request"].attached
         layer = cls(bpf, probes, describe_mode(probes, syn_seen), syn_seen, "BTF" if btf else "kernel headers")
         layer._reattach = {target: (way, features, refused) for way in chosen.values() if isinstance(way, Way)
-                           for target in way.target.split("+") if probes[target].startswith("attached")}
-        bpf["config"][ctypes.c_int(0)] = ctypes.c_uint32(emit)
-        bpf["config"][ctypes.c_int(1)] = ctypes.c_uint32(netns_inode)
+                           for target in way.target.split("+") if probes[target].attached}
         if emit:
             try:
                 # Every event (trace) needs room for bursts; drops alone are few.
-                pages = 256 if emit & EMIT_ALL else 64
+                pages = pages or (256 if emit & EMIT_ALL else 64)
                 bpf["events"].open_perf_buffer(layer._dispatch, page_cnt=pages, lost_cb=layer._count_lost)
             except Exception as exc:  # bcc raises bare Exception when perf_event_open is refused
                 bpf.cleanup()
@@ -360,8 +459,14 @@ class EventLayer:
                                   "(CAP_PERFMON, a seccomp filter or perf_event_paranoid)") from None
         return layer
 
-    def _dispatch(self, _cpu: int, data: Any, size: int) -> None:
-        event = decode_event(ctypes.string_at(data, size))
+    def __enter__(self) -> EventLayer:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _dispatch(self, _cpu: int, data: Any, _size: int) -> None:
+        event = decode_event(self.bpf["events"].event(data))
         for handler in self._handlers:
             handler(event)
 
@@ -375,8 +480,13 @@ class EventLayer:
         """Deliver pending events to the handlers; returns after ``timeout_ms`` at most."""
         self.bpf.perf_buffer_poll(timeout=timeout_ms)
 
-    def read(self) -> dict[int, ListenerEvents]:
-        """Per-listener events by socket inode; drains the peak-queue map (peaks since last read)."""
+    def read(self, queues: Mapping[int, int] | None = None) -> dict[int, ListenerEvents]:
+        """Per-listener events by socket inode; drains the peak-queue map (peaks since last read).
+
+        ``queues`` (socket inode -> queue length, from the sweep just made) lets the age of the
+        oldest queued connection be found whether or not every accept was seen; without it, that
+        age trusts the accepts the probes saw (see oldest_queued())."""
+        now_ns = time.monotonic_ns()  # bpf_ktime_get_ns()'s clock
         peaks = {_number(key): _number(value) for key, value in _drain(self.bpf["peaks"])}
         queued = {_number(key): value for key, value in _entries(self.bpf["stats"])}
         # A listener whose connections were all queued before the probes came has accepts alone.
@@ -396,8 +506,40 @@ class EventLayer:
                 synack_retransmits=stats.synack_retrans, accepts=taken.accepts, queue_wait_ms=waits,
                 # listen(fd, -1) in C asks for the maximum: the kernel caps it at somaxconn.
                 requested_backlog=(2**31 - 1 if requested >= 2**31 else requested) or None,
+                oldest_queued_ms=self._oldest_queued_ms(inode, stats if inode in queued else None, taken,
+                                                        None if queues is None else queues.get(inode), now_ns),
             )
         return result
+
+    def _oldest_queued_ms(self, inode: int, stats: Any, taken: Any, queue: int | None, now_ns: int) -> float | None:
+        """How long the oldest connection still queued has waited at ``now_ns``: 0.0 when none is,
+        None when unknown (queued before aqtune's probes came, or its stamp was overwritten)."""
+        if stats is None:  # nothing seen entering this listener's queue
+            return 0.0 if queue == 0 else None
+        found = oldest_queued(stats.seq_base, stats.enqueued, taken.accepts, taken.next_seq, queue)
+        if found is None:
+            return None
+        seq, count = found
+        if count == 0:
+            return 0.0
+        stamp = self.bpf["stamps"][ctypes.c_int(stamp_index(inode, seq))]
+        if int(stamp.tag) != stamp_tag(inode, seq):
+            return None
+        return max(now_ns - int(stamp.ts), 0) / 1e6
+
+    def accepted_at(self, inodes: Iterable[int]) -> dict[int, float]:
+        """When each of these accepted sockets (by socket inode, as sock_diag reports established
+        ones) was accepted, in wall-clock seconds (time.time()'s scale, to about a microsecond),
+        for those the probes saw accepted and whose slot no newer socket took (see accept_times in
+        bpf/aqtune.c). Sockets accepted before aqtune started or through io_uring are left out."""
+        table = self.bpf["accept_times"]
+        wall_minus_monotonic = time.time() - time.monotonic()
+        found = {}
+        for inode in inodes:
+            at_ns = accept_time_ns(inode, _number(table[ctypes.c_int(accept_time_slot(inode))]))
+            if at_ns is not None:
+                found[inode] = at_ns / 1e9 + wall_minus_monotonic
+        return found
 
     def forget_closed(self, observed: Iterable[int], live: set[int]) -> None:
         """Drop the entries of listeners that two sweeps in a row did not find (closed, or in a
@@ -416,33 +558,39 @@ class EventLayer:
         self._unseen = unseen
 
     def pause(self) -> list[str]:
-        """Detach the probes, keeping programs and maps, so that a benchmark can alternate rounds with
-        and without them a moment apart instead of a compile apart. Returns the probes that stay:
-        bcc attaches fentry programs as it loads them."""
+        """Detach the probes, keeping programs and maps; resume() attaches them again.
+
+        For bench/probe_overhead.py only (the daemon and trace never call it): it alternates rounds
+        with and without the probes a moment apart instead of a compile (about half a second) apart,
+        so that drift in the machine's load falls on both alike. It lives here because only the
+        layer knows how each probe was attached. While paused nothing is counted, so read() then
+        lags the kernel. Returns the probes that stay: bcc attaches fentry programs as it loads them."""
         staying = []
-        for target, (way, _, _) in self._reattach.items():
-            if way.kind == "raw_tracepoint":
+        for target, (way, features, _) in self._reattach.items():
+            how = self.probes[target].how
+            if how is How.RAW_TRACEPOINT:
                 self.bpf.detach_raw_tracepoint(tp=target.split(":")[1])
-            elif way.kind == "tracepoint":
+            elif how is How.TRACEPOINT:
                 self.bpf.detach_tracepoint(tp=target)
-                if "arguments kept by" in self.probes[target]:
+                if entry_probe_needed(way, features):
                     self.bpf.detach_tracepoint(tp=entry_of(target))
-            elif self.probes[target].startswith("attached (kprobe"):
+            elif how is How.KPROBE:
                 self.bpf.detach_kprobe(event=target)
             else:
                 staying.append(target)
         return staying
 
     def resume(self) -> None:
-        """Attach again what pause() detached."""
+        """Attach again what pause() detached (the benchmark's; see pause())."""
         for target, (way, features, refused) in self._reattach.items():
-            if self.probes[target] != "attached (fentry)":
+            if self.probes[target].how is not How.FENTRY:
                 state = _attach(self.bpf, way, target, features, refused)
                 if state != self.probes[target]:
                     raise RuntimeError(f"{target} {state} again (was {self.probes[target]})")
 
     def status(self) -> dict[str, Any]:
-        return {"active": True, "probes": dict(self.probes), "mode": self.mode, "offsets": self.offsets_from,
+        return {"active": True, "probes": {probe: state.text for probe, state in self.probes.items()},
+                "mode": self.mode, "offsets": self.offsets_from,
                 "lost_events": self.lost}
 
     def close(self) -> None:
@@ -488,30 +636,35 @@ def _errno_text(exc: Exception) -> str:
     return f"fentry failed: {text.splitlines()[0] if text else type(exc).__name__}"
 
 
-def _attach(bpf: Any, way: Way, target: str, features: KernelFeatures, refused: dict[str, str]) -> str:
+def entry_probe_needed(way: Way, features: KernelFeatures) -> bool:
+    """Whether ``way`` reads syscall arguments that only its entry tracepoint can keep here."""
+    return way.reads_syscall_args and not registers_readable(features)
+
+
+def _attach(bpf: Any, way: Way, target: str, features: KernelFeatures, refused: dict[str, str]) -> ProbeState:
     try:
         if way.kind == "raw_tracepoint":
             bpf.attach_raw_tracepoint(tp=target.split(":")[1], fn_name=way.program)
-            return "attached (raw tracepoint)"
+            return ProbeState.by(How.RAW_TRACEPOINT)
         if way.kind == "tracepoint":
-            kept = way.reads_syscall_args and not registers_readable(features)
+            kept = entry_probe_needed(way, features)
             if kept:
                 bpf.attach_tracepoint(tp=entry_of(target), fn_name="on_syscall_enter")
             bpf.attach_tracepoint(tp=target, fn_name=way.program)
-            return f"attached (tracepoint; arguments kept by {entry_of(target)})" if kept else "attached (tracepoint)"
+            return ProbeState.by(How.TRACEPOINT, f"arguments kept by {entry_of(target)}" if kept else None)
         if way.fentry_define and features.btf and target not in refused:
-            return "attached (fentry)"
+            return ProbeState.by(How.FENTRY)
         why_fentry = refused.get(target, "fentry not tried (no BTF)")
         if not features.kprobes:
-            return f"not attached: {why_fentry}; kprobes absent (no {TRACEFS}/kprobe_events)"
+            return ProbeState.failed(f"{why_fentry}; kprobes absent (no {TRACEFS}/kprobe_events)")
         bpf.attach_kprobe(event=target, fn_name=way.program)
-        return f"attached (kprobe; {why_fentry})"
+        return ProbeState.by(How.KPROBE, why_fentry)
     except Exception as exc:  # bcc raises bare Exception
-        return f"not attached: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        return ProbeState.failed(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
 
 
-def describe_mode(probes: dict[str, str], syn_seen: bool) -> str:
-    missing = sorted(name for name, state in probes.items() if not state.startswith("attached"))
+def describe_mode(probes: dict[str, ProbeState], syn_seen: bool) -> str:
+    missing = sorted(name for name, state in probes.items() if not state.attached)
     text = "full" if not missing else "partial: " + ", ".join(missing) + " not observed"
     if not syn_seen:
         text += "; SYN-stage drops are counted only from the sweep (socket drops, ListenOverflows)"

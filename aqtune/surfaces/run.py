@@ -58,7 +58,7 @@ class Observer:
         self.events.on_event(on_event)
         log.info(f"eBPF: {self.events.mode}", ebpf="active", offsets=self.events.offsets_from)
         for probe, how in self.events.probes.items():
-            if not how.startswith("attached"):
+            if not how.attached:
                 log.warning(f"eBPF probe {probe} {how}", MessageId.DEGRADED, probe=probe)
 
     def observe(self) -> Observation:
@@ -67,7 +67,7 @@ class Observer:
         observed: dict[int, ListenerEvents] = {}
         if self.events:
             self.events.poll(0)
-            observed = self.events.read()
+            observed = self.events.read({listener.inode: listener.queue for listener in snapshot.listeners})
             self.ebpf_status = self.events.status()
             self.events.forget_closed(observed.keys(), {listener.inode for listener in snapshot.listeners})
         return Observation(snapshot, observed, procfs.cpu_seconds(pids))

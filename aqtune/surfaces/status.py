@@ -67,7 +67,7 @@ def _events_json(events: ListenerEvents) -> dict[str, Any]:
     return {"enqueued": events.enqueued, "peak_queue": events.peak_queue, "ack_overflow": events.ack_overflow,
             "syn_overflow": events.syn_overflow, "synack_retransmits": events.synack_retransmits,
             "accepts": events.accepts, "queue_wait_ms": events.queue_wait_ms,
-            "requested_backlog": events.requested_backlog}
+            "requested_backlog": events.requested_backlog, "oldest_queued_ms": events.oldest_queued_ms}
 
 
 def namespace_json(namespace: Namespace, findings: list[Finding]) -> dict[str, Any]:

@@ -17,12 +17,12 @@ Kernel facts the checks rely on (measured on this 6.18 VM, /work/shared/notes/ke
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import os
 import re
 import shutil
 import signal
+import socket
 import statistics
 import subprocess
 import threading
@@ -35,9 +35,10 @@ from typing import Any
 import pytest
 
 from aqtune.collect import ebpf
-from aqtune.collect.ebpf import EMIT_ALL, Event, EventLayer, decode_event, percentile
+from aqtune.collect.ebpf import EMIT_ALL, Event, EventLayer, How, ProbeState, percentile
+from aqtune.collect.netns import NamespaceRef, entered
 from aqtune.records import ListenerEvents
-from aqtune.surfaces.trace import HEADER
+from aqtune.surfaces.trace import HEADER, SUMMARY_HEADER
 from tests.helpers.aqtune_run import Daemon, write_policy
 from tests.helpers.kernelview import SsListener
 from tests.helpers.namespace import PYTHON, REPO, HelperProcess, TestNamespace, wait_until
@@ -65,10 +66,9 @@ class Recorder:
     """The session's EventLayer and the events of this session's namespaces.
 
     EMIT_ALL sends every listener's events on the host through one perf buffer, and a busy neighbour
-    (a benchmark in another namespace, tens of thousands of events a second) overflows aqtune's
-    64-page buffer whenever the reader is starved for a moment on a loaded 2-core machine. So the
-    layer is started without a buffer and the test opens a 1024-page one on the same map, set to
-    EMIT_ALL as start() does, and a thread reads it all the time. Only events from namespaces this
+    (a benchmark in another namespace, tens of thousands of events a second) overflows trace's
+    256-page buffer whenever the reader is starved for a moment on a loaded 2-core machine. So the
+    layer gets a 1024-page one, and a thread reads it all the time. Only events from namespaces this
     test process made (aqt-<pid>-*) are kept; the others are decoded and dropped.
     """
 
@@ -81,17 +81,18 @@ class Recorder:
     def __init__(self, layer: EventLayer) -> None:
         self.layer = layer
         self.events: list[Event] = []
-        self.lost = 0
         self.ours: set[int] = set()
         self.foreign: dict[int, int] = {}  # netns inode -> until when (monotonic ns) it counts as not ours
-        layer.bpf["events"].open_perf_buffer(self._deliver, page_cnt=self.PAGES, lost_cb=self._count_lost)
-        layer.bpf["config"][ctypes.c_int(0)] = ctypes.c_uint32(EMIT_ALL)
+        layer.on_event(self._deliver)
         self.stop = threading.Event()
         self.poller = threading.Thread(target=self._poll, name="perf-poll", daemon=True)
         self.poller.start()
 
-    def _deliver(self, _cpu: int, data: Any, size: int) -> None:
-        event = decode_event(ctypes.string_at(data, size))
+    @property
+    def lost(self) -> int:
+        return self.layer.lost
+
+    def _deliver(self, event: Event) -> None:
         if event.netns not in self.ours:
             now = time.monotonic_ns()
             if self.foreign.get(event.netns, 0) > now:
@@ -104,18 +105,14 @@ class Recorder:
                 return
         self.events.append(event)
 
-    def _count_lost(self, lost: int) -> None:
-        self.lost += lost
-
     def _poll(self) -> None:
         while not self.stop.is_set():
             self.layer.poll(50)
 
-    def close(self) -> None:
-        # The poller must be gone before bcc frees the perf readers it is blocked in.
+    def stop_polling(self) -> None:
+        # The poller must be gone before bcc frees the perf readers it is blocked in (the layer's close).
         self.stop.set()
         self.poller.join(timeout=5)
-        self.layer.close()
 
     def read(self, inode: int) -> ListenerEvents | None:
         return self.layer.read().get(inode)
@@ -150,11 +147,12 @@ def our_namespaces() -> set[int]:
 
 @pytest.fixture(scope="session")
 def layer() -> Iterator[Recorder]:
-    recorder = Recorder(EventLayer.start())
-    try:
-        yield recorder
-    finally:
-        recorder.close()
+    with EventLayer.start(emit=EMIT_ALL, pages=Recorder.PAGES) as events:
+        recorder = Recorder(events)
+        try:
+            yield recorder
+        finally:
+            recorder.stop_polling()
 
 
 # --- reading eBPF, ss and nstat together ---------------------------------------------------------------
@@ -186,7 +184,8 @@ def settled(recorder: Recorder, ns: TestNamespace, address: str, inode: int, tim
             if reading is not None and reading.peak_queue is not None:
                 peak = max(peak or 0, reading.peak_queue)
         if (first is not None and second is not None and row is not None and before == after
-                and dataclasses.replace(first, peak_queue=None) == dataclasses.replace(second, peak_queue=None)):
+                and dataclasses.replace(first, peak_queue=None, oldest_queued_ms=None)
+                == dataclasses.replace(second, peak_queue=None, oldest_queued_ms=None)):
             return Reading(second, row, after, peak, at_ns)
         if time.monotonic() >= deadline:
             raise AssertionError(f"eBPF, ss and nstat never agreed on {address} within {timeout} s: {first} {second}")
@@ -495,6 +494,86 @@ def test_unix_queue_wait_is_timed_too(layer: Recorder, netns: Callable[[], TestN
     assert seen.queue_wait_ms == {"p50": percentile(histogram, 0.5), "p99": percentile(histogram, 0.99)}
 
 
+QUEUED = 3
+APART = 0.2  # seconds between the connects: far more than a read() takes, even on a loaded machine
+
+
+def test_oldest_queued_age_matches_the_clients_clock(layer: Recorder, netns: Callable[[], TestNamespace]) -> None:
+    """A listener that never accepts: the oldest queued connection's age is the time since its client
+    connected, by this process's CLOCK_MONOTONIC (bpf_ktime_get_ns's clock), whether read() is given
+    the sweep's queue lengths or counts from the accepts it saw (none)."""
+    ns = netns()
+    listener = listener_of(ns.listen("tcp4:8"))
+    host, _, port = listener["address"].rpartition(":")
+    clients: list[socket.socket] = []
+    connected: list[tuple[float, float]] = []
+    try:
+        with entered(NamespaceRef(ns.name, ns.inode, f"{RUN_NETNS}/{ns.name}")):
+            for _ in range(QUEUED):
+                client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                clients.append(client)
+                before = time.monotonic()
+                client.connect((host, int(port)))
+                connected.append((before, time.monotonic()))
+                time.sleep(APART)  # so that the oldest is told from the others
+        wait_for_queues(ns, {listener["address"]: QUEUED})
+        queue = ns.ss_tcp()[listener["address"]].queue
+        for queues in ({listener["inode"]: queue}, None):
+            before = time.monotonic()
+            seen = layer.layer.read(queues)[listener["inode"]]
+            after = time.monotonic()
+            assert seen.oldest_queued_ms is not None, queues
+            # Queued between the first connect()'s start and a moment after it returned (the server
+            # may take the final ACK just after): the age read lies in the window that leaves.
+            low = (before - connected[0][1] - HANDSHAKE_SLACK_S) * 1000
+            high = (after - connected[0][0]) * 1000
+            assert low <= seen.oldest_queued_ms <= high, (queues, low, seen.oldest_queued_ms, high)
+            # Not the second connection's age: that one came APART later.
+            assert seen.oldest_queued_ms > (after - connected[1][0]) * 1000
+        # An empty queue is known to be empty.
+        assert layer.layer.read({listener["inode"]: 0})[listener["inode"]].oldest_queued_ms == 0.0
+    finally:
+        for client in clients:
+            client.close()
+
+
+def test_once_everything_is_accepted_nothing_is_queued(layer: Recorder, netns: Callable[[], TestNamespace]) -> None:
+    done = netns().spawn("eventload.py", ["acceptor", "--clients", "3", "--every", "0.05"], "DONE").ready(timeout=15)
+    for queues in ({done["inode"]: 0}, None):
+        assert layer.layer.read(queues)[done["inode"]].oldest_queued_ms == 0.0
+
+
+# The wall clock seen from two processes, each turning CLOCK_MONOTONIC into it a moment apart: the
+# offsets they measure may differ by the time between two clock reads (and NTP's slew meanwhile).
+CLOCK_CONVERSION_S = 0.001
+
+
+def accepted_sockets(ns: TestNamespace, port: int) -> dict[int, int]:
+    """Peer port -> socket inode of the server side of each established connection to ``port`` (ss)."""
+    found = {}
+    for line in ns.run("ss", "-tnHe", "state", "established", "sport", "=", f":{port}").splitlines():
+        peer = re.search(r"\s\S+:(\d+)\s+(?:timer|uid|ino)", line)
+        inode = re.search(r"\bino:(\d+)", line)
+        assert peer and inode, line
+        found[int(peer.group(1))] = int(inode.group(1))
+    return found
+
+
+def test_accept_times_of_accepted_sockets_match_the_acceptors_clock(
+        layer: Recorder, netns: Callable[[], TestNamespace]) -> None:
+    ns = netns()
+    done = ns.spawn("eventload.py", ["acceptor", "--clients", str(WAIT_CLIENTS), "--every", "0.1"],
+                    "DONE").ready(timeout=15)
+    inodes = accepted_sockets(ns, done["port"])
+    assert sorted(inodes) == sorted(done["peer_ports"])
+    wall_minus_monotonic = time.time() - time.monotonic()
+    seen = layer.layer.accepted_at([*inodes.values(), 1])  # 1: no such socket
+    assert set(seen) == set(inodes.values())
+    for port, (before, after) in zip(done["peer_ports"], done["accepted"], strict=True):
+        accepted = seen[inodes[port]] - wall_minus_monotonic
+        assert before - CLOCK_CONVERSION_S <= accepted <= after + CLOCK_CONVERSION_S, (port, before, accepted, after)
+
+
 def test_closed_listeners_are_forgotten_after_two_sweeps_without_them(
         layer: Recorder, netns: Callable[[], TestNamespace]) -> None:
     ns = netns()
@@ -523,12 +602,12 @@ def test_syn_overflow_is_unobserved_and_the_probe_state_says_why(
     # The kernel fact first, read independently of aqtune: this VM's kernel is built without kprobes.
     assert not os.path.exists(KPROBE_EVENTS), f"{KPROBE_EVENTS} exists: a kernel with kprobes, not this VM's"
     # fentry is refused with EPERM here (no trampolines), kprobes are compiled out: both are named.
-    assert state == f"not attached: fentry refused (EPERM); kprobes absent (no {KPROBE_EVENTS})"
+    assert state == ProbeState.failed(f"fentry refused (EPERM); kprobes absent (no {KPROBE_EVENTS})")
     others = {probe: how for probe, how in layer.layer.probes.items() if probe != "tcp_conn_request"}
-    assert all(how.startswith("attached (") for how in others.values()), others
+    assert all(how.attached for how in others.values()), others
     assert "tcp_conn_request not observed" in layer.layer.mode
     assert "SYN-stage drops are counted only from the sweep" in layer.layer.mode
-    assert layer.layer.status()["probes"]["tcp_conn_request"] == state
+    assert layer.layer.status()["probes"]["tcp_conn_request"] == state.text
     # A real SYN-stage drop: counted by the kernel, absent from eBPF, and not mistaken for an ACK-stage one.
     ns = netns()
     before = ns.nstat()
@@ -583,6 +662,44 @@ def test_trace_prints_the_namespace_events_and_the_degradation(layer: Recorder, 
     assert re.fullmatch(r"waited \d+\.\d ms in the queue \(pid \d+ python3\)", accepts[0][6])
     assert f"  tcp_conn_request: not attached: fentry refused (EPERM); kprobes absent (no {KPROBE_EVENTS})" in err
     assert err.startswith("aqtune trace: partial: tcp_conn_request not observed")
+
+
+SUMMARY_CLIENTS = 40
+
+
+def test_trace_summary_gives_a_line_per_listener_and_second_with_the_kinds_asked_for(
+        netns: Callable[[], TestNamespace], tmp_path: Path) -> None:
+    ns = netns()
+    out_path, err_path = tmp_path / "stdout", tmp_path / "stderr"
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        trace = subprocess.Popen([PYTHON, "-m", "aqtune", "trace", "--summary", "--netns", ns.name,
+                                  "--kind", "enqueue,accept"], stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+                                 cwd=REPO)
+    try:
+        wait_until(lambda: out_path.read_text().startswith(SUMMARY_HEADER) or trace.poll() is not None,
+                   "aqtune trace --summary's header", timeout=20)
+        assert trace.poll() is None, err_path.read_text()
+        done = ns.spawn("eventload.py", ["acceptor", "--clients", str(SUMMARY_CLIENTS), "--every", "0.01"],
+                        "DONE").ready(timeout=15)
+        address = done["address"]
+
+        def rows() -> list[list[str]]:
+            return [line.split() for line in out_path.read_text().splitlines()[1:] if f" {address} " in line]
+
+        # A second is printed once it is over: wait for the lines that hold every accept.
+        wait_until(lambda: sum(int(row[4]) for row in rows()) >= SUMMARY_CLIENTS, "the summary lines", timeout=10)
+    finally:
+        trace.send_signal(signal.SIGINT)
+        assert trace.wait(timeout=10) == 0, err_path.read_text()
+    mine = rows()
+    # 80 events in 0.4 s or so: a line for each second they fell in, not a line each.
+    assert 1 <= len(mine) <= 3, mine
+    assert sum(int(row[3]) for row in mine) == sum(int(row[4]) for row in mine) == SUMMARY_CLIENTS
+    for row in mine:
+        assert row[1:3] == [ns.name, address]
+        assert row[5:10] == ["-", "-", "-", "-", "-"], row  # drops, retransmits, listen(): not asked for
+        assert row[11] != "-" and float(row[11]) > 0 and row[12] == "ms", row  # the p99 of the waits
+    assert "per listener and second" in err_path.read_text()
 
 
 # --- 8. degradation, for real ---------------------------------------------------------------------------
@@ -644,8 +761,7 @@ def test_without_ebpf_the_loop_still_sweeps_and_advises(
 
 def test_paused_probes_count_nothing_until_resumed(netns: Callable[[], TestNamespace]) -> None:
     """pause() and resume() let the overhead benchmark compare rounds a moment apart."""
-    layer = EventLayer.start()
-    try:
+    with EventLayer.start() as layer:
         ns = netns()
         assert layer.pause() == []  # nothing here attaches by fentry
         paused = ns.spawn("eventload.py", ["acceptor", "--clients", "2", "--every", "0"], "DONE").ready(timeout=15)
@@ -654,8 +770,6 @@ def test_paused_probes_count_nothing_until_resumed(netns: Callable[[], TestNames
         resumed = ns.spawn("eventload.py", ["acceptor", "--clients", "2", "--every", "0"], "DONE").ready(timeout=15)
         seen = layer.read()[resumed["inode"]]
         assert (seen.enqueued, seen.accepts, seen.requested_backlog) == (2, 2, 2)
-    finally:
-        layer.close()
 
 
 def test_where_registers_cannot_be_read_the_entry_tracepoints_keep_the_arguments(
@@ -664,10 +778,9 @@ def test_where_registers_cannot_be_read_the_entry_tracepoints_keep_the_arguments
     saved registers aqtune does not know, run here by making detect() say so."""
     detect = ebpf.detect
     monkeypatch.setattr(ebpf, "detect", lambda btf: dataclasses.replace(detect(btf), task_pt_regs=False))
-    layer = EventLayer.start()
-    try:
-        assert layer.probes["syscalls:sys_exit_accept4"] == (
-            "attached (tracepoint; arguments kept by syscalls:sys_enter_accept4)")
+    with EventLayer.start() as layer:
+        assert layer.probes["syscalls:sys_exit_accept4"] == ProbeState.by(
+            How.TRACEPOINT, "arguments kept by syscalls:sys_enter_accept4")
         done = netns().spawn("eventload.py", ["acceptor", "--clients", str(WAIT_CLIENTS), "--every", "0.05"],
                              "DONE").ready(timeout=15)
         seen = layer.read()[done["inode"]]
@@ -677,5 +790,3 @@ def test_where_registers_cannot_be_read_the_entry_tracepoints_keep_the_arguments
         layer.pause()
         paused = netns().spawn("eventload.py", ["acceptor", "--clients", "1", "--every", "0"], "DONE").ready(timeout=15)
         assert paused["inode"] not in layer.read()
-    finally:
-        layer.close()

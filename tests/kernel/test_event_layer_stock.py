@@ -26,22 +26,19 @@ FULL = BACKLOG + 1  # sk_acceptq_is_full() is ack_backlog > max: the queue holds
 
 @pytest.fixture(scope="module")
 def layer() -> Iterator[tuple[EventLayer, list[Event]]]:
-    loaded = EventLayer.start(emit=EMIT_ALL)
-    events: list[Event] = []
-    loaded.on_event(events.append)
-    try:
+    with EventLayer.start(emit=EMIT_ALL) as loaded:
+        events: list[Event] = []
+        loaded.on_event(events.append)
         yield loaded, events
-    finally:
-        loaded.close()
 
 
 def test_function_probes_replace_the_missing_tracepoints(layer: tuple[EventLayer, list[Event]]) -> None:
     probes = layer[0].probes
     print(probes)
-    assert probes["tcp_conn_request"].startswith("attached"), probes
-    assert probes["tcp_v4_syn_recv_sock"].startswith("attached"), probes
+    assert probes["tcp_conn_request"].attached, probes
+    assert probes["tcp_v4_syn_recv_sock"].attached, probes
     if "sock:sk_data_ready" not in probes:
-        assert probes["inet_csk_complete_hashdance"].startswith("attached"), probes
+        assert probes["inet_csk_complete_hashdance"].attached, probes
     assert layer[0].syn_overflow_seen
     assert "tcp_conn_request" not in layer[0].mode
 

@@ -31,13 +31,14 @@ from aqtune.collect.ebpf import (
     CAPABILITIES,
     EMIT_ALL,
     EMIT_DROPS,
-    EVENT,
     EVENT_KINDS,
     OFFSET_ADDENDS,
     OFFSETS,
     SYSCALL_ARG_OFFSETS,
     Event,
+    How,
     KernelFeatures,
+    ProbeState,
     Way,
     choose,
     compile_flags,
@@ -47,7 +48,18 @@ from aqtune.collect.ebpf import (
     usable,
 )
 from aqtune.surfaces import trace as trace_module
-from aqtune.surfaces.trace import HEADER, NamespaceNames, detail, format_event
+from aqtune.surfaces.trace import (
+    HEADER,
+    KINDS,
+    SUMMARY_HEADER,
+    NamespaceNames,
+    Summary,
+    detail,
+    emit_for,
+    format_event,
+    nearest_rank,
+    parse_kinds,
+)
 
 C_SOURCE = Path(__file__).resolve().parents[2] / "bpf" / "aqtune.c"
 
@@ -369,19 +381,35 @@ def test_attach_states_say_how_or_why_not() -> None:
     no_btf = KernelFeatures(KERNEL_6_18.tracepoints, True, 40, True, False, X86, False)
     bpf = FakeBpf()
     attach = ebpf._attach
-    assert attach(bpf, conn, "tcp_conn_request", no_kprobes, {}) == "attached (fentry)"
-    assert attach(bpf, conn, "tcp_conn_request", no_kprobes, refused) == (
-        "not attached: fentry refused (EPERM); kprobes absent (no /sys/kernel/tracing/kprobe_events)")
-    assert attach(bpf, conn, "tcp_conn_request", with_kprobes, refused) == "attached (kprobe; fentry refused (EPERM))"
-    assert attach(bpf, conn, "tcp_conn_request", no_btf, {}) == "attached (kprobe; fentry not tried (no BTF))"
+    assert attach(bpf, conn, "tcp_conn_request", no_kprobes, {}) == ProbeState.by(How.FENTRY)
+    assert attach(bpf, conn, "tcp_conn_request", no_kprobes, refused) == ProbeState.failed(
+        "fentry refused (EPERM); kprobes absent (no /sys/kernel/tracing/kprobe_events)")
+    assert attach(bpf, conn, "tcp_conn_request", with_kprobes, refused) == ProbeState.by(
+        How.KPROBE, "fentry refused (EPERM)")
+    assert attach(bpf, conn, "tcp_conn_request", no_btf, {}) == ProbeState.by(How.KPROBE, "fentry not tried (no BTF)")
     assert bpf.calls == [("kprobe", "tcp_conn_request", "on_conn_request")] * 2
     assert attach(FakeBpf("cannot attach kprobe, probe entry may not exist\nmore"), conn, "tcp_conn_request",
-                  no_btf, {}) == "not attached: cannot attach kprobe, probe entry may not exist"
+                  no_btf, {}) == ProbeState.failed("cannot attach kprobe, probe entry may not exist")
     raw = CAPABILITIES["enqueue"][0]
     bpf = FakeBpf()
-    assert attach(bpf, raw, "sock:sk_data_ready", no_kprobes, {}) == "attached (raw tracepoint)"
+    assert attach(bpf, raw, "sock:sk_data_ready", no_kprobes, {}) == ProbeState.by(How.RAW_TRACEPOINT)
     assert bpf.calls == [("raw", "sk_data_ready", "on_sk_data_ready")]  # the raw name has no category
-    assert attach(FakeBpf("boom"), raw, "sock:sk_data_ready", no_kprobes, {}) == "not attached: boom"
+    assert attach(FakeBpf("boom"), raw, "sock:sk_data_ready", no_kprobes, {}) == ProbeState.failed("boom")
+
+
+@pytest.mark.parametrize(("state", "text"), [
+    (ProbeState.by(How.RAW_TRACEPOINT), "attached (raw tracepoint)"),
+    (ProbeState.by(How.TRACEPOINT), "attached (tracepoint)"),
+    (ProbeState.by(How.TRACEPOINT, "arguments kept by syscalls:sys_enter_accept4"),
+     "attached (tracepoint; arguments kept by syscalls:sys_enter_accept4)"),
+    (ProbeState.by(How.FENTRY), "attached (fentry)"),
+    (ProbeState.by(How.KPROBE, "fentry refused (EPERM)"), "attached (kprobe; fentry refused (EPERM))"),
+    (ProbeState.failed("fentry refused (EPERM); kprobes absent (no /sys/kernel/tracing/kprobe_events)"),
+     "not attached: fentry refused (EPERM); kprobes absent (no /sys/kernel/tracing/kprobe_events)"),
+])
+def test_probe_state_text_is_what_status_has_always_shown(state: ProbeState, text: str) -> None:
+    """status --json's ebpf.probes, the journal's "eBPF probe ..." lines and trace's stderr show this text."""
+    assert (state.text, str(state), state.attached) == (text, text, text.startswith("attached ("))
 
 
 @pytest.mark.parametrize(("text", "errno_value", "expected"), [
@@ -431,11 +459,36 @@ def test_percentile_is_the_bound_of_the_bucket_holding_the_rank(histogram: list[
 # --- events ---------------------------------------------------------------------------------------------
 
 
+def c_block(pattern: str) -> str:
+    found = re.search(pattern + r"\s*\{(.*?)\};", C_SOURCE.read_text(), re.S)
+    assert found, f"{pattern} not found in {C_SOURCE}"
+    return found.group(1)
+
+
+# How bcc's table.event() types the members of `struct event` (bcc/table.py, _get_event_class).
+BCC_CTYPES = {"u64": ctypes.c_ulonglong, "u32": ctypes.c_uint, "u16": ctypes.c_ushort, "u8": ctypes.c_ubyte,
+              "char": ctypes.c_char}
+
+
+def bcc_event_class() -> type[ctypes.Structure]:
+    """The ctypes type bcc generates for `struct event`, built the same way from the C source."""
+    fields: list[tuple[str, Any]] = []
+    for line in c_block(r"struct event").splitlines():
+        declared = re.match(r"\s*(u64|u32|u16|u8|char)\s+(\w+)(?:\[(\d+)\])?;", line)
+        if declared:
+            kind, name, length = declared.groups()
+            fields.append((name, BCC_CTYPES[kind] * int(length) if length else BCC_CTYPES[kind]))
+    return type("Event", (ctypes.Structure,), {"_fields_": fields})
+
+
 def packed(kind: int = 2, family: int = socket.AF_INET, local: bytes = socket.inet_aton("127.0.0.1"),
-           peer: bytes = socket.inet_aton("127.0.0.2"), comm: bytes = b"aqt-listen") -> bytes:
-    data = EVENT.pack(123_456_789, 4242, 300_400_500, kind, 4026532315, 5, 4, 777, 8080, 51234, family, 0,
-                      local.ljust(16, b"\0"), peer.ljust(16, b"\0"), comm.ljust(16, b"\0"))
-    return data + b"\0" * 4  # the C struct is padded to 104 bytes; the perf buffer hands over all of it
+           peer: bytes = socket.inet_aton("127.0.0.2"), comm: bytes = b"aqt-listen") -> Any:
+    raw = bcc_event_class()(ts=123_456_789, inode=4242, value=300_400_500, kind=kind, netns=4026532315, queue=5,
+                            backlog=4, pid=777, port=8080, peer_port=51234, family=family)
+    ctypes.memmove(raw.local, local, len(local))
+    ctypes.memmove(raw.peer, peer, len(peer))
+    raw.comm = comm
+    return raw
 
 
 def test_decode_v4_event_with_a_peer() -> None:
@@ -456,30 +509,10 @@ def test_decode_event_without_a_peer_and_an_unknown_kind() -> None:
     assert decode_event(packed(kind=99)).kind == "99"
 
 
-def c_block(pattern: str) -> str:
-    found = re.search(pattern + r"\s*\{(.*?)\};", C_SOURCE.read_text(), re.S)
-    assert found, f"{pattern} not found in {C_SOURCE}"
-    return found.group(1)
-
-
-def test_event_layout_matches_the_c_struct() -> None:
-    """EVENT must read `struct event` exactly as the C compiler lays it out, field by field."""
-    ctype = {"u64": ctypes.c_uint64, "u32": ctypes.c_uint32, "u16": ctypes.c_uint16}
-    fields: list[tuple[str, Any]] = []
-    for line in c_block(r"struct event").splitlines():
-        declared = re.match(r"\s*(u64|u32|u16|u8|char)\s+(\w+)(?:\[(\d+)\])?;", line)
-        if declared:
-            kind, name, length = declared.groups()
-            base = ctypes.c_uint8 if kind in ("u8", "char") else ctype[kind]
-            fields.append((name, base * int(length) if length else base))
-    layout = type("CEvent", (ctypes.Structure,), {"_fields_": fields})
-    codes = re.findall(r"(\d*)([A-Za-z])", EVENT.format.lstrip("="))
-    assert len(codes) == len(fields)
-    offset = 0
-    for (name, _), (count, code) in zip(fields, codes, strict=True):
-        assert getattr(layout, name).offset == offset, name
-        offset += struct.calcsize("=" + count + code)
-    assert ctypes.sizeof(layout) >= EVENT.size
+def test_decode_event_keeps_a_hostile_process_name_as_text() -> None:
+    """comm is whatever a process called itself (prctl PR_SET_NAME): decoded, never trusted; trace escapes it."""
+    event = decode_event(packed(comm=b"\x1b[31m\xff\n"))
+    assert event.comm == "\x1b[31m\ufffd\n"
 
 
 def test_event_kinds_and_emit_flags_match_the_c_source() -> None:
@@ -488,6 +521,15 @@ def test_event_kinds_and_emit_flags_match_the_c_source() -> None:
     source = C_SOURCE.read_text()
     assert re.search(rf"#define EMIT_ALL {EMIT_ALL}\b", source)
     assert re.search(rf"#define EMIT_DROPS {EMIT_DROPS}\b", source)
+    # Compiled in, not read from a map on every connection.
+    assert re.search(r"int wanted\(u32 kind, const void \*sk\)\s*\{[^}]*EMIT_FLAGS[^}]*ONLY_NETNS", source)
+    assert "BPF_ARRAY(config" not in source
+
+
+def test_compile_flags_carry_the_emit_mode_and_the_namespace() -> None:
+    flags = compile_flags(full_btf({}), KERNEL_6_18, set(), emit=EMIT_ALL, netns_inode=4026532315)
+    assert flags[:2] == [f"-DEMIT_FLAGS={EMIT_ALL}", "-DONLY_NETNS=4026532315u"]
+    assert compile_flags(full_btf({}), KERNEL_6_18, set())[:2] == ["-DEMIT_FLAGS=0", "-DONLY_NETNS=0u"]
 
 
 def test_every_probe_program_offset_and_fentry_define_exists_in_the_c_source() -> None:
@@ -501,6 +543,70 @@ def test_every_probe_program_offset_and_fentry_define_exists_in_the_c_source() -
                 assert f"#ifdef {way.fentry_define}" in source, way.fentry_define
     used = set(re.findall(r"\bOFF_[A-Z0-9_]+", source))
     assert used == set(OFFSETS) | set(SYSCALL_ARG_OFFSETS[X86]), "offsets the C source reads vs compile_flags'"
+
+
+# --- arrival stamps and the oldest queued connection ------------------------------------------------
+
+
+def test_stamp_constants_match_the_c_source() -> None:
+    source = C_SOURCE.read_text()
+    assert f"#define STAMP_SLOTS (1 << {ebpf.STAMP_SLOTS.bit_length() - 1})" in source
+    assert re.search(rf"#define STAMP_MULTIPLIER {ebpf.STAMP_MULTIPLIER}u\b", source)
+    assert "((u32)inode * STAMP_MULTIPLIER + seq) & (STAMP_SLOTS - 1)" in source
+    assert "u64 tag = inode << 32 | seq;" in source
+
+
+def test_stamp_index_wraps_as_u32_arithmetic_does() -> None:
+    inode, seq = 0x1_2345_6789, 0xFFFF_FFFF  # only the inode's low 32 bits count, as in the C cast
+    expected = ((0x2345_6789 * ebpf.STAMP_MULTIPLIER) % 2**32 + seq) % 2**32 % ebpf.STAMP_SLOTS
+    assert ebpf.stamp_index(inode, seq) == expected
+    assert ebpf.stamp_index(7, 10) + 1 == ebpf.stamp_index(7, 11)  # a listener's run is consecutive
+    assert ebpf.stamp_tag(7, 10) == 7 << 32 | 10
+
+
+@pytest.mark.parametrize(("seq_base", "enqueued", "accepts", "next_seq", "queue", "expected"), [
+    (100, 5, 0, 0, 3, (103, 3)),  # the sweep's queue: the last 3 of 101..105
+    (100, 5, 0, 0, 0, (106, 0)),
+    (100, 5, 2, 0, 3, (103, 3)),  # whatever the accepts: 2 taken by io_uring, unseen, counts no differently
+    (100, 5, 0, 0, None, (101, 5)),  # nothing accepted yet: all since the first
+    (100, 5, 2, 103, None, (103, 3)),  # the next accept() takes 103
+    (100, 5, 5, 106, None, (106, 0)),  # all taken
+    (100, 5, 6, 107, None, (107, 0)),  # an accept ran ahead of its enqueue's probe
+    (100, 5, 1, 0, None, None),  # accepts counted that had no place in the numbering
+    (2**32 - 2, 5, 0, 0, 2, (2, 2)),  # numbers wrap: ..., 2**32 - 1, 0, 1, 2, 3
+])
+def test_oldest_queued(seq_base: int, enqueued: int, accepts: int, next_seq: int, queue: int | None,
+                       expected: tuple[int, int] | None) -> None:
+    assert ebpf.oldest_queued(seq_base, enqueued, accepts, next_seq, queue) == expected
+
+
+def accept_word(inode: int, now_ns: int) -> int:
+    """What on_accept_exit stores for socket ``inode`` accepted at ``now_ns`` (u64 arithmetic)."""
+    time_bits = 64 - ebpf.ACCEPT_TAG_BITS
+    return ((inode >> ebpf.ACCEPT_SLOT_BITS) << time_bits | (now_ns >> ebpf.ACCEPT_TIME_SHIFT)
+            & ((1 << time_bits) - 1)) & (2**64 - 1)
+
+
+def test_accept_time_constants_match_the_c_source() -> None:
+    source = C_SOURCE.read_text()
+    for name in ("ACCEPT_SLOT_BITS", "ACCEPT_TAG_BITS", "ACCEPT_TIME_SHIFT"):
+        assert re.search(rf"#define {name} {getattr(ebpf, name)}\b", source), name
+    assert "(child >> ACCEPT_SLOT_BITS) << (64 - ACCEPT_TAG_BITS)" in source
+    assert "(now >> ACCEPT_TIME_SHIFT) & ((1ull << (64 - ACCEPT_TAG_BITS)) - 1)" in source
+
+
+@pytest.mark.parametrize("inode", [1, 6_420_748, 2**19 - 1, 2**19, 2**32 - 1])
+def test_accept_time_round_trip_and_other_sockets_in_the_slot(inode: int) -> None:
+    now_ns = 123_456_789_012_345
+    word = accept_word(inode, now_ns)
+    at = ebpf.accept_time_ns(inode, word)
+    assert at is not None and now_ns - 1024 < at <= now_ns  # to 1.024 us
+    # Another socket with the same slot (its inode 2^19 apart) is told apart by the tag.
+    for other in (inode + 2**19, inode - 2**19):
+        if other > 0:
+            assert ebpf.accept_time_slot(other) == ebpf.accept_time_slot(inode)
+            assert ebpf.accept_time_ns(other, word) is None
+    assert ebpf.accept_time_ns(inode, 0) is None  # a slot never written, even for a small inode
 
 
 # --- compile flags --------------------------------------------------------------------------------------
@@ -568,10 +674,10 @@ def test_source_text_includes_headers_only_without_btf(btf: Btf) -> None:
 
 
 def test_describe_mode() -> None:
-    attached = {"sock:sk_data_ready": "attached (raw tracepoint)", "tcp_conn_request": "attached (kprobe)"}
+    attached = {"sock:sk_data_ready": ProbeState.by(How.RAW_TRACEPOINT), "tcp_conn_request": ProbeState.by(How.KPROBE)}
     assert describe_mode(attached, True) == "full; queue wait covers accept()/accept4(), not io_uring accepts"
-    degraded = {**attached, "tcp_conn_request": "not attached: fentry refused (EPERM)",
-                "skb:kfree_skb": "not attached: boom"}
+    degraded = {**attached, "tcp_conn_request": ProbeState.failed("fentry refused (EPERM)"),
+                "skb:kfree_skb": ProbeState.failed("boom")}
     assert describe_mode(degraded, False) == (
         "partial: skb:kfree_skb, tcp_conn_request not observed; SYN-stage drops are counted only from the sweep "
         "(socket drops, ListenOverflows); queue wait covers accept()/accept4(), not io_uring accepts")
@@ -648,9 +754,10 @@ class FakeLayer:
 
     def __init__(self, events: list[Event]) -> None:
         self.mode = "partial: tcp_conn_request not observed"
-        self.probes = {"sock:sk_data_ready": "attached (raw tracepoint)",
-                       "tcp_conn_request": "not attached: fentry refused"}
+        self.probes = {"sock:sk_data_ready": ProbeState.by(How.RAW_TRACEPOINT),
+                       "tcp_conn_request": ProbeState.failed("fentry refused")}
         self.lost = 2
+        self.syn_overflow_seen = False
         self.events = events
         self.handlers: list[Any] = []
 
@@ -665,9 +772,9 @@ class FakeLayer:
         os.kill(os.getpid(), signal.SIGINT)
 
 
-def test_trace_filters_by_port_and_reports_degradation(capsys: pytest.CaptureFixture[str]) -> None:
+def run_trace(layer: FakeLayer, port: int | None, **options: Any) -> list[str]:
+    """trace() over the fake layer's events: the lines it printed."""
     saved = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
-    layer = FakeLayer([an_event(port=8080), an_event(port=9090), an_event(port=8080, kind="enqueue")])
     out: list[str] = []
 
     class Out:
@@ -678,11 +785,16 @@ def test_trace_filters_by_port_and_reports_degradation(capsys: pytest.CaptureFix
             pass
 
     try:
-        assert trace_module.trace(layer, "all", 8080, out=Out()) == 0  # type: ignore[arg-type]
+        assert trace_module.trace(layer, "all", port, out=Out(), **options) == 0  # type: ignore[arg-type]
     finally:
         for signum, handler in saved.items():  # trace() installs its own; pytest's must come back
             signal.signal(signum, handler)
-    lines = "".join(out).splitlines()
+    return "".join(out).splitlines()
+
+
+def test_trace_filters_by_port_and_reports_degradation(capsys: pytest.CaptureFixture[str]) -> None:
+    layer = FakeLayer([an_event(port=8080), an_event(port=9090), an_event(port=8080, kind="enqueue")])
+    lines = run_trace(layer, 8080)
     assert lines[0] == HEADER
     assert [line.split()[1] for line in lines[1:]] == ["ack-overflow", "enqueue"]
     assert all(":8080" in line for line in lines[1:])
@@ -691,6 +803,111 @@ def test_trace_filters_by_port_and_reports_degradation(capsys: pytest.CaptureFix
     assert "  tcp_conn_request: not attached: fentry refused" in err
     assert "sock:sk_data_ready" not in err  # attached probes are not listed
     assert "2 events lost" in err
+
+
+def test_trace_filters_by_kind() -> None:
+    layer = FakeLayer([an_event(kind="enqueue"), an_event(kind="accept"), an_event(kind="ack-overflow"),
+                       an_event(kind="accept", port=9090)])
+    lines = run_trace(layer, None, kinds={"accept"})
+    assert [line.split()[1] for line in lines[1:]] == ["accept", "accept"]
+
+
+def test_trace_escapes_untrusted_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process name or namespace name is anyone's choice: control characters reach the terminal escaped."""
+    from aqtune.collect import netns
+
+    monkeypatch.setattr(netns, "list_namespaces", lambda: [netns.NamespaceRef("evil\x1b]0;owned\x07", 7, "/x")])
+    line = format_event(an_event(kind="accept", netns=7, comm="a\x1b[2J\nb\\"), NamespaceNames())
+    assert "\x1b" not in line and "\n" not in line and "\x07" not in line
+    assert "evil\\x1b]0;owned\\a" in line
+    assert line.endswith("(pid 777 a\\x1b[2J\\nb\\\\)")
+
+
+@pytest.mark.parametrize(("values", "kinds"), [
+    (None, set(KINDS)),
+    (["accept"], {"accept"}),
+    (["accept,enqueue", " listen "], {"accept", "enqueue", "listen"}),
+])
+def test_parse_kinds(values: list[str] | None, kinds: set[str]) -> None:
+    assert parse_kinds(values) == kinds
+
+
+def test_parse_kinds_names_the_unknown_and_the_known() -> None:
+    with pytest.raises(ValueError, match=r"unknown event kind\(s\) drop, x: choose from enqueue, ack-overflow"):
+        parse_kinds(["x,drop"])
+
+
+def test_emit_for_asks_the_kernel_only_for_what_is_shown() -> None:
+    assert emit_for({"ack-overflow"}) == emit_for({"ack-overflow", "syn-overflow"}) == EMIT_DROPS
+    assert emit_for({"ack-overflow", "accept"}) == emit_for(KINDS) == EMIT_ALL
+
+
+def test_trace_help_lists_every_kind(capsys: pytest.CaptureFixture[str]) -> None:
+    from aqtune.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["trace", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert all(kind in help_text for kind in KINDS), help_text
+
+
+# --- trace --summary ------------------------------------------------------------------------------------
+
+SECOND = 1_000_000_000
+
+
+def summary_rows(summary: Summary, now_ns: int) -> list[list[str]]:
+    return [line.split() for line in summary.due(now_ns)]
+
+
+def test_summary_counts_each_kind_per_listener_and_second() -> None:
+    summary = Summary(names_for({4026532315: "aqt-web"}), KINDS)
+    base = 1000 * SECOND
+    for n in range(200):  # 200 arrivals and accepts in the first second, waits 1..200 ms
+        summary.add(an_event(kind="enqueue", ts_ns=base + n * 1000, queue=n % 7 + 1, inode=1))
+        summary.add(an_event(kind="accept", ts_ns=base + n * 1000 + 1, value=(n + 1) * 1_000_000, queue=0, inode=1))
+    for _ in range(3):
+        summary.add(an_event(kind="ack-overflow", ts_ns=base + 5, queue=5, inode=1))
+    summary.add(an_event(kind="listen", ts_ns=base + 9, value=4, queue=0, inode=2, port=9090))
+    summary.add(an_event(kind="enqueue", ts_ns=base + SECOND + 1, inode=1))  # the next second
+    assert summary.due(base + SECOND) == []  # late events for the first second may still come
+    rows = summary_rows(summary, base + SECOND + trace_module.SUMMARY_LATENESS_NS)
+    # Worst first: the listener with drops, then the quiet one; the second second is not over yet.
+    assert [row[1:] for row in rows] == [
+        ["aqt-web", "127.0.0.1:8080", "200", "200", "3", "0", "0", "0", "3", "7/4", "198.0", "ms"],
+        ["aqt-web", "127.0.0.1:9090", "0", "0", "0", "0", "0", "1", "0", "0/4", "-"]]
+    assert rows[0][0] == time.strftime("%H:%M:%S", time.localtime(base / 1e9 + trace_module._WALL_MINUS_MONOTONIC))
+    assert summary_rows(summary, base + 3 * SECOND)[0][2:4] == ["127.0.0.1:8080", "1"]
+    assert summary.rest() == []
+
+
+def test_summary_dashes_what_is_not_asked_for_or_not_observable() -> None:
+    summary = Summary(names_for({4026532315: "aqt-web"}), {"accept", "syn-overflow"}, unobserved={"syn-overflow"})
+    summary.add(an_event(kind="accept", ts_ns=SECOND, value=2_500_000))
+    (row,) = [line.split() for line in summary.rest()]
+    assert row[3:12] == ["-", "1", "-", "-", "-", "-", "-", "5/4", "2.5"]
+
+
+def test_summary_columns_sit_under_their_titles() -> None:
+    summary = Summary(names_for({4026532315: "aqt-web"}), KINDS)
+    summary.add(an_event(kind="accept", ts_ns=SECOND, value=12_345_678_000))
+    (line,) = summary.rest()
+    for title, value in (("ACCEPT", " 1 "), ("PEAK/BACKLOG", "5/4"), ("WAIT-P99", "12345.7 ms")):
+        assert line.index(value) + len(value) == SUMMARY_HEADER.index(title) + len(title) + (value == " 1 "), title
+
+
+def test_trace_summary_prints_lines_not_events() -> None:
+    ts = time.monotonic_ns() - 5 * SECOND  # long over: due at the first poll
+    layer = FakeLayer([an_event(kind="accept", ts_ns=ts + n, value=n * 1000) for n in range(7500)])
+    lines = run_trace(layer, None, summary=True)
+    assert lines[0] == SUMMARY_HEADER
+    assert len(lines) == 2 and lines[1].split()[4] == "7500"
+
+
+@pytest.mark.parametrize(("values", "fraction", "expected"), [
+    ([5], 0.99, 5), ([1, 2, 3, 4], 0.5, 2), (list(range(1, 101)), 0.99, 99), (list(range(100, 0, -1)), 1.0, 100)])
+def test_nearest_rank(values: list[int], fraction: float, expected: int) -> None:
+    assert nearest_rank(values, fraction) == expected
 
 
 def test_btf_module_constants_match_the_format() -> None:
@@ -704,9 +921,9 @@ def test_without_registers_the_entry_tracepoint_keeps_the_arguments() -> None:
     accept = CAPABILITIES["accept"][0]
     bpf = FakeBpf()
     kept = replace(KERNEL_6_18, task_pt_regs=False)
-    assert ebpf._attach(bpf, accept, "syscalls:sys_exit_accept4", kept, {}) == (
-        "attached (tracepoint; arguments kept by syscalls:sys_enter_accept4)")
-    assert ebpf._attach(bpf, accept, "syscalls:sys_exit_accept", KERNEL_6_18, {}) == "attached (tracepoint)"
+    assert ebpf._attach(bpf, accept, "syscalls:sys_exit_accept4", kept, {}) == ProbeState.by(
+        How.TRACEPOINT, "arguments kept by syscalls:sys_enter_accept4")
+    assert ebpf._attach(bpf, accept, "syscalls:sys_exit_accept", KERNEL_6_18, {}) == ProbeState.by(How.TRACEPOINT)
     assert bpf.calls == [("tp", "syscalls:sys_enter_accept4", "on_syscall_enter"),
                          ("tp", "syscalls:sys_exit_accept4", "on_accept_exit"),
                          ("tp", "syscalls:sys_exit_accept", "on_accept_exit")]
