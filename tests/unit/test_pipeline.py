@@ -81,7 +81,7 @@ def test_the_daemon_tick_one_shot_status_and_the_property_loop_agree() -> None:
     policy = Policy(mode="apply", saturation=Saturation(sustain=3.0))
     snapshots = recorded()
     expected = by_hand(policy, snapshots)
-    assert any(("change", "net.core.somaxconn=256") in tick for tick in expected), expected
+    assert any(("change", "net.core.somaxconn=1024") in tick for tick in expected), expected
     with tempfile.TemporaryDirectory() as state:
         runner = run.Runner(policy, "all", Ledger(state), dry_run=True, log=Silent())
         runner.observer = Replay(snapshots)
