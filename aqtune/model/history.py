@@ -50,7 +50,7 @@ class ListenerWindow:
     cpu_share: float | None  # owners' CPU use over the window, in cores; None if unknown
     saturated: bool
     span: float  # seconds of history the window actually covers
-    min_fill: float = 0.0  # the lowest fill a sweep saw in the window: did the queue ever drain?
+    min_fill: float = 0.0  # the lowest fill a sweep saw since trouble began in the window: did it drain?
     peak_queue: int = 0  # the longest queue seen in the window, by sweeps or (where eBPF runs) arrivals
     burst_drops: int | None = None  # the most drops between two sweeps in the window
     accepts: int | None = None  # accept() calls in the window (eBPF)
@@ -116,10 +116,15 @@ def listener_window(samples: deque[Sample] | list[Sample], was_saturated: bool, 
                            if a.drops is not None and b.drops is not None and b.drops > a.drops), None)
         starts = [t for t in (high_since, first_drop) if t is not None]
         onset = since if was_saturated and since is not None else (min(starts) if starts else last.at)
+    # Did the queue drain? Only what follows the first sign of trouble in the window counts: a queue
+    # that rose from empty and stayed full has not drained.
+    trouble = next((i for i, (a, b) in enumerate(zip([base, *window], window, strict=False))
+                    if b.fill >= fill_ratio or (a.drops is not None and b.drops is not None and b.drops > a.drops)),
+                   len(window) - 1)
     return ListenerWindow(
         fill=last.fill, peak_fill=max(s.fill for s in window), high_for=high_for, drops=drops,
         cpu_share=cpu_share, saturated=saturated, span=last.at - base.at,
-        min_fill=min(s.fill for s in window),
+        min_fill=min(s.fill for s in window[trouble:]),
         peak_queue=max(max(s.queue for s in window), max((s.peak or 0) for s in window)),
         burst_drops=burst_drops, accepts=accepts, since=onset,
     )
