@@ -4,6 +4,9 @@ like TCP addresses: on hand-built records, as the integration tests see them on 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +17,7 @@ from aqtune.decide.policy import ListenerRule, Policy, rule_for
 from aqtune.records import Listener, Namespace, Process, Snapshot
 from aqtune.surfaces.status import owner_text, render, snapshot_json
 from aqtune.text import cescape, width
+from tests.helpers.policy_corpus import REPO
 
 OSC_TITLE = "\x1b]0;owned\x07"
 CSI_ERASE = "\x1b[2K\x1b[1A"
@@ -123,3 +127,32 @@ def test_interface_names_that_are_not_utf8_become_valid_text() -> None:
     assert text == "0.0.0.0%e\\xffth"
     text.encode("utf-8")
     assert _ip_text(2, bytes(4), 3, {3: "eth\x1b"}) == "0.0.0.0%eth\x1b"  # kept; escaped where shown
+
+
+# --- `aqtune check`: key names and values come from the file, the file name from whoever wrote it ----------
+
+def test_check_prints_hostile_keys_and_paths_escaped(tmp_path: Path) -> None:
+    policy = tmp_path / "p\x1b[2K\u202e.toml"
+    policy.write_text('"\\u001b]0;owned\\u0007" = 1\nmode = "\\u001b[2K\\r"\n[saturation]\n"a\\nb" = 2\n',
+                      encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "aqtune", "check", "--config", str(policy)], cwd=REPO,
+                            capture_output=True, timeout=60, check=False)
+    assert result.returncode == 2, result.stderr
+    stderr = result.stderr.decode("utf-8")
+    assert "Traceback" not in stderr
+    lines = stderr.splitlines()
+    assert len(lines) == 3, stderr
+    assert all(char.isprintable() for line in lines for char in line), stderr
+    shown_path = str(tmp_path) + "/p\\x1b[2K\\u202e.toml"
+    assert all(line.startswith(shown_path + ":") for line in lines), stderr
+    assert any("\\x1b]0;owned\\a" in line for line in lines), stderr
+    assert any("a\\nb" in line for line in lines), stderr
+
+
+def test_check_ok_line_escapes_the_path(tmp_path: Path) -> None:
+    policy = tmp_path / "ok\x07.toml"
+    policy.write_text('mode = "recommend"\n', encoding="utf-8")
+    result = subprocess.run([sys.executable, "-m", "aqtune", "check", "--config", str(policy)], cwd=REPO,
+                            capture_output=True, timeout=60, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.decode().startswith(str(tmp_path) + "/ok\\a.toml: OK")
