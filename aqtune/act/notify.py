@@ -1,13 +1,18 @@
 """sd_notify(3) of our own: READY=1, STATUS=, WATCHDOG=1, STOPPING=1 to systemd's $NOTIFY_SOCKET.
 
-The protocol is one AF_UNIX datagram of newline-separated ``KEY=value`` assignments, UTF-8. A value
-that carried a newline would become assignments of its own: a socket named
-``@x\\nWATCHDOG_USEC=1\\nX`` in the STATUS line set a 1 us watchdog and had systemd kill aqtune
-forever. So every value goes through ``aqtune.text.printable``: newlines and every other control
-character arrive escaped (``\\n``), which also keeps them off the terminal of whoever reads
-``systemctl status``; the escaping is idempotent, so a caller may have escaped already. The
-message is UTF-8 (the sdnotify package encoded Latin-1 and hid the error, so a name above U+00FF
-stopped every status update) and at most NOTIFY_MAX bytes, which is what systemd accepts.
+The protocol is one AF_UNIX datagram of ``KEY=value`` assignments, UTF-8. systemd splits it with
+``strv_split_newlines()``: both '\\n' and '\\r' end an assignment, and a backslash takes the next
+character literally (measured on bookworm's systemd 252; current systemd reads it the same way). So a
+value carrying a newline became assignments of its own: a socket named ``@x\\nWATCHDOG_USEC=1\\nX``
+in the STATUS line set a 1 us watchdog and had systemd kill aqtune forever; and a value ending in a
+lone backslash made systemd drop the whole datagram.
+
+Each value therefore goes through ``aqtune.text.printable`` (newlines, CR and every other control
+character become ``\\n``-style escapes, which also keeps them off the terminal of whoever reads
+``systemctl status``; idempotent, so a caller may have escaped already), and then every backslash is
+doubled on the wire, so that what systemd stores is exactly the printable text. The message is
+UTF-8 (the sdnotify package encoded Latin-1 and hid the error, so a name above U+00FF stopped every
+status update) and at most NOTIFY_MAX bytes, which is what systemd accepts.
 
 Sends never block (a busy PID 1 must not stall the loop that feeds the watchdog) and never raise:
 a failed send is counted, and its assignments go out again with the next message.
@@ -47,16 +52,23 @@ def _utf8_clip(text: str, budget: int) -> str:
 
 
 def message(assignments: Mapping[str, str]) -> bytes:
-    """The datagram for ``assignments``: one ``KEY=value`` line each, no value able to add a line,
-    longer values clipped so that the whole fits in NOTIFY_MAX bytes."""
+    """The datagram for ``assignments``: one ``KEY=value`` line each, which systemd reads back as
+    ``KEY=printable(value)``; no value can add a line or void the datagram; longer values clipped
+    so that the whole fits in NOTIFY_MAX bytes."""
     for key in assignments:
         if not KEY.match(key):
             raise ValueError(f"not an sd_notify variable name: {key!r}")
     values = {key: printable(value) for key, value in assignments.items()}
     overhead = sum(len(key) + 2 for key in values)  # "KEY=" and "\n"
-    share = (NOTIFY_MAX - overhead) // max(len(values), 1)
-    lines = [f"{key}={_utf8_clip(value, share)}" for key, value in values.items()]
+    # Halved: doubling the backslashes may double a value's size.
+    share = (NOTIFY_MAX - overhead) // max(len(values), 1) // 2
+    lines = [f"{key}={_wire(_utf8_clip(value, share))}" for key, value in values.items()]
     return "\n".join(lines).encode()
+
+
+def _wire(value: str) -> str:
+    """A printable value as systemd must receive it to store it unchanged: backslashes doubled."""
+    return value.replace("\\", "\\\\")
 
 
 def watchdog_period(environ: Mapping[str, str], pid: int) -> float | None:

@@ -29,6 +29,7 @@ from tests.helpers.aqtune_run import write_policy
 from tests.helpers.namespace import HELPERS, PYTHON, REPO, HelperProcess, TestNamespace, user_group, wait_until
 from tests.helpers.notify import NotifyListener
 from tests.helpers.service import ServiceDaemon
+from tests.helpers.systemd_split import split_like_systemd
 
 pytestmark = pytest.mark.integration
 
@@ -218,9 +219,9 @@ def daemons(tmp_path: Path) -> Iterator[Callable[..., ServiceDaemon]]:
 
 
 def notified_status(netns: Callable[[], TestNamespace], daemons: Callable[..., ServiceDaemon], tmp_path: Path,
-                    name: str) -> list[tuple[str, ...]]:
+                    name: str) -> list[list[str]]:
     """`aqtune run` over a namespace whose worst listener is ``name`` (2/1); every notification's
-    lines, as systemd splits them, once three STATUS= lines have arrived."""
+    assignments, as systemd splits them, once three STATUS= lines have arrived."""
     ns = netns()
     unix = [{"name": name, "backlog": 1, "connects": 2}]
     ns.helpers.append(helper := HelperProcess(ns.exec_args(*as_attacker(
@@ -239,7 +240,9 @@ def notified_status(netns: Callable[[], TestNamespace], daemons: Callable[..., S
         assert daemon.stop() == 0
     finally:
         notify.close()
-    return [message.lines for message in notify.received()]
+    messages = [split_like_systemd("\n".join(message.lines)) for message in notify.received()]
+    assert None not in messages, "systemd would drop a notification"
+    return [message for message in messages if message is not None]
 
 
 def test_a_socket_name_cannot_set_the_watchdog(netns: Callable[[], TestNamespace],

@@ -1,7 +1,9 @@
 """aqtune.act.notify against a real AF_UNIX datagram socket, read as systemd reads it.
 
-systemd splits a notification at newlines into assignments and ignores one of 4096 bytes or more;
-the receiver here does the same, so what these tests see is what PID 1 would act on.
+systemd splits a notification into assignments at newlines and CRs, takes a backslash as escaping
+the next character, drops a datagram that ends in a lone backslash, and ignores one of 4096 bytes or
+more; the receiver here does the same (tests/helpers/systemd_split.py), so what these tests see is
+what PID 1 would act on.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from aqtune.act.notify import NOTIFY_MAX, Notifier, message, socket_address, watchdog_period
+from tests.helpers.systemd_split import split_like_systemd
 
 SYSTEMD_BUFFER = 4096  # NOTIFY_BUFFER_MAX
 
@@ -28,7 +31,9 @@ class Receiver:
         """One datagram, split as systemd splits it."""
         data = self.sock.recv(SYSTEMD_BUFFER + 1)
         assert len(data) < SYSTEMD_BUFFER, f"systemd would ignore a {len(data)}-byte notification"
-        return data.decode("utf-8").split("\n")  # strict: systemd drops STATUS that is not UTF-8
+        assignments = split_like_systemd(data.decode("utf-8"))  # strict: systemd drops STATUS that is not UTF-8
+        assert assignments is not None, f"systemd would drop {data!r}"
+        return assignments
 
     def empty(self) -> bool:
         self.sock.setblocking(False)
@@ -71,6 +76,15 @@ def test_status_with_a_hostile_socket_name_arrives_as_one_line(receiver: Receive
 def test_several_assignments_in_one_datagram(receiver: Receiver) -> None:
     assert notifier(receiver).notify(READY=1, STATUS="a\rb\x1b[2Kc")
     assert receiver.assignments() == ["READY=1", "STATUS=a\\rb\\x1b[2Kc"]
+
+
+def test_backslashes_reach_systemd_as_they_are(receiver: Receiver) -> None:
+    # systemd drops the backslash before each character, and a whole datagram that ends in one.
+    sender = notifier(receiver)
+    assert sender.notify(STATUS="C:\\dir\\", READY=1)
+    assert receiver.assignments() == ["STATUS=C:\\dir\\", "READY=1"]
+    assert sender.send("STATUS=\\x1b is not ESC, \x1b is")
+    assert receiver.assignments() == ["STATUS=\\x1b is not ESC, \\x1b is"]
 
 
 def test_names_above_latin1_are_sent_as_utf8(receiver: Receiver) -> None:
@@ -185,3 +199,10 @@ def test_a_failed_ping_is_retried_soon_without_spinning(tmp_path: Path) -> None:
     assert sender.failed == 1
     assert 0 < sender.until_due(100.0) <= 0.25
     assert Notifier({}).until_due(0.0) == float("inf")
+
+
+def test_the_receiver_reads_as_systemd_does() -> None:
+    # What made finding 1: a raw newline is a new assignment; and a trailing backslash voids it all.
+    assert split_like_systemd("STATUS=(@x\nWATCHDOG_USEC=1\nX)") == ["STATUS=(@x", "WATCHDOG_USEC=1", "X)"]
+    assert split_like_systemd("READY=1\r\nSTATUS=a\\nb") == ["READY=1", "STATUS=anb"]
+    assert split_like_systemd("READY=1\nSTATUS=a\\") is None
