@@ -431,7 +431,8 @@ def test_simulation_raises_somaxconn_to_the_measured_burst_a_cooldown_apart() ->
                   relisten=[True] * n, syn_drops=[0] * n)
     trace = simulate(policy, world)
     written = [(at - START, c.old, c.new) for at, c in trace.written]
-    # Saturated by the first drops, judged bursts once the queue has drained (a sweep later); each raise is the worst burst (a full queue + 400 dropped) with 25%
+    # Saturated by the first drops, judged bursts once the queue has drained (a sweep later); each
+    # raise is the worst burst (a full queue + 400 dropped) with 25%
     # headroom, rounded up to a power of two, and waits out the 30 s cooldown.
     assert written == [(2.0, 128, 1024), (32.0, 1024, 2048), (62.0, 2048, 4096), (92.0, 4096, 8192)]
     check_trace(policy, trace)
