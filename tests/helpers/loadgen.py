@@ -66,7 +66,7 @@ FLOOD_HOLD = 2 * FLOOD_BACKLOG + 8  # first connections, kept open so the queue 
 FLOOD_ON, FLOOD_OFF = 3.0, 4.0  # seconds; the gaps let drop episodes close, so they are logged and restart
 
 
-def _sleep_until(when: float) -> None:
+def sleep_until(when: float) -> None:
     left = when - time.monotonic()
     if left > 0:
         time.sleep(left)
@@ -168,7 +168,7 @@ def synflood(port: int, rate: int, steady: bool, seconds: float) -> dict[str, An
     while (now := time.monotonic()) < deadline and not stdin_closed():
         phase = (now - started) % (on + off)
         if phase >= on:
-            _sleep_until(min(now + on + off - phase, deadline))
+            sleep_until(min(now + on + off - phase, deadline))
             continue
         bursts = int((now - started) // (on + off)) + 1
         for _ in range(per_slice):
@@ -181,7 +181,7 @@ def synflood(port: int, rate: int, steady: bool, seconds: float) -> dict[str, An
                 held.append(sock)
             else:
                 sock.close()  # still in SYN-SENT: nothing is sent, the dropped SYN is never retried
-        _sleep_until(now + 0.01)
+        sleep_until(now + 0.01)
     for sock in held:
         sock.close()
     return {"syns": sent, "bursts": bursts}
@@ -199,7 +199,7 @@ def churn(count: int, seconds: float) -> dict[str, Any]:
                 break
             batch_started = time.monotonic()
             held += [listen_tcp(address, QUIET_BACKLOG) for address in addresses[first:first + CHURN_BATCH]]
-            _sleep_until(batch_started + step)
+            sleep_until(batch_started + step)
         opened += len(held)
         peak = max(peak, len(held))
         if stdin_closed(min(CHURN_HOLD, max(deadline - time.monotonic(), 0.0))):
@@ -209,9 +209,9 @@ def churn(count: int, seconds: float) -> dict[str, Any]:
             batch_started = time.monotonic()
             for sock in held[first:first + CHURN_BATCH]:
                 sock.close()
-            _sleep_until(min(batch_started + step, deadline))
+            sleep_until(min(batch_started + step, deadline))
         waves += 1
-        _sleep_until(min(time.monotonic() + CHURN_PAUSE, deadline))
+        sleep_until(min(time.monotonic() + CHURN_PAUSE, deadline))
     return {"waves": waves, "opened": opened, "peak": peak}
 
 

@@ -80,7 +80,6 @@ class NotifyListener:
     def with_key(self, key: str) -> list[Notification]:
         return [m for m in self.received() if m.value(key) is not None]
 
-
     def close(self) -> None:
         self._closed.set()
         self._thread.join(timeout=2)

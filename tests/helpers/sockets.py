@@ -20,7 +20,7 @@ def loopback(host: str) -> str:
     return host
 
 
-def try_connect(sock: socket.socket, address: object) -> str:
+def try_connect(sock: socket.socket, address: tuple[str, int] | str) -> str:
     """Connect a non-blocking socket: "connected", "in_progress" (a TCP listener's queue is full, the SYN
     waits), "eagain" (a full Unix listener), or the errno's name in lower case."""
     try:
