@@ -51,7 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import _path  # noqa: F401 - first: the repository's root on sys.path
-from figures import Figure, Reference, Results, Target
+from figures import Figure, Reference, Results, Target, refused_without_root
 from procstat import CLOCK_TICKS, Memory, cpu_seconds, host_cpu, memory_kib, proc_table, run_queue_seconds
 
 from tests.helpers.lineproto import HelperProcess, stop_all
@@ -469,8 +469,7 @@ def main() -> int:
                         help=f"listeners per churn wave (default {CHURN_LISTENERS:,}; 0: no churn)")
     parser.add_argument("--keep", action="store_true", help="keep the work directory (daemon logs, state)")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        print("daemon_load.py: needs root (it creates a network namespace and runs aqtune)", file=sys.stderr)
+    if refused_without_root("daemon_load.py", "it creates a network namespace and runs aqtune"):
         return 1
     if not (3 * CPU_ROUND <= args.idle_seconds <= 600 and RSS_WARM_AT + RSS_WINDOW <= args.load_seconds <= 600
             and 5 <= args.baseline_seconds <= 600 and 1 <= args.servers <= 16 and 1 <= args.clients <= 16

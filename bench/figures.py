@@ -168,6 +168,14 @@ def median_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[
     return ordered[k - 1], ordered[n - k], 1 - 2 * below
 
 
+def refused_without_root(script: str, why: str) -> bool:
+    """True, having said so, when this process is not root, which every benchmark needs (``why``)."""
+    if os.geteuid() == 0:
+        return False
+    print(f"{script}: needs root ({why})", file=sys.stderr)
+    return True
+
+
 def host() -> dict[str, Any]:
     load1, load5, load15 = os.getloadavg()
     return {"kernel": platform.release(), "machine": platform.machine(), "cpus": os.cpu_count(),

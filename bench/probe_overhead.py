@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import _path  # noqa: F401 - first: the repository's root on sys.path
-from figures import Figure, Reference, Results, Target, median_interval
+from figures import Figure, Reference, Results, Target, median_interval, refused_without_root
 from procstat import cpu_seconds
 
 from tests.helpers.lineproto import HelperProcess
@@ -319,8 +319,7 @@ def main() -> int:
                         help=f"load generator processes (default {DEFAULT_CLIENTS}: one per CPU besides the server's)")
     parser.add_argument("--no-extra", action="store_true", help="skip the emit=2 and emit=1 rounds")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        print("probe_overhead.py: needs root (network namespace, eBPF)", file=sys.stderr)
+    if refused_without_root("probe_overhead.py", "network namespace, eBPF"):
         return 1
     if not (0.5 <= args.duration <= 60 and 3 <= args.rounds <= 50 and 1 <= args.clients <= 32):
         parser.error("--duration must be 0.5-60, --rounds 3-50, --clients 1-32")

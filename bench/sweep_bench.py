@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import _path  # noqa: F401 - first: the repository's root on sys.path
-from figures import Figure, Reference, Results, Target
+from figures import Figure, Reference, Results, Target, refused_without_root
 
 from tests.helpers.aqtune_run import aqtune_command
 from tests.helpers.lineproto import HelperProcess
@@ -150,8 +150,7 @@ def main() -> int:
     parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000], metavar="N")
     parser.add_argument("--runs", type=int, default=7, help="timed rounds per figure (median; default 7)")
     args = parser.parse_args()
-    if os.geteuid() != 0:
-        print("sweep_bench.py: needs root (it creates a network namespace)", file=sys.stderr)
+    if refused_without_root("sweep_bench.py", "it creates a network namespace"):
         return 1
     if not 3 <= args.runs <= 100 or not all(1 <= n <= 100_000 for n in args.sizes):
         parser.error("--runs must be 3-100 (the spread needs rounds) and sizes 1-100000")

@@ -30,7 +30,7 @@ from pathlib import Path
 if __name__ == "__main__":  # run as a script: the repository's root, for the imports below
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.helpers.lineproto import say, wait_for_stdin_close
-from tests.helpers.sockets import HELD, loopback, try_connect
+from tests.helpers.sockets import loopback, open_connections
 
 MAX_CLIENTS = 64
 MAX_HOLD = 120.0
@@ -41,20 +41,9 @@ def clients(args: argparse.Namespace) -> None:
     host, _, port = args.to.rpartition(":")
     target = (loopback(host), int(port))
     held: list[socket.socket] = []
-    ports: list[int] = []
-    results: dict[str, int] = {}
-    for _ in range(min(args.count, MAX_CLIENTS)):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if args.src:
-            sock.bind((loopback(args.src), 0))
-        sock.setblocking(False)
-        result = try_connect(sock, target)
-        results[result] = results.get(result, 0) + 1
-        if result in HELD:
-            held.append(sock)
-            ports.append(sock.getsockname()[1])
-        else:
-            sock.close()
+    results = open_connections(min(args.count, MAX_CLIENTS), socket.AF_INET, socket.SOCK_STREAM, target, held,
+                               source=args.src)
+    ports = [sock.getsockname()[1] for sock in held]
     say("CONNECTED", pid=os.getpid(), ports=ports, results=results)
     try:
         wait_for_stdin_close(min(args.hold, MAX_HOLD))

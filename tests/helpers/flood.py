@@ -23,7 +23,7 @@ from typing import Any
 if __name__ == "__main__":  # run as a script: the repository's root, for the imports below
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.helpers.lineproto import say, wait_for_stdin_close
-from tests.helpers.sockets import HELD, loopback, try_connect
+from tests.helpers.sockets import loopback, open_connections
 
 MAX_CONNECTIONS = 500  # in total, over every target
 MAX_HOLD = 300.0
@@ -49,17 +49,7 @@ def parse_target(target: str) -> tuple[int, int, Any]:
 
 def flood(target: str, count: int, held: list[socket.socket]) -> dict[str, Any]:
     family, sock_type, address = parse_target(target)
-    outcome: dict[str, int] = {}
-    for _ in range(count):
-        sock = socket.socket(family, sock_type)
-        sock.setblocking(False)
-        result = try_connect(sock, address)
-        outcome[result] = outcome.get(result, 0) + 1
-        if result in HELD:
-            held.append(sock)
-        else:
-            sock.close()
-    return {"target": target, "count": count, **outcome}
+    return {"target": target, "count": count, **open_connections(count, family, sock_type, address, held)}
 
 
 def main() -> int:

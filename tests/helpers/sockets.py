@@ -32,6 +32,25 @@ def try_connect(sock: socket.socket, address: tuple[str, int] | str) -> str:
         return errno.errorcode.get(exc.errno or 0, str(exc.errno)).lower()
 
 
+def open_connections(count: int, family: int, kind: int, address: tuple[str, int] | str, held: list[socket.socket],
+                     source: str | None = None) -> dict[str, int]:
+    """``count`` non-blocking connects to ``address`` (from ``source``, a loopback address, if given): how many
+    ended each way (try_connect). The sockets worth holding are appended to ``held``, the others closed."""
+    outcome: dict[str, int] = {}
+    for _ in range(count):
+        sock = socket.socket(family, kind)
+        if source:
+            sock.bind((loopback(source), 0))
+        sock.setblocking(False)
+        result = try_connect(sock, address)
+        outcome[result] = outcome.get(result, 0) + 1
+        if result in HELD:
+            held.append(sock)
+        else:
+            sock.close()
+    return outcome
+
+
 def listen_tcp(address: tuple[str, int], backlog: int, reuseport: bool = False) -> socket.socket:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
