@@ -41,7 +41,7 @@ class HelperFailed(AssertionError):
 # --- the helper's end ------------------------------------------------------------------------------------------
 
 
-def say(word: str, **fields: Any) -> None:
+def say(word: str, /, **fields: Any) -> None:
     """One message to the parent."""
     print(f"{word} {json.dumps(fields)}", flush=True)
 

@@ -21,14 +21,17 @@ REAP_TIMEOUT = 10.0  # after SIGKILL: only a process stuck in the kernel takes l
 def stop_process(popen: subprocess.Popen[Any], ask: Sequence[signal.Signals] = (), grace: float = 5.0) -> int:
     """Ask a child to go, then make it; its exit status. Safe to call again, and after it exited.
 
-    Its stdin is closed first (end of input is how every helper here is told to stop, and also how it
+    A stdin pipe is closed first (end of input is how every helper here is told to stop, and also how it
     notices that its parent died); then each signal of ``ask`` is sent in turn. After each step it gets
     ``grace`` seconds to exit, and whatever is still running after the last one is killed.
     """
-    if popen.stdin is not None and not popen.stdin.closed:
-        with contextlib.suppress(BrokenPipeError):  # it already exited with unread input
-            popen.stdin.close()
-    for step in (None, *ask):
+    steps: list[signal.Signals | None] = list(ask)
+    if popen.stdin is not None:
+        steps.insert(0, None)  # the closed pipe is the first ask
+        if not popen.stdin.closed:
+            with contextlib.suppress(BrokenPipeError):  # it already exited with unread input
+                popen.stdin.close()
+    for step in steps:
         if popen.poll() is not None:
             break
         if step is not None:
