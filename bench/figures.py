@@ -45,20 +45,32 @@ def show(value: float, unit: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Spread:
-    """How far the rounds lie apart: lowest, highest, and (highest - lowest) / median."""
+    """How far the rounds lie apart. ``relative`` is the interquartile range over the median: the middle half
+    of the rounds lies within it, and one round that a burst of other load hit does not swing it the way it
+    swings the whole range, ``full`` = (highest - lowest) / median."""
 
     low: float
+    q1: float
+    q3: float
     high: float
     relative: float | None  # None with fewer than two rounds, or a median of 0
+    full: float | None
 
     @classmethod
     def of(cls, samples: Sequence[float]) -> Spread:
         middle = statistics.median(samples)
-        relative = (max(samples) - min(samples)) / abs(middle) if len(samples) > 1 and middle else None
-        return cls(min(samples), max(samples), relative)
+        if len(samples) < 2 or not middle:
+            return cls(min(samples), middle, middle, max(samples), None, None)
+        q1, _, q3 = statistics.quantiles(samples, n=4, method="inclusive")
+        return cls(min(samples), q1, q3, max(samples), (q3 - q1) / abs(middle),
+                   (max(samples) - min(samples)) / abs(middle))
 
     def text(self) -> str:
         return "n/a" if self.relative is None else f"{self.relative:.0%}"
+
+    def to_json(self) -> dict[str, float | None]:
+        return {"low": self.low, "q1": self.q1, "q3": self.q3, "high": self.high, "relative": self.relative,
+                "full": self.full}
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,20 +144,18 @@ class Figure:
         return {True: "PASS", False: "FAIL", None: ""}[self.passed]
 
     def to_json(self) -> dict[str, Any]:
-        spread = Spread.of(self.samples)
         reference = None
         if self.reference is not None:
-            ref_spread = Spread.of(self.reference.samples)
             reference = {"name": self.reference.name, "value": self.reference.value,
                          "rounds": len(self.reference.samples), "samples": list(self.reference.samples),
-                         "spread": {"low": ref_spread.low, "high": ref_spread.high, "relative": ref_spread.relative}}
+                         "spread": Spread.of(self.reference.samples).to_json()}
         target = None
         if self.target is not None:
             target = {"of": "ratio" if self.target.on_ratio else "value", "op": self.target.op,
                       "bound": self.target.bound, "source": self.target.source, "text": self.target.text(self.unit)}
         return {"key": self.key, "what": self.what, "unit": self.unit, "value": self.value,
                 "rounds": len(self.samples), "samples": list(self.samples),
-                "spread": {"low": spread.low, "high": spread.high, "relative": spread.relative},
+                "spread": Spread.of(self.samples).to_json(),
                 "reference": reference, "ratio": self.ratio, "target": target, "pass": self.passed,
                 "note": self.note, **({"extra": self.extra} if self.extra else {})}
 
@@ -238,8 +248,8 @@ class Results:
     def report(self, error: str | None = None) -> None:
         """The table on stdout and the JSON file beside it, whose path is printed last."""
         if self.figures:
-            print(f"\n== {self.bench}: figures (value: median over the rounds unless the row says otherwise; "
-                  "spread: (highest - lowest) / median) ==")
+            print(f"\n== {self.bench}: figures (value: the median of the rounds unless the row says otherwise; "
+                  "spread: the rounds' interquartile range / median) ==")
             print(self.table())
         path = self.write(error)
         print(f"# results: {path}", flush=True)
