@@ -14,7 +14,7 @@ from aqtune.decide.assess import Assessment, assess
 from aqtune.decide.findings import Finding
 from aqtune.decide.policy import Policy
 from aqtune.decide.tuning import Change, Managed, NamespaceState, plan
-from aqtune.model.history import ListenerKey, Model
+from aqtune.model.history import ListenerKey, ListenerWindow, Model
 from aqtune.records import ListenerEvents, Snapshot
 
 
@@ -33,9 +33,9 @@ class Decision:
     held: dict[str, list[Finding]] = field(default_factory=dict)  # netns -> why a wanted change waits
 
     @property
-    def judged(self) -> dict[ListenerKey, tuple[bool, float | None]]:
-        """Each judged listener's saturation and its onset, for the model's hysteresis."""
-        return {key: (window.saturated, window.since) for key, window in self.assessment.windows.items()}
+    def judged(self) -> dict[ListenerKey, ListenerWindow]:
+        """Each judged listener's window, for the state the model keeps (hysteresis, onset, worst burst)."""
+        return self.assessment.windows
 
     def namespace_findings(self, name: str) -> list[Finding]:
         return self.assessment.namespace_findings.get(name, []) + self.held.get(name, [])
