@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from aqtune.act.ledger import FORMAT_VERSION
 from tests.helpers.namespace import PYTHON, REPO
 
 COMMAND_TIMEOUT = 30.0
@@ -45,7 +46,7 @@ def ledger_changes(state_dir: Path) -> list[dict[str, Any]] | None:
         document = json.loads((state_dir / "changes.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    assert document["version"] == 1, document
+    assert document["version"] == FORMAT_VERSION, document
     changes: list[dict[str, Any]] = document["changes"]
     return changes
 
