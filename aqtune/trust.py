@@ -25,7 +25,8 @@ def untrusted_dir(path: str, owners: tuple[int, ...] | None = None) -> str | Non
     writable by group or others; so must every directory above it up to /, except that a
     world-writable directory with the sticky bit (/tmp) may be a parent: there nobody but the owner
     may rename or remove a root-owned entry. Symlinks are resolved and their targets checked too.
-    A missing directory is judged by its nearest existing parent (aqtune creates it 0750).
+    A missing directory is judged by its nearest existing parent (aqtune creates it 0750); one that
+    can never exist (a regular file on its path) holds nothing to trust.
     """
     owners = owners if owners is not None else trusted_owners()
     target = os.path.realpath(os.path.abspath(path))
@@ -40,7 +41,7 @@ def untrusted_dir(path: str, owners: tuple[int, ...] | None = None) -> str | Non
         while True:
             try:
                 st = os.lstat(current)
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 if not leaf:
                     return f"{current} does not exist"
                 st = None
@@ -48,6 +49,8 @@ def untrusted_dir(path: str, owners: tuple[int, ...] | None = None) -> str | Non
                 return f"cannot inspect {current}: {exc.strerror}"
             if st is not None and not stat.S_ISLNK(st.st_mode):
                 if not stat.S_ISDIR(st.st_mode):
+                    if leaf:
+                        return None  # it can never be a directory: nothing is read there, writes fail
                     return f"{current} is not a directory"
                 writable = stat.S_IMODE(st.st_mode) & (stat.S_IWGRP | stat.S_IWOTH)
                 sticky_parent = not leaf and st.st_mode & stat.S_ISVTX

@@ -55,7 +55,7 @@ class NamespaceRef:
     # SO_NETNS_COOKIE: with the inode, what proves a namespace is the one seen before. None when
     # unknown (kernel before 5.14, or no privilege to enter it); ``entered`` then checks the inode only.
     cookie: int | None = None
-    # Owned by a user namespace other than the initial one (a rootless container, `unshare -rn`):
+    # Owned by a user namespace other than the host's (a rootless container, `unshare -rn`):
     # whoever created that user namespace is root inside it and controls what listens there.
     user_owned: bool = False
     owner_uid: int | None = None  # the uid that created the owning user namespace, when user_owned
@@ -111,16 +111,27 @@ def _cookie_of_fd(fd: int, inode: int) -> int | None:
         os.close(own)
 
 
-def _owner_of_fd(fd: int) -> tuple[bool, int | None]:
-    """(owned by a non-initial user namespace, the uid that created it)."""
+def host_user_namespace(proc: str = "/proc") -> int:
+    """The inode of the host's user namespace: PID 1's (in a container with a user namespace of its
+    own, the container's), else aqtune's own where PID 1's is hidden (a sandbox)."""
+    for path in (f"{proc}/1/ns/user", f"{proc}/self/ns/user"):
+        with suppress(OSError):
+            target = os.readlink(path)
+            if target.startswith("user:[") and target[6:-1].isdigit():
+                return int(target[6:-1])
+    return INIT_USER_NS_INODE
+
+
+def _owner_of_fd(fd: int, host_userns: int) -> tuple[bool, int | None]:
+    """(owned by a user namespace other than the host's, the uid that created that one)."""
     try:
         userns = fcntl.ioctl(fd, NS_GET_USERNS)
     except OSError:
-        # Its owner is not visible from here (aqtune itself runs in a child user namespace):
-        # not provably the host's, so treated as a tenant's.
+        # EPERM: its owner is not aqtune's user namespace or one below it (aqtune itself runs in a
+        # child user namespace): not provably the host's, so not treated as the host's.
         return True, None
     try:
-        if os.fstat(userns).st_ino == INIT_USER_NS_INODE:
+        if os.fstat(userns).st_ino == host_userns:
             return False, None
         uid = bytearray(4)
         try:
@@ -140,7 +151,7 @@ class _Identity:
     owner_uid: int | None
 
 
-def _identify(path: str, inode: int) -> _Identity | None:
+def _identify(path: str, inode: int, host_userns: int = INIT_USER_NS_INODE) -> _Identity | None:
     """Cookie and owner of the namespace at ``path``; None if it is gone or now another inode."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -149,7 +160,7 @@ def _identify(path: str, inode: int) -> _Identity | None:
     try:
         if os.fstat(fd).st_ino != inode:
             return None
-        user_owned, owner_uid = _owner_of_fd(fd)
+        user_owned, owner_uid = _owner_of_fd(fd, host_userns)
         return _Identity(_cookie_of_fd(fd, inode), user_owned, owner_uid)
     finally:
         os.close(fd)
@@ -333,10 +344,12 @@ def list_namespaces(run_netns: str = RUN_NETNS, proc: str = "/proc", book: NameB
     if host_inode is None:
         raise PermissionError(f"cannot read {host_path}: aqtune needs root")
 
+    host_userns = host_user_namespace(proc) if identify else INIT_USER_NS_INODE
+
     def identity_of(path: str, inode: int) -> _Identity:
         if not identify:
             return _Identity(None, False, None)
-        return _identify(path, inode) or _Identity(None, False, None)
+        return _identify(path, inode, host_userns) or _Identity(None, False, None)
 
     host = identity_of(host_path, host_inode)
     found[host_inode] = NamespaceRef("host", host_inode, host_path, host.cookie)
