@@ -151,8 +151,15 @@ def _status(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     policy = _policy(args.config, required=True)
+    scope = ""
+    if policy.mode == "apply":
+        # What apply mode may touch, said where the operator looks before a reload.
+        apply = policy.apply
+        scope = (f"; applies in namespaces {', '.join(apply.namespaces) or 'none'} for owners "
+                 f"{', '.join(map(str, apply.owners)) or 'none'}"
+                 f"{', user namespaces too' if apply.user_namespaces else ''}")
     print(f"{args.config}: OK (mode {policy.mode}, interval {policy.interval:g} s, "
-          f"{len(policy.listeners)} listener rules)")
+          f"{len(policy.listeners)} listener rules{scope})")
     if policy.apply_refused:
         print(f"warning: {policy.apply_refused}", file=sys.stderr)
     return 0

@@ -18,7 +18,7 @@ def trusted_owners() -> tuple[int, ...]:
     return (0,) if euid == 0 else (0, euid)
 
 
-def untrusted_dir(path: str, owners: tuple[int, ...] | None = None) -> str | None:
+def untrusted_dir(path: str, owners: tuple[int, ...] | None = None, sticky_ok: bool = False) -> str | None:
     """Why ``path`` (a directory that need not exist yet) is not one only root can change, or None.
 
     The directory itself must be owned by root (or by the unprivileged user running aqtune) and not
@@ -27,6 +27,10 @@ def untrusted_dir(path: str, owners: tuple[int, ...] | None = None) -> str | Non
     may rename or remove a root-owned entry. Symlinks are resolved and their targets checked too.
     A missing directory is judged by its nearest existing parent (aqtune creates it 0750); one that
     can never exist (a regular file on its path) holds nothing to trust.
+
+    ``sticky_ok``: the directory itself may be a sticky one too. Right for the directory of a file
+    whose own owner is checked (nobody can replace root's file there); wrong for a state directory,
+    where anyone could create the files aqtune reads before aqtune does.
     """
     owners = owners if owners is not None else trusted_owners()
     target = os.path.realpath(os.path.abspath(path))
@@ -53,7 +57,7 @@ def untrusted_dir(path: str, owners: tuple[int, ...] | None = None) -> str | Non
                         return None  # it can never be a directory: nothing is read there, writes fail
                     return f"{current} is not a directory"
                 writable = stat.S_IMODE(st.st_mode) & (stat.S_IWGRP | stat.S_IWOTH)
-                sticky_parent = not leaf and st.st_mode & stat.S_ISVTX
+                sticky_parent = (sticky_ok or not leaf) and st.st_mode & stat.S_ISVTX
                 if st.st_uid not in owners:
                     return f"{current} is owned by uid {st.st_uid}, not root"
                 if writable and not sticky_parent:

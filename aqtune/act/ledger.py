@@ -89,8 +89,12 @@ class Entry:
         return values
 
 
-class LedgerError(Exception):
-    """The ledger cannot be trusted or read: one line saying where, what and what to do."""
+class LedgerError(OSError):
+    """The ledger cannot be trusted or read: one line saying where, what and what to do.
+
+    An OSError, so that whatever handles a ledger that cannot be written (the daemon's apply path
+    logs it and carries on) handles one that cannot be read the same way.
+    """
 
 
 # --- validation ------------------------------------------------------------------------------------------

@@ -517,7 +517,11 @@ def unsafe_for_apply(path: str, st: os.stat_result | None = None) -> str | None:
     reason = untrusted_file(st, path, owners=(0,))
     if reason:
         return reason
-    return untrusted_dir(os.path.dirname(os.path.abspath(path)), owners=(0,))
+    for directory in dict.fromkeys([os.path.dirname(os.path.abspath(path)), os.path.dirname(os.path.realpath(path))]):
+        reason = untrusted_dir(directory, owners=(0,), sticky_ok=True)
+        if reason:
+            return reason
+    return None
 
 
 def load(path: str) -> Policy:

@@ -95,6 +95,9 @@ def test_a_parent_anyone_can_write_makes_the_state_dir_untrusted_unless_it_is_st
     assert untrusted_dir(str(parent / "state")) is None
     # A state dir that does not exist yet is judged by the directory it will be created in.
     assert untrusted_dir(str(parent / "missing")) is not None
+    # A sticky state dir is no better: anyone could create the ledger in it before aqtune does.
+    os.chmod(parent / "state", 0o1777)
+    assert untrusted_dir(str(parent / "state")) is not None
 
 
 def test_a_symlinked_state_dir_is_judged_by_its_target(tmp_path: Path) -> None:
@@ -508,6 +511,14 @@ def test_apply_is_refused_when_a_parent_directory_is_not_roots_alone(tmp_path: P
 
 
 @needs_root
+def test_apply_from_roots_file_in_a_sticky_directory_is_kept(tmp_path: Path) -> None:
+    directory = tmp_path / "shared"
+    directory.mkdir()
+    os.chmod(directory, 0o1777)  # as /tmp: nobody else can replace root's file in it
+    assert load(str(policy_file(directory / "policy.toml", 'mode = "apply"\n'))).applies
+
+
+@needs_root
 def test_apply_is_judged_on_the_file_that_was_read_not_a_swapped_one(tmp_path: Path) -> None:
     # A symlink flipped between root's apply policy and another user's: the ownership checked must
     # be that of the file whose text was read, or someone else's policy runs in apply mode.
@@ -544,3 +555,13 @@ def test_a_refused_ledger_names_the_fix(tmp_path: Path) -> None:
     with pytest.raises(LedgerError) as caught:
         Ledger(str(state_dir))
     assert f"chmod 750 {state_dir}" in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_check_says_what_apply_mode_may_touch(tmp_path: Path) -> None:
+    path = tmp_path / "policy.toml"
+    path.write_text('mode = "apply"\n[apply]\nnamespaces = ["web"]\nowners = [33, "nginx.service"]\n')
+    done = subprocess.run([sys.executable, "-m", "aqtune", "check", "--config", str(path)], capture_output=True,
+                          text=True, timeout=60, cwd=Path(__file__).resolve().parents[2], stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr
+    (line,) = done.stdout.splitlines()
+    assert line.endswith("; applies in namespaces web for owners 33, nginx.service)"), line
