@@ -113,7 +113,9 @@ def rollback(ledger: Ledger) -> list[RollbackResult]:
     """
     results = []
     with ledger.transaction():
-        refs = {ref.inode: ref for ref in netns.list_namespaces()}
+        # Identities read now, not remembered from earlier sweeps (the daemon's book): what is
+        # written below is decided on them.
+        refs = {ref.inode: ref for ref in netns.list_namespaces(book=None)}
         for entry in list(ledger.entries):
             result = rollback_entry(entry, refs)
             if result.outcome != "failed":

@@ -26,7 +26,7 @@ import os
 import re
 import socket
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 
@@ -36,6 +36,7 @@ OWN_NS = "/proc/thread-self/ns/net"
 SO_NETNS_COOKIE = 71  # asm-generic/socket.h, Linux 5.14+
 NS_GET_USERNS = 0xB701  # _IO(NSIO, 0x1): an fd of the user namespace owning a namespace
 NS_GET_OWNER_UID = 0xB704  # _IO(NSIO, 0x4): the uid that created a user namespace
+NS_GET_ID = 0x8008B70D  # _IOR(NSIO, 13, __u64), Linux 6.18+: a namespace's id, a network namespace's cookie
 INIT_USER_NS_INODE = 0xEFFFFFFD  # PROC_USER_INIT_INO: the initial user namespace's fixed inode
 UNIT_DIR_LIMIT = 256  # cgroup directories read to check that a unit lives in one namespace
 UNIT_PID_LIMIT = 4096  # processes of such a unit checked; a larger unit is not used as a name
@@ -92,8 +93,41 @@ def current_cookie() -> int | None:
         return None
 
 
+def _ns_id(fd: int) -> int | None:
+    value = bytearray(8)
+    try:
+        fcntl.ioctl(fd, NS_GET_ID, value)
+    except OSError:  # ENOTTY before 6.18
+        return None
+    number: int = struct.unpack("=Q", value)[0]
+    return number
+
+
+_id_is_cookie: bool | None = None
+
+
+def _cookie_by_ioctl() -> bool:
+    """Whether NS_GET_ID gives a network namespace's cookie here (checked once, on aqtune's own):
+    then no setns is needed to read one."""
+    global _id_is_cookie
+    if _id_is_cookie is None:
+        try:
+            fd = os.open(OWN_NS, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return False
+        try:
+            ns_id = _ns_id(fd)
+            _id_is_cookie = ns_id is not None and ns_id == current_cookie()
+        finally:
+            os.close(fd)
+    return _id_is_cookie
+
+
 def _cookie_of_fd(fd: int, inode: int) -> int | None:
-    """The cookie of the namespace open at ``fd``: a socket opened inside it, for a moment."""
+    """The cookie of the namespace open at ``fd``: from NS_GET_ID where that is the cookie, else
+    from a socket opened inside the namespace for a moment."""
+    if _cookie_by_ioctl():
+        return _ns_id(fd)
     if _ns_inode_of_link(OWN_NS) == inode:
         return current_cookie()
     try:
@@ -181,25 +215,38 @@ def cookie_of(path: str) -> int | None:
 
 @dataclass(slots=True)
 class NameBook:
-    """The name aqtune gave each namespace that has no /run/netns name, kept while it lives (same
-    inode and cookie).
+    """What aqtune learnt about each namespace only processes hold, kept while it lives: its
+    identity (cookie and owner) and the name aqtune gave it.
 
-    A namespace known only through its processes is named after the oldest of them; without this
-    book it would be renamed whenever that process exits. Only namespaces whose cookie is known
-    are remembered: without one, a new namespace reusing the inode could not be told apart.
+    Names: such a namespace is named after the oldest of its processes; without this book it would
+    be renamed whenever that process exits. Identities: reading a cookie and an owner costs an open
+    and three ioctls per namespace, and anyone can create thousands of namespaces; a daemon listing
+    them every sweep reads each once, and after that only checks that a process that held it then
+    (its witness) still holds that inode: a namespace reusing the inode of a dead one has none of
+    the dead one's processes. A remembered cookie is also checked wherever the namespace is entered
+    (``entered``). Only identities with a cookie are remembered: without one, inode reuse could not
+    be told apart.
     """
 
-    known: dict[int, tuple[int, str, _Identity]] = field(default_factory=dict)  # inode -> cookie, name, owner
+    known: dict[int, tuple[_Identity, str, int]] = field(default_factory=dict)  # inode -> identity, name, witness
 
-    def lookup(self, inode: int, cookie: int | None) -> tuple[str, _Identity] | None:
+    def identity(self, inode: int, holders: Iterable[int]) -> _Identity | None:
+        """The remembered identity, if its witness is among the namespace's ``holders`` now."""
         entry = self.known.get(inode)
-        if entry is None or cookie is None or entry[0] != cookie:
-            return None
-        return entry[1], entry[2]
+        return entry[0] if entry is not None and entry[2] in holders else None
 
-    def remember(self, inode: int, name: str, identity: _Identity) -> None:
+    def name(self, inode: int, cookie: int | None) -> str | None:
+        entry = self.known.get(inode)
+        if entry is None or cookie is None or entry[0].cookie != cookie:
+            return None
+        return entry[1]
+
+    def remember(self, inode: int, identity: _Identity, name: str, witness: int) -> None:
         if identity.cookie is not None:
-            self.known[inode] = (identity.cookie, name, identity)
+            self.known[inode] = (identity, name, witness)
+
+    def forget(self, inode: int) -> None:
+        self.known.pop(inode, None)
 
     def keep_only(self, inodes: set[int]) -> None:
         for inode in set(self.known) - inodes:
@@ -331,7 +378,10 @@ def list_namespaces(run_netns: str = RUN_NETNS, proc: str = "/proc", book: NameB
                     identify: bool = True) -> list[NamespaceRef]:
     """Every distinct network namespace, host first, then named ones, then process-only ones.
 
-    ``identify``: also read each one's cookie and owner (one setns and two ioctls each).
+    ``identify``: also give each one's cookie and owner: read (an open and three ioctls, or a setns
+    before Linux 6.18) for namespaces the ``book`` does not know, remembered for those it does.
+    A remembered cookie is verified when the namespace is entered; ``book=None`` reads every one
+    now (rollback, which decides on them before entering).
     """
     found: dict[int, NamespaceRef] = {}
     # PID 1's namespace is the host's; where PID 1 holds capabilities aqtune lacks (a sandbox),
@@ -345,11 +395,10 @@ def list_namespaces(run_netns: str = RUN_NETNS, proc: str = "/proc", book: NameB
         raise PermissionError(f"cannot read {host_path}: aqtune needs root")
 
     host_userns = host_user_namespace(proc) if identify else INIT_USER_NS_INODE
+    unknown = _Identity(None, False, None)
 
     def identity_of(path: str, inode: int) -> _Identity:
-        if not identify:
-            return _Identity(None, False, None)
-        return _identify(path, inode, host_userns) or _Identity(None, False, None)
+        return (_identify(path, inode, host_userns) or unknown) if identify else unknown
 
     host = identity_of(host_path, host_inode)
     found[host_inode] = NamespaceRef("host", host_inode, host_path, host.cookie)
@@ -382,9 +431,10 @@ def list_namespaces(run_netns: str = RUN_NETNS, proc: str = "/proc", book: NameB
             holders.setdefault(inode, []).append(pid)
     taken = {ref.name for ref in found.values()}
     # Names kept from earlier listings first, so that a new namespace cannot take one of them.
-    identities = {inode: identity_of(f"{proc}/{min(pids)}/ns/net", inode) for inode, pids in holders.items()}
-    kept = {inode: known[0] for inode in holders
-            if book is not None and (known := book.lookup(inode, identities[inode].cookie)) is not None}
+    identities = {inode: (book.identity(inode, pids) if book is not None and identify else None)
+                  or identity_of(f"{proc}/{min(pids)}/ns/net", inode) for inode, pids in holders.items()}
+    kept = {inode: known for inode in holders
+            if book is not None and (known := book.name(inode, identities[inode].cookie)) is not None}
     taken |= set(kept.values())
     mounts: dict[str, str] | None = None
     unnamed: list[NamespaceRef] = []
@@ -392,7 +442,7 @@ def list_namespaces(run_netns: str = RUN_NETNS, proc: str = "/proc", book: NameB
         if inode in kept:
             name = kept[inode]
             held = int(name[4:]) if name.startswith("pid:") and name[4:].isdigit() else None
-            path = f"{proc}/{held if held in pids else min(pids)}/ns/net"
+            witness = held if held in pids else min(pids)
         else:
             # Oldest first: the longest-lived process names it, and is the likeliest to outlive the sweep.
             by_age = sorted(pids, key=lambda p: (_start_time(p, proc) or 0, p))
@@ -402,16 +452,18 @@ def list_namespaces(run_netns: str = RUN_NETNS, proc: str = "/proc", book: NameB
             # number may have been reused here: the next oldest then names this one.
             name = (_unit_name(inode, by_age, inode_of, proc, mounts, taken)
                     or next((f"pid:{p}" for p in by_age if f"pid:{p}" not in taken), str(inode)))
-            path = f"{proc}/{by_age[0]}/ns/net"
+            witness = by_age[0]
             taken.add(name)
         ident = identities[inode]
+        path = f"{proc}/{witness}/ns/net"
+        if book is not None:
+            # Only the names aqtune derived: a /run/netns name is the administrator's and goes with
+            # its mount (/run/netns namespaces are root's, few, and identified at every listing).
+            book.remember(inode, ident, name, witness)
         unnamed.append(NamespaceRef(name, inode, path, ident.cookie, ident.user_owned, ident.owner_uid))
     refs = [*found.values(), *sorted(unnamed, key=_pid_order)]
     if book is not None:
-        # Only the names aqtune derived: a /run/netns name is the administrator's and goes with its mount.
-        for ref in unnamed:
-            book.remember(ref.inode, ref.name, _Identity(ref.cookie, ref.user_owned, ref.owner_uid))
-        book.keep_only({ref.inode for ref in unnamed})
+        book.keep_only({ref.inode for ref in refs})
     return refs
 
 
@@ -519,7 +571,7 @@ def entered(ref: NamespaceRef) -> Iterator[None]:
     /proc/thread-self/net and /proc/sys/net resolve against the calling thread's namespace, so
     counters and sysctls read inside the block are the namespace's own. Raises NamespaceGone when
     the namespace is gone, or when ``ref.path`` now opens another one (other inode, or the same
-    inode with another cookie).
+    inode with another cookie: that one is then forgotten by the BOOK, to be identified afresh).
     """
     try:
         target = os.open(ref.path, os.O_RDONLY | os.O_CLOEXEC)
@@ -528,15 +580,20 @@ def entered(ref: NamespaceRef) -> Iterator[None]:
     try:
         if os.fstat(target).st_ino != ref.inode:
             raise NamespaceGone(f"{ref.name}: {ref.path} now holds another namespace")
+        by_ioctl = ref.cookie is not None and _cookie_by_ioctl()
+        if by_ioctl:
+            _check_cookie(ref, _ns_id(target))
         if _ns_inode_of_link(OWN_NS) == ref.inode:
-            _check_cookie(ref)
+            if not by_ioctl:
+                _check_cookie(ref, current_cookie())
             yield
             return
         own = os.open(OWN_NS, os.O_RDONLY | os.O_CLOEXEC)
         try:
             _setns(target, ref.name)
             try:
-                _check_cookie(ref)
+                if not by_ioctl:
+                    _check_cookie(ref, current_cookie())
                 yield
             finally:
                 _setns(own, "aqtune's own network namespace")
@@ -546,10 +603,9 @@ def entered(ref: NamespaceRef) -> Iterator[None]:
         os.close(target)
 
 
-def _check_cookie(ref: NamespaceRef) -> None:
-    if ref.cookie is None:
+def _check_cookie(ref: NamespaceRef, cookie: int | None) -> None:
+    if ref.cookie is None or cookie is None or cookie == ref.cookie:
         return
-    cookie = current_cookie()
-    if cookie is not None and cookie != ref.cookie:
-        raise NamespaceGone(f"{ref.name}: inode {ref.inode} now belongs to another namespace "
-                            f"(cookie {cookie}, expected {ref.cookie})")
+    BOOK.forget(ref.inode)
+    raise NamespaceGone(f"{ref.name}: inode {ref.inode} now belongs to another namespace "
+                        f"(cookie {cookie}, expected {ref.cookie})")

@@ -256,7 +256,7 @@ def test_rollback_leaves_a_new_namespace_that_reused_the_inode_alone(
                     "(other namespaces were being created meanwhile)")
     assert somaxconn_of(f"/proc/{reused.pid}/ns/net") == before * 2
 
-    assert [e.netns_inode for e in Ledger(state).stale(aq_netns.list_namespaces())] == [inode]
+    assert [e.netns_inode for e in Ledger(state).stale(aq_netns.list_namespaces(book=None))] == [inode]
     done = aqtune("rollback", "--state-dir", state)
     assert done.returncode == 0, done.stderr
     (line,) = done.stdout.splitlines()

@@ -389,17 +389,18 @@ def test_a_namespace_all_of_whose_unit_lives_in_it_is_named_after_the_unit(tmp_p
                                9000005: "pid:90"}
 
 
-def test_a_name_is_kept_while_its_namespace_lives_and_not_given_to_a_new_one(tmp_path: Path) -> None:
-    proc = FakeProc(tmp_path / "proc")
-    proc.process(100, 9000001, start=500)
-    proc.process(101, 9000001, start=501)
+def test_a_name_is_kept_while_its_namespace_lives_and_not_given_to_a_new_one() -> None:
     book = netns.NameBook()
-    # The book remembers only identities with a cookie: stand one in.
     identity = netns._Identity(cookie=77, user_owned=False, owner_uid=None)
-    book.remember(9000001, "pid:100", identity)
-    (proc.root / "100" / "ns" / "net").unlink()  # pid 100 exits; 101 keeps the namespace
-    assert book.lookup(9000001, 77) == ("pid:100", identity)
-    assert book.lookup(9000001, 78) is None, "another cookie is another namespace"
+    book.remember(9000001, identity, "pid:100", witness=100)
+    assert (book.name(9000001, 77), book.identity(9000001, [100, 101])) == ("pid:100", identity)
+    assert book.name(9000001, 78) is None, "another cookie is another namespace"
+    # Without its witness the inode may be another namespace's now: identified afresh.
+    assert book.identity(9000001, [101, 102]) is None
+    book.remember(9000002, netns._Identity(cookie=None, user_owned=False, owner_uid=None), "pid:200", witness=200)
+    assert book.identity(9000002, [200]) is None, "without a cookie nothing is remembered"
+    book.keep_only({9000003})
+    assert book.known == {}
 
 
 # --- policy: tuning rights -------------------------------------------------------------------------------
