@@ -69,16 +69,19 @@ class Entry:
     def managed(self) -> Managed:
         return Managed(self.original, self.applied, self.changed_at, tuple(self.earlier))
 
-    def same_namespace(self, inode: int, cookie: int | None, name: str) -> bool:
-        """Whether a live namespace (inode, cookie, name) is provably the one this entry was made in."""
+    def same_namespace(self, inode: int, cookie: int | None, name: str) -> bool | None:
+        """Whether a live namespace (inode, cookie, name) is the one this entry was made in: True
+        (proven), False (proven not, or never provable), None (its cookie cannot be read now)."""
         if inode != self.netns_inode:
             return False
-        if self.cookie is not None or cookie is not None:
-            if self.cookie == cookie:
-                return True
+        if self.cookie is not None and cookie is not None:
+            return self.cookie == cookie
+        if self.cookie is not None:
+            return None  # the namespace could not be identified this time: try again later
+        if cookie is not None:
             # Recorded without a cookie (aqtune before ledger version 2): only the host's namespace,
             # which lives as long as the machine, is provably still the same.
-            return self.cookie is None and self.netns == name == "host"
+            return self.netns == name == "host"
         return True  # a kernel without cookies (before 5.14): the inode is all there is
 
     def ours(self) -> set[int]:
@@ -308,10 +311,11 @@ class Ledger:
         return {e.sysctl: e.managed() for e in self.entries if e.netns_inode == netns_inode}
 
     def stale(self, live: Iterable[NamespaceLike]) -> list[Entry]:
-        """Entries whose inode now belongs to a namespace they were not made in."""
+        """Entries whose inode now belongs to a namespace they were provably not made in (one whose
+        cookie could not be read is left for a later sweep)."""
         by_inode = {ns.inode: ns for ns in live}
         return [e for e in self.entries if (ns := by_inode.get(e.netns_inode)) is not None
-                and not e.same_namespace(ns.inode, ns.cookie, ns.name)]
+                and e.same_namespace(ns.inode, ns.cookie, ns.name) is False]
 
     def drop_stale(self, live: Iterable[NamespaceLike], save: bool = True) -> list[Entry]:
         """Forget the entries ``stale`` finds, and return them (to be reported).
@@ -338,7 +342,7 @@ class Ledger:
         """Record the intent to write ``new`` (durably) before writing it."""
         with self.transaction():
             entry = self.find(netns_inode, sysctl)
-            if entry is not None and not entry.same_namespace(netns_inode, cookie, netns):
+            if entry is not None and entry.same_namespace(netns_inode, cookie, netns) is False:
                 self.entries.remove(entry)  # a dead namespace's record: this is a new namespace
                 entry = None
             if entry is None:

@@ -80,7 +80,12 @@ def rollback_entry(entry: Entry, refs: dict[int, netns.NamespaceRef]) -> Rollbac
     ref = refs.get(entry.netns_inode)
     if ref is None:
         return RollbackResult(entry.netns, entry.sysctl, "gone", "the namespace no longer exists")
-    if not entry.same_namespace(ref.inode, ref.cookie, ref.name):
+    same = entry.same_namespace(ref.inode, ref.cookie, ref.name)
+    if same is None:
+        return RollbackResult(entry.netns, entry.sysctl, "failed",
+                              f"cannot read the cookie of the namespace with inode {ref.inode} ({ref.name}) now, "
+                              "so cannot prove it is the one recorded")
+    if not same:
         if entry.cookie is None:
             why = (f"recorded without the namespace's cookie (by an older aqtune): inode {ref.inode} "
                    f"({ref.name}) cannot be proven to be the same namespace; not restored (if it is: "

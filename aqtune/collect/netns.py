@@ -40,6 +40,7 @@ NS_GET_ID = 0x8008B70D  # _IOR(NSIO, 13, __u64), Linux 6.18+: a namespace's id, 
 INIT_USER_NS_INODE = 0xEFFFFFFD  # PROC_USER_INIT_INO: the initial user namespace's fixed inode
 UNIT_DIR_LIMIT = 256  # cgroup directories read to check that a unit lives in one namespace
 UNIT_PID_LIMIT = 4096  # processes of such a unit checked; a larger unit is not used as a name
+UNIT_HOLDERS = 8  # a namespace's oldest processes whose cgroup is read to find its unit
 LISTED_IN_ERRORS = 20  # names an "unknown namespace" message lists at most
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -354,8 +355,8 @@ def _unit_pids(directory: str) -> set[int] | None:
 
 def _unit_name(inode: int, holders: list[int], inode_of: dict[int, int], proc: str,
                mounts: dict[str, str], taken: set[str]) -> str | None:
-    """The system unit whose every process is in this namespace, if a holder lies in one."""
-    for pid in holders:
+    """The system unit whose every process is in this namespace, if one of its oldest holders lies in one."""
+    for pid in holders[:UNIT_HOLDERS]:
         found = _cgroup_path(pid, proc)
         unit = system_unit(found[1]) if found else None
         if found is None or unit is None or unit[0] in taken or found[0] not in mounts:

@@ -241,12 +241,14 @@ def test_stale_records_are_those_whose_inode_another_namespace_has(tmp_path: Pat
                       Entry("pid:5", 11, SOMAXCONN, 1, 2, None, 0.0, cookie=101),
                       Entry("pid:6", 12, SOMAXCONN, 1, 2, None, 0.0),  # before cookies: unprovable
                       Entry("host", 13, SOMAXCONN, 1, 2, None, 0.0),  # the host's never dies
-                      Entry("gone", 14, SOMAXCONN, 1, 2, None, 0.0, cookie=102)]
+                      Entry("gone", 14, SOMAXCONN, 1, 2, None, 0.0, cookie=102),
+                      Entry("unread", 15, SOMAXCONN, 1, 2, None, 0.0, cookie=104)]
     live = [netns.NamespaceRef("web", 10, "/x", 100), netns.NamespaceRef("pid:7", 11, "/x", 999),
-            netns.NamespaceRef("pid:6", 12, "/x", 103), netns.NamespaceRef("host", 13, "/x", 1)]
+            netns.NamespaceRef("pid:6", 12, "/x", 103), netns.NamespaceRef("host", 13, "/x", 1),
+            netns.NamespaceRef("unread", 15, "/x", None)]  # its cookie could not be read this time
     assert [e.netns for e in ledger.stale(live)] == ["pid:5", "pid:6"]
     assert [e.netns for e in ledger.drop_stale(live, save=False)] == ["pid:5", "pid:6"]
-    assert [e.netns for e in ledger.entries] == ["web", "host", "gone"]
+    assert [e.netns for e in ledger.entries] == ["web", "host", "gone", "unread"]
     assert not (tmp_path / "state").exists(), "save=False writes nothing"
 
 
