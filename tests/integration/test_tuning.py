@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from aqtune.act.ledger import FORMAT_VERSION
+from aqtune.collect.netns import cookie_of
 from tests.helpers.aqtune_run import Daemon, aqtune, ledger_changes, write_policy
 from tests.helpers.namespace import HelperProcess, TestNamespace, wait_until
 from tests.integration.expect import bursts, draining_listener, flood_target, wait_for_queues
@@ -112,9 +114,13 @@ def json_listeners(text: str) -> list[dict[str, Any]]:
 
 
 def write_ledger(state: Path, changes: list[dict[str, Any]]) -> None:
-    """A changes.json in aqtune's format, as a daemon killed at some point would have left it."""
+    """A changes.json in aqtune's format, as a daemon killed at some point would have left it (each
+    entry with its namespace's cookie, as aqtune records it)."""
     state.mkdir()
-    (state / "changes.json").write_text(json.dumps({"version": 1, "changes": changes}), encoding="utf-8")
+    changes = [{"cookie": cookie_of("/proc/self/ns/net" if change["netns"] == "host"
+                                    else f"/run/netns/{change['netns']}"), **change} for change in changes]
+    (state / "changes.json").write_text(json.dumps({"version": FORMAT_VERSION, "changes": changes}),
+                                        encoding="utf-8")
 
 
 def only_entry(state: Path) -> dict[str, Any]:
