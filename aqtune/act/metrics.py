@@ -87,6 +87,8 @@ NO_EVENTS = ListenerEvents(enqueued=0, peak_queue=None, ack_overflow=0, syn_over
 QUEUE_WAIT = Family("aqtune_listener_queue_wait_seconds", "gauge",
                     "Enqueue-to-accept time, upper bound of the log2 bucket holding the quantile (eBPF).")
 QUANTILES = (("p50", "0.5"), ("p99", "0.99"))  # ListenerEvents.queue_wait_ms key -> quantile label
+OLDEST_QUEUED = Family("aqtune_listener_oldest_queued_seconds", "gauge",
+                       "Age of the oldest connection still waiting in the accept queue (eBPF); 0 when empty.")
 
 # Per namespace (label: netns), one metric per sysctl and per TcpExt counter of records.SYSCTLS/COUNTERS.
 SYSCTL_METRICS: dict[str, Family] = {
@@ -142,7 +144,7 @@ NAMESPACES_OMITTED = Family("aqtune_namespaces_omitted", "gauge",
                             "Namespaces left out of this file by its cap (those with the fewest drops).")
 
 FAMILIES: tuple[Family, ...] = (
-    *(family for family, _ in LISTENER_METRICS), *(family for family, _ in EVENT_METRICS), QUEUE_WAIT,
+    *(family for family, _ in LISTENER_METRICS), *(family for family, _ in EVENT_METRICS), QUEUE_WAIT, OLDEST_QUEUED,
     *SYSCTL_METRICS.values(), *COUNTER_METRICS.values(), *(family for family, _ in NAMESPACE_METRICS),
     *(family for family, _ in DAEMON_METRICS), LISTENERS, LISTENERS_OMITTED, NAMESPACES, NAMESPACES_OMITTED,
 )
@@ -241,6 +243,8 @@ def _listener_samples(samples: _Samples, listener: Listener, events: ListenerEve
     for key, quantile in QUANTILES:
         if waits.get(key) is not None:
             samples.add(QUEUE_WAIT, _labels([*pairs, ("quantile", quantile)]), waits[key] / 1000)
+    if events.oldest_queued_ms is not None:
+        samples.add(OLDEST_QUEUED, labels, events.oldest_queued_ms / 1000)
 
 
 def _namespace_samples(samples: _Samples, namespace: Namespace, name: str) -> None:

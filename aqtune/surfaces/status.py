@@ -110,6 +110,19 @@ def only_namespace(document: dict[str, Any], name: str) -> dict[str, Any]:
             "namespaces": [ns for ns in document["namespaces"] if ns["name"] in names]}
 
 
+def wait_text(events: dict[str, Any] | None) -> str:
+    """How long connections wait in the queue: the oldest still queued, else the accepted p99; "-" where
+    unknown (no eBPF, or a one-shot sweep)."""
+    if not events:
+        return "-"
+    oldest = events.get("oldest_queued_ms")
+    p99 = (events.get("queue_wait_ms") or {}).get("p99")
+    wait = max([w for w in (oldest, p99) if w is not None], default=None)
+    if wait is None:
+        return "-"
+    return f"{wait / 1000:.1f}s" if wait >= 1000 else f"{wait:.0f}ms"
+
+
 def owner_text(processes: list[dict[str, Any]]) -> str:
     """``pid/comm +N (units)``, escaped: comm and unit names are chosen by whoever runs the process."""
     if not processes:
@@ -156,7 +169,7 @@ def render(document: dict[str, Any], previous_drops: dict[int, int] | None = Non
         f"eBPF: {'on' if document['ebpf']['active'] else 'off'}: {cescape(document['ebpf']['mode'])}",
         "",
     ]
-    rows = [["NETNS", "PROTO", "LISTENER", "QUEUE/BACKLOG", "FILL", "DROPS", "OWNER"]]
+    rows = [["NETNS", "PROTO", "LISTENER", "QUEUE/BACKLOG", "FILL", "DROPS", "WAIT", "OWNER"]]
     for listener in listeners:
         drops = "-" if listener["drops"] is None else str(listener["drops"])
         if previous_drops is not None and listener["drops"] is not None:
@@ -164,9 +177,9 @@ def render(document: dict[str, Any], previous_drops: dict[int, int] | None = Non
         rows.append([
             cescape(listener["netns"]), cescape(listener["proto"]), cescape(listener["address"]),
             f"{listener['queue']}/{listener['backlog']}", f"{listener['fill']:.2f}", drops,
-            owner_text(listener["processes"]),
+            wait_text(listener.get("events")), owner_text(listener["processes"]),
         ])
-    lines += _table(rows, right={3, 4, 5})
+    lines += _table(rows, right={3, 4, 5, 6})
     lines.append("")
     advice = [a for listener in listeners for a in listener["advice"]]
     advice += [a for ns in document["namespaces"] for a in ns["advice"]]

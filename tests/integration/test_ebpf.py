@@ -42,7 +42,7 @@ from aqtune.surfaces.trace import HEADER, SUMMARY_HEADER
 from tests.helpers.aqtune_run import Daemon, write_policy
 from tests.helpers.kernelview import SsListener
 from tests.helpers.namespace import PYTHON, REPO, HelperProcess, TestNamespace, wait_until
-from tests.integration.expect import flood_target, wait_for_queues
+from tests.integration.expect import bursts, draining_listener, flood_target, wait_for_queues
 
 pytestmark = [
     pytest.mark.integration,
@@ -55,7 +55,7 @@ RUN_NETNS = "/run/netns"
 SOMAXCONN = "net.core.somaxconn"
 CAPPED = 64
 ASKED = 1024
-CAPPED_FLOOD = 70  # 65 fill the capped queue; the rest are dropped SYNs, which make it "saturated" at once
+CAPPED_FLOOD = 120  # per burst: 65 fill the capped queue; the rest are dropped SYNs, which make it "saturated"
 POLICY = 'mode = "recommend"\ninterval = 0.5\n\n[saturation]\nsustain = 1\n'
 
 
@@ -293,23 +293,31 @@ def aqtune_run(tmp_path: Path) -> Iterator[Callable[..., Aqtune]]:
         daemon.kill()
 
 
-def capped_listener(ns: TestNamespace) -> dict[str, Any]:
-    """listen(1024) where somaxconn is 64, kept full by a bounded flood: the capped-by-somaxconn case."""
+def capped_listener(ns: TestNamespace, load: contextlib.ExitStack) -> dict[str, Any]:
+    """listen(1024) where somaxconn is 64, drained fast by its worker but hit by bursts larger than its queue:
+    the capped-by-somaxconn case (a longer queue would help)."""
     ns.set_sysctl(SOMAXCONN, CAPPED)
-    listener = listener_of(ns.listen(f"tcp4:{ASKED}"))
-    ns.flood([(flood_target(listener), CAPPED_FLOOD)])
-    rows = wait_for_queues(ns, {listener["address"]: CAPPED + 1})
-    assert rows[listener["address"]].backlog == CAPPED
+    _, listener = draining_listener(ns, f"tcp4:{ASKED}")
+    assert ns.ss_tcp()[listener["address"]].backlog == CAPPED
+    load.enter_context(bursts(ns, listener, CAPPED_FLOOD, every=2.0))
     return listener
 
 
+@pytest.fixture
+def load() -> Iterator[contextlib.ExitStack]:
+    """Load started by a test, stopped after it whatever its outcome."""
+    with contextlib.ExitStack() as stack:
+        yield stack
+
+
 def test_requested_backlog_above_somaxconn_reaches_the_advice(
-        layer: Recorder, netns: Callable[[], TestNamespace], aqtune_run: Callable[..., Aqtune]) -> None:
+        layer: Recorder, netns: Callable[[], TestNamespace], aqtune_run: Callable[..., Aqtune],
+        load: contextlib.ExitStack) -> None:
     ns = netns()
     daemon = aqtune_run(ns)
     # Only a listen() made after aqtune loaded its programs can be seen.
     active = daemon.wait_for("eBPF: partial: tcp_conn_request not observed", timeout=20)
-    listener = capped_listener(ns)
+    listener = capped_listener(ns, load)
     seen = layer.read(listener["inode"])
     assert seen is not None and seen.requested_backlog == ASKED  # while ss says 64
     daemon.wait_for("capped-by-somaxconn", f"backlog {CAPPED} is net.core.somaxconn's limit",
@@ -730,9 +738,10 @@ def test_bpf_refused_reason_names_the_missing_capability(tmp_path: Path) -> None
 
 @pytest.mark.parametrize("case", ["no kernel headers", "BPF refused", "--no-ebpf"])
 def test_without_ebpf_the_loop_still_sweeps_and_advises(
-        case: str, netns: Callable[[], TestNamespace], aqtune_run: Callable[..., Aqtune]) -> None:
+        case: str, netns: Callable[[], TestNamespace], aqtune_run: Callable[..., Aqtune],
+        load: contextlib.ExitStack) -> None:
     ns = netns()
-    listener = capped_listener(ns)
+    listener = capped_listener(ns, load)
     if case == "no kernel headers":
         daemon = aqtune_run(ns, prefix=NO_HEADERS)
         said = f"no kernel headers at /lib/modules/{RELEASE}/build: install linux-headers-{RELEASE}"
