@@ -162,6 +162,7 @@ class ConnectionSummary:
     queued: int  # established, still waiting in the accept queue
     long_held: int  # accepted and open longer than long_after (by eBPF age, or proven by tcp_info)
     idle: int  # accepted, nothing received for idle_after seconds (TCP only)
+    answered: int  # of those long-held or idle: answered since the client last sent (idle keep-alive ones)
     held_by: tuple[int, ...]  # pids holding a long-held or idle connection
     busy: tuple[int, ...]  # pids holding any accepted connection
     oldest: float | None  # seconds: the longest-open accepted connection (eBPF age, else tcp_info's lower bound)
@@ -172,3 +173,4 @@ class ConnectionSummary:
     shared: int = 1  # listeners these connections are counted for (members of one reuseport group)
     top: tuple[Connection, ...] = ()  # worst first (long-held or idle, then longest open), at most those asked for
     more: int = 0  # connections left out of ``top``
+    unread: int = 0  # connections beyond the bound on how many one look reads (collect.connections.MAX_ROWS)

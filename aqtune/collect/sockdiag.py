@@ -339,6 +339,8 @@ class ConnectionDump:
     rows: list[Connection] = field(default_factory=list)
     skipped: int = 0
     done: bool = False
+    limit: int = 0  # rows kept at most (0: all); any local user can open connections by the hundred thousand
+    unread: int = 0  # rows past the limit, counted only
     ip_text: dict[tuple[int, bytes, int], str] = field(default_factory=dict)
     ifnames: dict[int, str] = field(default_factory=dict)
 
@@ -363,6 +365,9 @@ def decode_inet_connections(progress: ConnectionDump, buf: bytes | bytearray | m
             attr += (attr_len + 3) & ~3
         if attr < end:
             progress.skipped += 1
+            continue
+        if progress.limit and len(progress.rows) >= progress.limit:
+            progress.unread += 1
             continue
         texts = []
         for raw, index in ((src, ifindex), (dst, 0)):
@@ -403,6 +408,8 @@ class UnixDump:
     rows: list[UnixSocket] = field(default_factory=list)
     skipped: int = 0
     done: bool = False
+    limit: int = 0  # as ConnectionDump's
+    unread: int = 0
 
 
 def decode_unix_sockets(progress: UnixDump, buf: bytes | bytearray | memoryview, size: int) -> None:
@@ -439,6 +446,10 @@ def decode_unix_sockets(progress: UnixDump, buf: bytes | bytearray | memoryview,
         if attr < end:
             progress.skipped += 1
             continue
-        if name:
+        if not name:
+            continue
+        if progress.limit and len(progress.rows) >= progress.limit and state != TCP_LISTEN:
+            progress.unread += 1  # listeners are always kept: connections are matched through them
+        else:
             progress.rows.append(UnixSocket(inode, cookie_lo | (cookie_hi << 32), state == TCP_LISTEN, name,
                                             vfs, peer, queue, backlog, uid))
