@@ -162,6 +162,7 @@ class ConnectionSummary:
     queued: int  # established, still waiting in the accept queue
     long_held: int  # accepted and open longer than long_after (by eBPF age, or proven by tcp_info)
     idle: int  # accepted, nothing received for idle_after seconds (TCP only)
+    held: int  # accepted and long-held or idle (or both)
     answered: int  # of those long-held or idle: answered since the client last sent (idle keep-alive ones)
     held_by: tuple[int, ...]  # pids holding a long-held or idle connection
     busy: tuple[int, ...]  # pids holding any accepted connection

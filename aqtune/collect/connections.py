@@ -251,14 +251,14 @@ def summarize_connections(connections: Sequence[Connection], now: float, long_af
     queued = [c for c in connections if c.queued]
     long_held = [c for c in accepted if is_long_held(c, now, long_after)]
     idle = [c for c in accepted if is_idle(c, idle_after)]
-    held = {id(c): c for c in long_held + idle}.values()
+    held = list({id(c): c for c in long_held + idle}.values())
     opened = [t for t in (open_for(c, now) for c in accepted) if t is not None]
     waited = [t for t in (c.min_age for c in queued) if t is not None]
     ordered = worst_first(connections, now, long_after, idle_after)
     top = ordered if keep < 0 else ordered[:keep]
     return ConnectionSummary(
         taken_at=now, accepted=len(accepted), queued=len(queued), long_held=len(long_held), idle=len(idle),
-        answered=sum(is_answered(c) for c in held),
+        held=len(held), answered=sum(is_answered(c) for c in held),
         held_by=tuple(sorted({p.pid for c in held for p in c.holders})),
         busy=tuple(sorted({p.pid for c in accepted for p in c.holders})),
         oldest=max(opened) if opened else None, oldest_queued=max(waited) if waited else None,

@@ -16,6 +16,8 @@ from aqtune.messages import MessageId
 class FindingId(StrEnum):
     SATURATED = "saturated"
     STALLED_WORKERS = "stalled-workers"
+    HELD_BY_CONNECTIONS = "held-by-connections"
+    REUSEPORT_STALLED = "reuseport-stalled"
     CAPPED_BY_SOMAXCONN = "capped-by-somaxconn"
     CAPPED_BY_APP = "capped-by-app"
     RELISTEN_NEEDED = "relisten-needed"
@@ -71,6 +73,15 @@ TABLE: tuple[FindingSpec, ...] = (
     _spec(FindingId.STALLED_WORKERS, Role.PROBLEM, _W, "listener",
           "saturated while the owners use under 5% of a CPU: a longer queue adds only latency",
           "names the workers as the limit; never raises a sysctl for it"),
+    _spec(FindingId.HELD_BY_CONNECTIONS, Role.PROBLEM, _W, "listener",
+          "saturated while every worker holds a connection open over `[connections] long_after` or idle for "
+          "`idle_after` (slow or idle clients, or a slow backend): a longer queue adds only waiting",
+          "names the server's knobs that bound how long a connection holds a worker, and its worker count; "
+          "never raises a sysctl for it"),
+    _spec(FindingId.REUSEPORT_STALLED, Role.PROBLEM, _W, "listener",
+          "one socket of an SO_REUSEPORT group is full while its siblings drain: the process serving it "
+          "stopped accepting, and the connections hashed to it wait",
+          "names that process; never raises a sysctl for it"),
     _spec(FindingId.CAPPED_BY_SOMAXCONN, Role.PROBLEM, _W, "listener",
           "backlog equals the namespace's somaxconn: raise it there, then the owner must call listen() again",
           "raises somaxconn in apply mode (bounded by the policy), recommends it otherwise"),

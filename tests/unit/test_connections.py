@@ -84,7 +84,7 @@ def test_summary_counts_long_idle_and_queued() -> None:
         conn("x:1", inode=0, recv_idle=3, send_idle=3),  # queued for 3 s
     ]
     summary = summarize_connections(conns, NOW, long_after=30, idle_after=10, ages=AGES_EBPF, keep=2)
-    assert (summary.accepted, summary.queued, summary.long_held, summary.idle) == (3, 1, 1, 2)
+    assert (summary.accepted, summary.queued, summary.long_held, summary.idle, summary.held) == (3, 1, 1, 2, 2)
     assert summary.answered == 1  # inode 3: the server answered after the client's last data
     assert summary.held_by == (11, 13) and summary.busy == (11, 12, 13)
     assert summary.oldest == 100 and summary.oldest_queued == 3
