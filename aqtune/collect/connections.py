@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import os
+import re
 import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -32,6 +34,10 @@ MAX_ROWS = 100_000  # connections one dump keeps per namespace; the rest are cou
 WILDCARD = {"tcp": "0.0.0.0", "tcp6": "[::]"}
 AGES_EBPF = "ebpf"
 AGES_NONE = "none"
+# /proc/PID/fdinfo of an epoll instance: one "tfd: FD events: ... ino:INODE(hex) sdev:..." line per watched file.
+_EPOLL_TARGET = re.compile(rb"^tfd:.*\bino:([0-9a-f]+)", re.MULTILINE)
+EPOLL_FDINFO_MAX = 1 << 20  # a line is ~80 bytes: some 13,000 watched descriptors
+MAX_EPOLL_FDS = 16  # epoll instances read per process
 
 
 @dataclass(slots=True)
@@ -155,6 +161,44 @@ def with_group_members(wanted: Iterable[Listener], every: Iterable[Listener]) ->
     return list(chosen.values())
 
 
+def epoll_watchers(pids: Iterable[int], inodes: set[int], proc: str = "/proc") -> dict[int, set[int]]:
+    """Socket inode -> the pids among ``pids`` whose epoll instances watch it.
+
+    Holding a listener is not serving it: nginx's workers inherit every socket of a reuseport group and
+    each puts only its own in its epoll set. So for an event-driven server this says which process
+    accepts on which socket; a process that accepts without epoll (a blocking accept(), poll()) shows
+    for none."""
+    found: dict[int, set[int]] = {}
+    for pid in set(pids):
+        try:
+            fds = os.listdir(f"{proc}/{pid}/fd")
+        except OSError:
+            continue
+        instances = 0
+        for fd in fds:
+            try:
+                if os.readlink(f"{proc}/{pid}/fd/{fd}") != "anon_inode:[eventpoll]":
+                    continue
+                instances += 1
+                if instances > MAX_EPOLL_FDS:
+                    break
+                data, _ = procfs.read_bounded(f"{proc}/{pid}/fdinfo/{fd}", EPOLL_FDINFO_MAX)
+            except OSError:
+                continue
+            for match in _EPOLL_TARGET.finditer(data):
+                inode = int(match.group(1), 16)
+                if inode in inodes:
+                    found.setdefault(inode, set()).add(pid)
+    return found
+
+
+def serving(listeners: Iterable[Listener], proc: str = "/proc") -> dict[int, set[int]]:
+    """Listener inode -> the holders whose epoll sets watch it (epoll_watchers over their holders): for
+    reuseport_stalled, which names the process that serves the full socket."""
+    listeners = list(listeners)
+    return epoll_watchers({p.pid for l in listeners for p in l.processes}, {l.inode for l in listeners}, proc)
+
+
 def refs_of(namespaces: Iterable[Namespace]) -> list[netns.NamespaceRef]:
     """The references a sweep's namespaces were read through, to enter them again."""
     return [netns.NamespaceRef(ns.name, ns.inode, ns.path) for ns in namespaces if ns.path]
@@ -186,14 +230,24 @@ def collect(refs: Sequence[netns.NamespaceRef], listeners: Sequence[Listener], a
         except (OSError, sockdiag.NetlinkError) as exc:
             collected.errors[ref.name] = f"connections could not be read: {exc}"
     collected.shared = {key: shared.get(key, 1) for key in collected.connections}
-    inodes = {c.inode for found in collected.connections.values() for c in found if c.inode}
+    inodes = connection_inodes(collected)
     holders = procfs.find_owners(inodes, proc) if owners and inodes else {}
-    accepted = accepted_at(inodes) if accepted_at is not None and inodes else {}
-    if holders or accepted:
-        done: dict[int, Connection] = {}  # a reuseport group's members share the same records
-        for key, found in collected.connections.items():
-            collected.connections[key] = [_complete(c, holders, accepted, done) for c in found]
+    complete(collected, holders, accepted_at(inodes) if accepted_at is not None and inodes else {})
     return collected
+
+
+def connection_inodes(collected: Collected) -> set[int]:
+    """The inodes of every accepted connection collected (queued ones have none yet)."""
+    return {c.inode for found in collected.connections.values() for c in found if c.inode}
+
+
+def complete(collected: Collected, holders: Mapping[int, tuple[Process, ...]], accepted: Mapping[int, float]) -> None:
+    """Fill in the processes holding each connection and its accept time, by socket inode."""
+    if not holders and not accepted:
+        return
+    done: dict[int, Connection] = {}  # a reuseport group's members share the same records
+    for key, found in collected.connections.items():
+        collected.connections[key] = [_complete(c, holders, accepted, done) for c in found]
 
 
 def _complete(connection: Connection, holders: Mapping[int, tuple[Process, ...]],

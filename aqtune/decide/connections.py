@@ -16,7 +16,7 @@ a sysctl.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from aqtune.decide import servers
@@ -111,25 +111,37 @@ def _who(processes: Sequence[Process]) -> str:
     return named + (f" and {more} more" if more > 0 else "")
 
 
-def reuseport_stalled(member: Listener, group: Sequence[Listener], policy: Policy) -> Finding | None:
+def reuseport_stalled(member: Listener, group: Sequence[Listener], policy: Policy,
+                      serving: Mapping[int, Iterable[int]] | None = None) -> Finding | None:
     """For a full member of a reuseport ``group`` (all members, ``member`` among them) while a sibling
-    drains (below ``clear_ratio``): the process serving it stopped accepting. It is named as the holder
-    of this socket that holds no draining sibling (each worker of nginx ``reuseport`` keeps only its
-    own); where every holder holds the siblings too, all of them are named, as the ones to look at."""
+    drains (below ``clear_ratio``): the process serving it stopped accepting.
+
+    ``serving`` maps listener inodes to the pids that accept on them (collect.connections.serving():
+    the holders whose epoll set watches the socket; nginx's workers inherit every socket of the group
+    and each watches only its own). Where it says nothing about a socket, its holders stand in. The
+    stuck process is the one serving this socket and no draining sibling; where every one of them
+    serves the siblings too, all are named, as the ones to look at."""
     if member.proto not in REUSEPORT_PROTOS or member.fill < policy.saturation.fill_ratio:
         return None
     draining = [s for s in group if s.cookie != member.cookie and s.fill < policy.saturation.clear_ratio]
     if not draining:
         return None
-    serving_siblings = {p.pid for s in draining for p in s.processes}
-    own = [p for p in member.processes if p.pid not in serving_siblings]
-    stuck = own or list(member.processes)
+
+    def servers_of(listener: Listener) -> list[Process]:
+        pids = set((serving or {}).get(listener.inode, ()))
+        chosen = [p for p in listener.processes if p.pid in pids]
+        return chosen or list(listener.processes)
+
+    serving_siblings = {p.pid for s in draining for p in servers_of(s)}
+    candidates = servers_of(member)
+    own = [p for p in candidates if p.pid not in serving_siblings]
+    stuck = own or candidates
     if not stuck:
         who = "no process found holding it"
     elif own:
         who = _who(stuck)
     else:
-        who = f"{_who(stuck)}, which hold its siblings too (a thread or event loop of theirs)"
+        who = f"{_who(stuck)}, which serve its siblings too (a thread or event loop of theirs)"
     sibling = draining[0]
     text = (f"{member.address}: one of {len(group)} SO_REUSEPORT sockets on this address is full "
             f"({member.queue}/{member.backlog}) while {len(draining)} of its siblings drain (one at "

@@ -143,7 +143,20 @@ def test_one_process_holding_every_member_is_named_as_such() -> None:
     a = Listener("web", "tcp", "127.0.0.1:8080", 8080, 65, 64, 0, 1, 51, 0, lone)
     b = Listener("web", "tcp", "127.0.0.1:8080", 8080, 0, 64, 0, 2, 52, 0, lone)
     found = reuseport_stalled(a, [a, b], POLICY)
-    assert found is not None and "pid 400 (envoy), which hold its siblings too" in found.text
+    assert found is not None and "pid 400 (envoy), which serve its siblings too" in found.text
+
+
+def test_where_every_worker_holds_every_socket_the_epoll_sets_tell_who_serves_which() -> None:
+    # nginx 1.22: each worker inherits both sockets, and watches only its own.
+    master = proc(200, "nginx", "nginx")
+    one, two = proc(201, "nginx", "nginx", ppid=200), proc(202, "nginx", "nginx", ppid=200)
+    a = Listener("web", "tcp", "127.0.0.1:8080", 8080, 65, 64, 0, 1, 51, 0, (master, one, two))
+    b = Listener("web", "tcp", "127.0.0.1:8080", 8080, 0, 64, 0, 2, 52, 0, (master, one, two))
+    blind = reuseport_stalled(a, [a, b], POLICY)
+    assert blind is not None and "serve its siblings too" in blind.text
+    found = reuseport_stalled(a, [a, b], POLICY, serving={51: {202}, 52: {201}})
+    assert found is not None and found.evidence["pids"] == "202"
+    assert "pid 202 (nginx)" in found.text and "pid 201" not in found.text and "pid 200" not in found.text
 
 
 # --- policy --------------------------------------------------------------------------------------------
