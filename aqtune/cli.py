@@ -4,6 +4,7 @@ loop does not pay for bcc, pyroute2 or structlog."""
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import sys
@@ -11,6 +12,7 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from aqtune import __version__
+from aqtune.text import cescape, printable
 
 if TYPE_CHECKING:
     from aqtune.act.ledger import Ledger
@@ -94,7 +96,7 @@ def _status(args: argparse.Namespace) -> int:
         # good policy too. The advice then follows the built-in defaults, and says so here.
         from aqtune.decide.policy import Policy
 
-        print(f"aqtune status: {exc.problems[0]}; advice uses the built-in defaults "
+        print(f"aqtune status: {printable(str(exc.problems[0]))}; advice uses the built-in defaults "
               f"(`aqtune check` lists every problem)", file=sys.stderr)
         policy = Policy()
     ledger = _ledger(args.state_dir)
@@ -193,10 +195,10 @@ def _connections(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     policy = _policy(args.config, required=True)
-    print(f"{args.config}: OK (mode {policy.mode}, interval {policy.interval:g} s, "
+    print(f"{cescape(args.config)}: OK (mode {policy.mode}, interval {policy.interval:g} s, "
           f"{len(policy.listeners)} listener rules)")
     if policy.apply_refused:
-        print(f"warning: {policy.apply_refused}", file=sys.stderr)
+        print(f"warning: {printable(policy.apply_refused)}", file=sys.stderr)
     return 0
 
 
@@ -325,16 +327,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tolerant_output() -> None:
+    """Output that cannot fail on a character the terminal's encoding lacks (LANG=C with an ASCII
+    stdout, PYTHONIOENCODING=latin-1): it is written as a backslash escape instead of raising
+    UnicodeEncodeError halfway through a table. Names are escaped before this; what is left is
+    printable text in a script the encoding cannot write."""
+    for stream in (sys.stdout, sys.stderr):
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
+    _tolerant_output()
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args))
     except CommandError as exc:
-        print(f"aqtune {args.command}: {exc}", file=sys.stderr)
+        # printable, not cescape: the message may hold a name from the command line or the
+        # kernel, and is a composed line (it may already quote with repr()).
+        print(f"aqtune {args.command}: {printable(str(exc))}", file=sys.stderr)
         return 1
     except ConfigError as exc:
+        # Problem lines carry the policy's own key names and repr()s of its values: a key may hold
+        # any character TOML can quote, ESC and newline included.
         for problem in exc.problems:
-            print(problem, file=sys.stderr)
+            print(printable(str(problem)), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 0

@@ -135,16 +135,35 @@ def _ip_text(family: int, raw_addr: bytes, ifindex: int, ifnames: dict[int, str]
     else:
         text = f"[{socket.inet_ntop(socket.AF_INET6, raw_addr)}]"
     if ifindex:
-        text += "%" + ifnames.get(ifindex, str(ifindex))
+        text += "%" + _ifname_text(ifnames.get(ifindex, str(ifindex)))
     return text
 
 
+def _ifname_text(name: str) -> str:
+    """An interface name as valid text. Names are any bytes but '/', ':' and whitespace, and
+    socket.if_nameindex() keeps the non-UTF-8 ones as lone surrogates, which no UTF-8 sink (the
+    journal, a terminal) can write: shown as ``\\xNN`` like the bytes of a Unix path."""
+    if name.isascii():
+        return name
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def format_unix_path(raw: bytes) -> str:
-    """Abstract names start with NUL and are shown as ``@name``, as ss does."""
+    """A Unix socket's name as text: ``@name`` for an abstract one (as ss shows it), a path as it
+    was bound, with ``./`` before a relative one.
+
+    A relative path is shown as ``./0.0.0.0:443``, never as ``0.0.0.0:443``: it is whatever a
+    user bound, and without the prefix it would show as, and match policy rules for, a TCP
+    address. Absolute paths start with '/', abstract names with '@', TCP addresses with neither
+    and never with '.', so the three cannot be taken for one another.
+    """
     if raw[:1] == b"\0":
         # NULs inside an abstract name are shown as '@' too, as ss does: never raw into a terminal.
         return "@" + raw[1:].replace(b"\0", b"@").decode("utf-8", "backslashreplace")
-    return raw.rstrip(b"\0").decode("utf-8", "backslashreplace")
+    path = raw.rstrip(b"\0").decode("utf-8", "backslashreplace")
+    if path and not path.startswith(("/", "./", "../")):
+        return "./" + path
+    return path
 
 
 def _frames(progress: _Progress, buf: bytes | bytearray | memoryview, size: int) -> Iterator[tuple[int, int]]:

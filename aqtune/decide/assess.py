@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from aqtune.decide.diagnose import Raised, diagnose_listener, diagnose_namespace
+from aqtune.decide.diagnose import Raised, diagnose_listener, diagnose_namespace, queue_wait_ms
 from aqtune.decide.findings import Finding
 from aqtune.decide.policy import ListenerRule, Policy, rule_for
 from aqtune.decide.tuning import SOMAXCONN, Managed
 from aqtune.model.history import ListenerKey, ListenerWindow, Model, counter_deltas, listener_window
-from aqtune.records import Listener, Snapshot
+from aqtune.records import Listener, ListenerEvents, Snapshot
 
 
 @dataclass(slots=True)
@@ -29,7 +30,8 @@ class Assessment:
 
 
 def assess(snapshot: Snapshot, model: Model, policy: Policy, managed: dict[str, dict[str, Managed]],
-           one_shot: bool = False, requested: dict[int, int] | None = None) -> Assessment:
+           one_shot: bool = False, requested: dict[int, int] | None = None,
+           events: Mapping[int, ListenerEvents] | None = None) -> Assessment:
     """Judge every listener of ``snapshot`` against ``policy`` using ``model``'s history.
 
     ``managed`` maps namespace names to what aqtune changed there; ``requested`` maps socket inodes
@@ -55,15 +57,19 @@ def assess(snapshot: Snapshot, model: Model, policy: Policy, managed: dict[str, 
         # Most listeners are quiet: below the threshold, not saturated, no drop in all the history
         # kept (which covers the window), nothing aqtune changed that they might wait on. They can
         # have no finding, so the window is not worked out for them.
+        seen = (events or {}).get(listener.inode)
+        wait_ms = queue_wait_ms(seen)
         if (record is None and not history.saturated and samples[-1].fill < fill_ratio
-                and samples[-1].drops == samples[0].drops):
+                and samples[-1].drops == samples[0].drops
+                and (wait_ms is None or wait_ms <= policy.saturation.max_queue_wait_ms)):
             continue
         window = listener_window(history.samples, history.saturated, fill_ratio, clear_ratio,
-                                 0.0 if one_shot else sustain)
+                                 0.0 if one_shot else sustain, history.since)
         result.windows[key] = window
         raised = Raised(record.original, record.applied, record.earlier) if record else None
         findings = diagnose_listener(listener, window, somaxconn.get(listener.netns),
-                                     (requested or {}).get(listener.inode), raised, policy)
+                                     (requested or {}).get(listener.inode), raised, policy,
+                                     seen, clear_ratio)
         if findings:
             result.listener_findings[key] = findings
     for namespace in snapshot.namespaces:

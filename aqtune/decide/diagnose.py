@@ -8,13 +8,16 @@ process, its unit and its own knob.
 
 from __future__ import annotations
 
+import math
+import time
 from dataclasses import dataclass
+from enum import Enum
 
 from aqtune.decide import servers
 from aqtune.decide.findings import Finding, FindingId
 from aqtune.decide.policy import Policy
 from aqtune.model.history import ListenerWindow
-from aqtune.records import Listener, Process
+from aqtune.records import Listener, ListenerEvents, Process
 
 STALLED_CPU_SHARE = 0.05  # owners using less than 5% of a core while their queue is full
 
@@ -48,48 +51,126 @@ def app_knob(processes: tuple[Process, ...], backlog: int) -> str:
     return servers.app_knob(processes, backlog)
 
 
+HEADROOM = 1.25  # over the worst burst seen: the next one is rarely exactly as large
+
+
+@dataclass(frozen=True, slots=True)
+class Sizing:
+    """The one backlog number aqtune recommends for a listener, and what it was computed from."""
+
+    number: int
+    basis: str
+
+
+def _power_of_two(n: float) -> int:
+    return 1 << max(math.ceil(math.log2(max(n, 1.0))), 0)
+
+
+def recommended_backlog(listener: Listener, window: ListenerWindow, policy: Policy) -> Sizing:
+    """The worst burst seen (peak queue plus the SYNs dropped in the sweep that saw the most), with
+    headroom, rounded up to a power of two; bounded by what the measured accept rate drains within
+    ``max_queue_wait_ms``, and by the policy's max. Always more than the backlog now."""
+    peak = max(window.peak_queue, listener.queue)
+    dropped = window.burst_drops or 0
+    burst = peak + dropped
+    number = _power_of_two(burst * HEADROOM)
+    basis = (f"the worst burst seen: {peak} queued + {dropped} dropped in one sweep = {burst}, "
+             f"+{(HEADROOM - 1) * 100:.0f}% headroom, rounded up to a power of two")
+    rate = window.accept_rate
+    if rate is not None and rate > 0:
+        drains = rate * policy.saturation.max_queue_wait_ms / 1000
+        if number > drains:
+            number = max(_power_of_two(drains + 1) // 2, listener.backlog + 1)  # the power of two <= drains
+            basis += (f"; bounded by what {rate:.0f} accepts/s drain within max_queue_wait_ms "
+                      f"({policy.saturation.max_queue_wait_ms:g} ms)")
+    number = max(number, listener.backlog + 1)
+    if number > policy.somaxconn.max:
+        number = policy.somaxconn.max
+        basis += f"; capped at the policy's max ({policy.somaxconn.max})"
+    return Sizing(number, basis)
+
+
 def suggested_backlog(listener: Listener, policy: Policy) -> int:
+    """The backlog for a listener known only by one sample (no window): one policy step up."""
     grown = int(listener.backlog * policy.somaxconn.step)
     return min(max(grown, policy.somaxconn.min, listener.backlog + 1), policy.somaxconn.max)
 
 
-def diagnose_listener(listener: Listener, window: ListenerWindow, somaxconn: int | None,
-                      requested: int | None, raised: Raised | None, policy: Policy) -> list[Finding]:
-    """Findings for one listener, most actionable first.
+class Factor(Enum):
+    """What limits a saturated listener: said once, and only its own remedy."""
 
-    Only a saturated listener gets advice about its backlog; one still waiting to call listen()
-    again after aqtune raised somaxconn is told so even when idle, until it does.
+    STALLED = "stalled"  # the workers stopped accepting
+    BUSY = "busy"  # the workers accept, but cannot keep up: the queue never drains
+    SLOW = "slow"  # connections wait longer than max_queue_wait_ms: the workers are the limit
+    BURSTS = "bursts"  # the queue drains between bursts it cannot hold: a longer queue helps
+    SNAPSHOT = "snapshot"  # one sample: no trend to judge
+
+
+def queue_wait_ms(events: ListenerEvents | None) -> float | None:
+    """How long connections wait in the queue: the oldest still queued, else the accepted p99."""
+    if events is None:
+        return None
+    waits = [w for w in (events.oldest_queued_ms, (events.queue_wait_ms or {}).get("p99")) if w is not None]
+    return max(waits) if waits else None
+
+
+def limiting_factor(window: ListenerWindow, clear_ratio: float, wait_ms: float | None, policy: Policy) -> Factor:
+    if window.span == 0:
+        return Factor.SNAPSHOT
+    drained = window.min_fill < clear_ratio
+    if window.accepts is not None:
+        if window.accepts == 0 and not drained:
+            return Factor.STALLED
+    elif not drained and window.cpu_share is not None and window.cpu_share < STALLED_CPU_SHARE:
+        return Factor.STALLED
+    if wait_ms is not None and wait_ms > policy.saturation.max_queue_wait_ms:
+        return Factor.SLOW
+    return Factor.BURSTS if drained else Factor.BUSY
+
+
+def _since(window: ListenerWindow) -> str:
+    if window.since is None:
+        return ""
+    return " since " + time.strftime("%H:%M:%S", time.localtime(window.since))
+
+
+def diagnose_listener(listener: Listener, window: ListenerWindow, somaxconn: int | None,
+                      requested: int | None, raised: Raised | None, policy: Policy,
+                      events: ListenerEvents | None = None, clear_ratio: float | None = None) -> list[Finding]:
+    """Findings for one listener: its state, then the one limiting factor with its own remedy.
+
+    Only a queue too short for bursts its workers drain gets backlog advice (and only that advice can
+    lead to a sysctl change); stalled, busy or slow workers get the server's worker knob. A listener
+    still waiting to call listen() again after aqtune raised somaxconn is told so, even when idle.
     """
     owner = owner_label(listener.processes)
+    server = servers.identify(listener.processes)
     findings: list[Finding] = []
+    wait_ms = queue_wait_ms(events)
+    factor = limiting_factor(window, policy.saturation.clear_ratio if clear_ratio is None else clear_ratio,
+                             wait_ms, policy)
     # Where eBPF saw the listen() call, a listener that asked for no more than it has is not waiting
     # for a re-listen.
     relisten = (raised is not None and listener.backlog < raised.applied
                 and listener.backlog in (raised.original, *raised.earlier)
                 and (requested is None or requested > listener.backlog))
     if window.saturated:
-        drops = f", {window.drops} drops in the window" if window.drops else ""
-        if window.span == 0:
-            when = "now" + (f", {listener.drops} drops since it started listening" if listener.drops else "")
+        drops = f", {window.drops} dropped connection attempts (clients retry them)" if window.drops else ""
+        if factor is Factor.SNAPSHOT:
+            when = ("now (one sample: a snapshot, not a trend; the daemon judges over time)"
+                    + (f", {listener.drops} drops since it started listening" if listener.drops else ""))
+        elif factor is Factor.BURSTS:
+            when = f"in bursts{_since(window)}: the queue drains between them{drops}"
         else:
-            when = f"for {window.high_for:.0f} s{drops}"
+            when = f"persistently{_since(window)}, full for {window.high_for:.0f} s{drops}"
         findings.append(Finding(
             FindingId.SATURATED,
             f"{listener.address}: accept queue saturated, {listener.queue}/{listener.backlog} "
             f"(fill {window.fill:.2f}, peak {window.peak_fill:.2f}) {when}",
             {"queue": listener.queue, "backlog": listener.backlog, "fill": round(window.fill, 4),
              "peak_fill": round(window.peak_fill, 4), "high_for": round(window.high_for, 1),
-             "drops": window.drops},
+             "drops": window.drops, "since": window.since, "pattern": factor.value},
         ))
-        # Said before any advice to lengthen the queue: that would only add latency.
-        if window.cpu_share is not None and window.cpu_share < STALLED_CPU_SHARE:
-            findings.append(Finding(
-                FindingId.STALLED_WORKERS,
-                f"{listener.address}: the queue is full while {owner} uses {window.cpu_share * 100:.1f}% of a "
-                "CPU: its workers are blocked (on an upstream, a lock or I/O) or too few; a longer queue adds "
-                "latency, not throughput: fix the workers first",
-                {"cpu_share": round(window.cpu_share, 4)},
-            ))
     if relisten and raised is not None:
         findings.append(Finding(
             FindingId.RELISTEN_NEEDED,
@@ -98,27 +179,64 @@ def diagnose_listener(listener: Listener, window: ListenerWindow, somaxconn: int
             + _relisten_action(listener.processes),
             {"backlog": listener.backlog, "somaxconn": somaxconn, "raised_from": raised.original},
         ))
-    if relisten or not window.saturated:
+    workers = servers.worker_knob_text(server)
+    if factor is Factor.SLOW and (window.saturated or not relisten):
+        findings.append(Finding(
+            FindingId.QUEUE_WAIT,
+            f"{listener.address}: connections wait {(wait_ms or 0.0) / 1000:.1f} s in the accept queue (over "
+            f"max_queue_wait_ms, {policy.saturation.max_queue_wait_ms:g} ms): {owner}'s workers are the limit, "
+            f"not the queue; a longer queue would only lengthen the wait: {workers}",
+            {"wait_ms": round(wait_ms or 0.0, 1), "max_queue_wait_ms": policy.saturation.max_queue_wait_ms},
+        ))
         return findings
-    target = suggested_backlog(listener, policy)
+    if relisten or not window.saturated or factor is Factor.SNAPSHOT:
+        return findings
+    if factor is Factor.STALLED:
+        how = (f"accepted nothing for {window.span:.0f} s" if window.accepts == 0
+               else f"uses {(window.cpu_share or 0) * 100:.1f}% of a CPU")
+        findings.append(Finding(
+            FindingId.STALLED_WORKERS,
+            f"{listener.address}: the queue stays full while {owner} {how}: its workers are blocked (on an "
+            "upstream, a lock or I/O) or too few; a longer queue adds only latency: fix the workers first "
+            f"({workers})",
+            {"cpu_share": None if window.cpu_share is None else round(window.cpu_share, 4),
+             "accepts": window.accepts},
+        ))
+        return findings
+    if factor is Factor.BUSY:
+        rate = window.accept_rate
+        pace = f"accepts {rate:.0f}/s" if rate is not None else "keeps accepting"
+        cpu = f" using {window.cpu_share * 100:.0f}% of a CPU" if window.cpu_share is not None else ""
+        findings.append(Finding(
+            FindingId.WORKERS_SATURATED,
+            f"{listener.address}: the queue never drains: {owner} {pace}{cpu} but more arrive; the workers "
+            f"cannot keep up and a longer queue only adds latency: add capacity ({workers})",
+            {"accept_rate": None if rate is None else round(rate, 1),
+             "cpu_share": None if window.cpu_share is None else round(window.cpu_share, 4)},
+        ))
+        return findings
+    sizing = recommended_backlog(listener, window, policy)
+    target = sizing.number
     if somaxconn is not None and listener.backlog == somaxconn and (requested is None or requested > somaxconn):
         if follows_somaxconn(requested, policy):
             # listen(INT_MAX) (systemd's Backlog= default, php-fpm's) means "as much as allowed".
-            wanted = target
+            wanted = max(target, policy.somaxconn.min)
             asked = (f"it asks listen() for {requested}, i.e. as much as somaxconn allows, so it needs no "
                      "change of its own")
             app = ""
         else:
-            wanted = max(target, requested or 0)
+            # The first raise reaches what the listener asked for, if the bursts call for more.
+            wanted = min(max(target, requested or 0, policy.somaxconn.min), policy.somaxconn.max)
             asked = (f"the application asked for {requested}" if requested is not None
                      else "the backlog the application asked for is unknown without eBPF")
             app = f"; {owner} must ask for that much too ({app_knob(listener.processes, wanted)})"
         findings.append(Finding(
             FindingId.CAPPED_BY_SOMAXCONN,
             f"{listener.address}: backlog {listener.backlog} is net.core.somaxconn's limit in netns "
-            f"{listener.netns} ({asked}): raise somaxconn there to {wanted}{app}; then {owner} must call "
-            "listen() again: " + _relisten_action(listener.processes),
-            {"backlog": listener.backlog, "somaxconn": somaxconn, "requested": requested, "target": wanted},
+            f"{listener.netns} ({asked}): raise somaxconn there to {wanted} ({sizing.basis}){app}; then "
+            f"{owner} must call listen() again: " + _relisten_action(listener.processes),
+            {"backlog": listener.backlog, "somaxconn": somaxconn, "requested": requested, "target": wanted,
+             "basis": sizing.basis},
         ))
     else:
         extra = ""
@@ -135,8 +253,10 @@ def diagnose_listener(listener: Listener, window: ListenerWindow, somaxconn: int
         findings.append(Finding(
             FindingId.CAPPED_BY_APP,
             f"{listener.address}: backlog {listener.backlog} {limit}, so the limit is "
-            f"{owner}'s own: " + app_knob(listener.processes, target) + extra,
-            {"backlog": listener.backlog, "somaxconn": somaxconn, "requested": requested, "target": target},
+            f"{owner}'s own: " + app_knob(listener.processes, target) + f" ({sizing.basis})" + extra
+            + "; then " + _relisten_action(listener.processes),
+            {"backlog": listener.backlog, "somaxconn": somaxconn, "requested": requested, "target": target,
+             "basis": sizing.basis},
         ))
     return findings
 

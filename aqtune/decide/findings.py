@@ -16,6 +16,8 @@ from aqtune.messages import MessageId
 class FindingId(StrEnum):
     SATURATED = "saturated"
     STALLED_WORKERS = "stalled-workers"
+    WORKERS_SATURATED = "workers-saturated"
+    QUEUE_WAIT = "queue-wait"
     HELD_BY_CONNECTIONS = "held-by-connections"
     REUSEPORT_STALLED = "reuseport-stalled"
     CAPPED_BY_SOMAXCONN = "capped-by-somaxconn"
@@ -71,8 +73,16 @@ TABLE: tuple[FindingSpec, ...] = (
           "fill at or above `fill_ratio` for `sustain` seconds, or drops in that window",
           "logs it; the other findings say why and what to do"),
     _spec(FindingId.STALLED_WORKERS, Role.PROBLEM, _W, "listener",
-          "saturated while the owners use under 5% of a CPU: a longer queue adds only latency",
+          "saturated and not draining while the owners accept nothing (eBPF) or use under 5% of a CPU: a longer "
+          "queue adds only latency",
           "names the workers as the limit; never raises a sysctl for it"),
+    _spec(FindingId.WORKERS_SATURATED, Role.PROBLEM, _W, "listener",
+          "the queue never drains while the workers keep accepting: they cannot keep up (CPU-bound or all busy)",
+          "names the server's worker knob; never raises a sysctl for it"),
+    _spec(FindingId.QUEUE_WAIT, Role.PROBLEM, _W, "listener",
+          "connections wait in the queue longer than `max_queue_wait_ms` (the oldest queued, or accept-wait p99),"
+          " even at a low fill: the workers are the limit",
+          "names the server's worker knob; never raises a sysctl for it"),
     _spec(FindingId.HELD_BY_CONNECTIONS, Role.PROBLEM, _W, "listener",
           "saturated while every worker holds a connection open over `[connections] long_after` or idle for "
           "`idle_after` (slow or idle clients, or a slow backend): a longer queue adds only waiting",
@@ -83,12 +93,14 @@ TABLE: tuple[FindingSpec, ...] = (
           "stopped accepting, and the connections hashed to it wait",
           "names that process; never raises a sysctl for it"),
     _spec(FindingId.CAPPED_BY_SOMAXCONN, Role.PROBLEM, _W, "listener",
-          "backlog equals the namespace's somaxconn: raise it there, then the owner must call listen() again",
-          "raises somaxconn in apply mode (bounded by the policy), recommends it otherwise"),
+          "saturated in bursts the workers drain, and the backlog equals the namespace's somaxconn: raise it "
+          "there to the measured number (worst burst + headroom), then the owner must call listen() again",
+          "raises somaxconn to that number in apply mode (within the policy's min and max), recommends it "
+          "otherwise"),
     _spec(FindingId.CAPPED_BY_APP, Role.PROBLEM, _W, "listener",
-          "backlog below somaxconn: the owner's own knob (nginx `backlog=`, Apache `ListenBacklog`, HAProxy "
-          "`backlog`, php-fpm `listen.backlog`, gunicorn/uvicorn `--backlog`, Node, Redis `tcp-backlog`, "
-          "systemd `Backlog=`)",
+          "saturated in bursts the workers drain, and the backlog is below somaxconn: the owner's own knob "
+          "(nginx `backlog=`, Apache `ListenBacklog`, HAProxy `backlog`, php-fpm `listen.backlog`, gunicorn/uvicorn "
+          "`--backlog`, Node, Redis `tcp-backlog`, systemd `Backlog=`), with the measured number",
           "names the knob and the number; changes no sysctl"),
     _spec(FindingId.RELISTEN_NEEDED, Role.PROBLEM, _W, "listener",
           "aqtune raised somaxconn but the listener still has the old backlog: reload or restart its unit",

@@ -43,6 +43,7 @@ class Saturation:
     fill_ratio: float = 0.9
     sustain: float = 10.0
     clear_ratio: float = 0.5
+    max_queue_wait_ms: float = 1000.0  # connections queued longer than this: the workers are the limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,7 +179,8 @@ _LIMITS = {"max": _SYSCTL_VALUE, "min": _SYSCTL_VALUE, "step": _within(_number, 
 SCHEMA: dict[str, Any] = {
     "mode": _choice("recommend", "apply"),
     "interval": _within(_number, 0, 3600, low_open=True),
-    "saturation": {"fill_ratio": _RATIO, "sustain": _SECONDS, "clear_ratio": _RATIO},
+    "saturation": {"fill_ratio": _RATIO, "sustain": _SECONDS, "clear_ratio": _RATIO,
+                   "max_queue_wait_ms": _within(_number, 0, 3_600_000, low_open=True)},
     "somaxconn": _LIMITS,
     "syn_backlog": _LIMITS,
     "apply": {"namespaces": _names, "persist": _boolean, "rollback_on_exit": _boolean},

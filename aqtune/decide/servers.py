@@ -231,9 +231,9 @@ SYSTEMD_SOCKET = Server(
 GENERIC = Server(
     key="generic", name="the program",
     backlog_knob="raise the backlog it passes to listen() to {n}",
-    capacity="its own worker or thread count",
-    workers=(Knob("its worker or thread count", "per program"),),
-    holds=(Knob("its client timeouts", "per program"),),
+    capacity="its own worker or thread count, and what its workers wait on",
+    workers=(),
+    holds=(),
     relisten=RESTART,
     worker_pids=SINGLE,
 )
@@ -331,12 +331,14 @@ def backlog_knob_text(server: Server, n: int) -> str:
 
 def worker_knob_text(server: Server) -> str:
     """What limits how many connections ``server`` serves at once, with each knob's default."""
-    return f"{server.name}: {server.capacity}: " + ", ".join(knob.text() for knob in server.workers)
+    knobs = ", ".join(knob.text() for knob in server.workers)
+    return f"{server.name}: {server.capacity}" + (f": {knobs}" if knobs else "")
 
 
 def hold_knob_text(server: Server) -> str:
     """What bounds how long one connection can occupy one of ``server``'s workers."""
-    return f"{server.name}: " + ", ".join(knob.text() for knob in server.holds)
+    knobs = ", ".join(knob.text() for knob in server.holds)
+    return f"{server.name}: " + (knobs or "its own client and request timeouts")
 
 
 def system_component(processes: Iterable[Process]) -> str | None:

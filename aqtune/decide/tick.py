@@ -33,9 +33,9 @@ class Decision:
     held: dict[str, list[Finding]] = field(default_factory=dict)  # netns -> why a wanted change waits
 
     @property
-    def judged(self) -> dict[ListenerKey, bool]:
-        """Each judged listener's saturation, for the model's hysteresis."""
-        return {key: window.saturated for key, window in self.assessment.windows.items()}
+    def judged(self) -> dict[ListenerKey, tuple[bool, float | None]]:
+        """Each judged listener's saturation and its onset, for the model's hysteresis."""
+        return {key: (window.saturated, window.since) for key, window in self.assessment.windows.items()}
 
     def namespace_findings(self, name: str) -> list[Finding]:
         return self.assessment.namespace_findings.get(name, []) + self.held.get(name, [])
@@ -56,7 +56,7 @@ def decide(snapshot: Snapshot, events: Mapping[int, ListenerEvents], model: Mode
     """
     by_name = {ns.name: managed.get(ns.inode, {}) for ns in snapshot.namespaces}
     requested = {inode: e.requested_backlog for inode, e in events.items() if e.requested_backlog}
-    assessment = assess(snapshot, model, policy, by_name, one_shot=one_shot, requested=requested)
+    assessment = assess(snapshot, model, policy, by_name, one_shot=one_shot, requested=requested, events=events)
     decision = Decision(assessment)
     by_namespace = assessment.by_namespace(snapshot)
     for namespace in snapshot.namespaces:
@@ -73,5 +73,5 @@ def one_shot(snapshot: Snapshot, policy: Policy, managed: Mapping[int, dict[str,
              events: Mapping[int, ListenerEvents] | None = None) -> Decision:
     """What a single snapshot supports: fill now rather than sustained, no drop or counter rates."""
     model = Model()
-    model.update(snapshot, {})
+    model.update(snapshot, {}, events)
     return decide(snapshot, events or {}, model, policy, managed, one_shot=True)

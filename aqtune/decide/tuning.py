@@ -1,6 +1,7 @@
 """Which sysctl changes the findings call for, per network namespace: pure and bounded.
 
-Values only ever go up here (rollback is the one way down), by at most ``step`` per change, never
+Values only ever go up here (rollback is the one way down): somaxconn to the number the diagnosis
+measured, tcp_max_syn_backlog (which no measurement sizes) by at most ``step`` per change; never
 above ``max``, at most once per ``cooldown`` per namespace and sysctl, and never over a value an
 administrator set by hand after aqtune's change.
 """
@@ -50,6 +51,12 @@ def _grow(current: int, wanted: int, limits: Limits) -> int:
     return min(max(wanted, limits.min), stepped, limits.max)
 
 
+def _measured(wanted: int, limits: Limits) -> int:
+    # somaxconn is raised to the number the diagnosis measured and advised, in one change, so the
+    # advice, the journal and the value written agree; the policy's min and max still bound it.
+    return min(max(wanted, limits.min), limits.max)
+
+
 def plan(namespace: NamespaceState, managed: dict[str, Managed], policy: Policy,
          now: float) -> tuple[list[Change], list[Finding]]:
     """Changes for one namespace, plus findings saying why a wanted change is held back."""
@@ -79,7 +86,7 @@ def plan(namespace: NamespaceState, managed: dict[str, Managed], policy: Policy,
                 "hand, so aqtune leaves it alone (`aqtune rollback` forgets its record)",
                 {"sysctl": sysctl, "current": current, "aqtune_set": record.applied}))
             continue
-        new = _grow(current, want, limits)
+        new = _measured(want, limits) if sysctl == SOMAXCONN else _grow(current, want, limits)
         if new <= current:
             if current >= limits.max:
                 held.append(Finding(

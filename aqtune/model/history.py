@@ -8,9 +8,10 @@ Histories are bounded by time and count, and a listener that disappears is forgo
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from aqtune.records import COUNTERS, Listener, Snapshot
+from aqtune.records import COUNTERS, Listener, ListenerEvents, Snapshot
 
 MAX_SAMPLES = 4096  # per listener; at 1 s intervals more than an hour of history
 ListenerKey = tuple[str, int]  # (netns, socket cookie): cookies are unique per boot
@@ -23,6 +24,8 @@ class Sample:
     backlog: int
     drops: int | None
     cpu: float | None  # CPU seconds used so far by the owning processes together
+    accepts: int | None = None  # accept() calls eBPF counted so far; None without eBPF
+    peak: int | None = None  # the longest queue an arrival saw since the previous sweep (eBPF)
 
     @property
     def fill(self) -> float:
@@ -33,6 +36,7 @@ class Sample:
 class ListenerHistory:
     samples: deque[Sample] = field(default_factory=lambda: deque(maxlen=MAX_SAMPLES))
     saturated: bool = False  # hysteresis state, see listener_window
+    since: float | None = None  # when the current saturation began (kept past the history's horizon)
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,10 +50,24 @@ class ListenerWindow:
     cpu_share: float | None  # owners' CPU use over the window, in cores; None if unknown
     saturated: bool
     span: float  # seconds of history the window actually covers
+    min_fill: float = 0.0  # the lowest fill a sweep saw since trouble began in the window: did it drain?
+    peak_queue: int = 0  # the longest queue seen in the window, by sweeps or (where eBPF runs) arrivals
+    burst_drops: int | None = None  # the most drops between two sweeps in the window
+    accepts: int | None = None  # accept() calls in the window (eBPF)
+    since: float | None = None  # when this saturation began
+
+    @property
+    def accept_rate(self) -> float | None:
+        return self.accepts / self.span if self.accepts is not None and self.span > 0 else None
+
+    @property
+    def onset(self) -> float | None:
+        """When the saturation judged here began, for the model to keep."""
+        return self.since
 
 
 def listener_window(samples: deque[Sample] | list[Sample], was_saturated: bool, fill_ratio: float,
-                    clear_ratio: float, sustain: float) -> ListenerWindow:
+                    clear_ratio: float, sustain: float, since: float | None = None) -> ListenerWindow:
     """Judge a listener's recent samples (oldest first, at least one).
 
     Saturated once the fill has stayed >= fill_ratio for ``sustain`` seconds or drops occurred in
@@ -84,9 +102,31 @@ def listener_window(samples: deque[Sample] | list[Sample], was_saturated: bool, 
     sustained = high_since is not None and high_for >= sustain
     still_high = last.fill >= clear_ratio if was_saturated else sustained
     saturated = still_high or bool(drops)
+    burst_drops = None
+    if drops is not None:
+        steps = [b.drops - a.drops for a, b in zip([base, *window], window, strict=False)
+                 if a.drops is not None and b.drops is not None]
+        burst_drops = max([0, *steps])
+    accepts = None
+    if last.accepts is not None and base.accepts is not None:
+        accepts = max(last.accepts - base.accepts, 0)
+    onset = None
+    if saturated:
+        first_drop = next((b.at for a, b in zip([base, *window], window, strict=False)
+                           if a.drops is not None and b.drops is not None and b.drops > a.drops), None)
+        starts = [t for t in (high_since, first_drop) if t is not None]
+        onset = since if was_saturated and since is not None else (min(starts) if starts else last.at)
+    # Did the queue drain? Only what follows the first sign of trouble in the window counts: a queue
+    # that rose from empty and stayed full has not drained.
+    trouble = next((i for i, (a, b) in enumerate(zip([base, *window], window, strict=False))
+                    if b.fill >= fill_ratio or (a.drops is not None and b.drops is not None and b.drops > a.drops)),
+                   len(window) - 1)
     return ListenerWindow(
         fill=last.fill, peak_fill=max(s.fill for s in window), high_for=high_for, drops=drops,
         cpu_share=cpu_share, saturated=saturated, span=last.at - base.at,
+        min_fill=min(s.fill for s in window[trouble:]),
+        peak_queue=max(max(s.queue for s in window), max((s.peak or 0) for s in window)),
+        burst_drops=burst_drops, accepts=accepts, since=onset,
     )
 
 
@@ -110,8 +150,10 @@ class Model:
     listeners: dict[ListenerKey, ListenerHistory] = field(default_factory=dict)
     namespaces: dict[str, deque[CounterSample]] = field(default_factory=dict)
 
-    def update(self, snapshot: Snapshot, cpu_seconds: dict[int, float]) -> None:
-        """Fold in one sweep; ``cpu_seconds`` maps owner pids to their CPU time so far."""
+    def update(self, snapshot: Snapshot, cpu_seconds: dict[int, float],
+               events: Mapping[int, ListenerEvents] | None = None) -> None:
+        """Fold in one sweep; ``cpu_seconds`` maps owner pids to their CPU time so far, ``events``
+        socket inodes to what eBPF saw."""
         seen: set[ListenerKey] = set()
         for listener in snapshot.listeners:
             key = (listener.netns, listener.cookie)
@@ -121,7 +163,7 @@ class Model:
             # (drops, a full queue) says nothing about the new queue, so its history restarts.
             if history is None or (history.samples and history.samples[-1].backlog != listener.backlog):
                 history = self.listeners[key] = ListenerHistory()
-            sample = _sample(snapshot.taken_at, listener, cpu_seconds)
+            sample = _sample(snapshot.taken_at, listener, cpu_seconds, (events or {}).get(listener.inode))
             samples = history.samples
             # A run of identical samples keeps its first and its latest: the windows see the same
             # thing, and a quiet listener costs two samples, not one per sweep.
@@ -141,17 +183,20 @@ class Model:
         for name in self.namespaces.keys() - present:
             del self.namespaces[name]
 
-    def observe(self, snapshot: Snapshot, cpu_seconds: dict[int, float], keep: float) -> None:
+    def observe(self, snapshot: Snapshot, cpu_seconds: dict[int, float], keep: float,
+                events: Mapping[int, ListenerEvents] | None = None) -> None:
         """Fold in one sweep and forget what is older than ``keep`` seconds before it."""
-        self.update(snapshot, cpu_seconds)
+        self.update(snapshot, cpu_seconds, events)
         self.forget_before(snapshot.taken_at - keep)
 
-    def settle(self, judged: dict[ListenerKey, bool]) -> None:
-        """Keep each listener's judgement (saturated or not) as the hysteresis state of its next window."""
-        for key, saturated in judged.items():
+    def settle(self, judged: Mapping[ListenerKey, tuple[bool, float | None]]) -> None:
+        """Keep each listener's judgement (saturated or not, since when) as the hysteresis state of its
+        next window."""
+        for key, (saturated, since) in judged.items():
             history = self.listeners.get(key)
             if history is not None:
                 history.saturated = saturated
+                history.since = since if saturated else None
 
     def forget_before(self, cutoff: float) -> None:
         """Drop samples older than ``cutoff`` (keeping the newest), bounding memory by time."""
@@ -168,13 +213,16 @@ def _trim(samples: deque[Sample] | deque[CounterSample], cutoff: float) -> None:
 
 
 def _same(a: Sample, b: Sample) -> bool:
-    return a.queue == b.queue and a.backlog == b.backlog and a.drops == b.drops
+    return (a.queue == b.queue and a.backlog == b.backlog and a.drops == b.drops and a.accepts == b.accepts
+            and a.peak == b.peak)
 
 
-def _sample(at: float, listener: Listener, cpu_seconds: dict[int, float]) -> Sample:
+def _sample(at: float, listener: Listener, cpu_seconds: dict[int, float], events: ListenerEvents | None) -> Sample:
     cpu = None
     if listener.processes:
         times = [cpu_seconds.get(p.pid) for p in listener.processes]
         if all(t is not None for t in times):
             cpu = sum(t for t in times if t is not None)
-    return Sample(at, listener.queue, listener.backlog, listener.drops, cpu)
+    if events is None:
+        return Sample(at, listener.queue, listener.backlog, listener.drops, cpu)
+    return Sample(at, listener.queue, listener.backlog, listener.drops, cpu, events.accepts, events.peak_queue)

@@ -8,12 +8,11 @@ shows within a few seconds, well inside the policy's sustain window.
 
 from __future__ import annotations
 
-import os
 import signal
 import threading
 import time
-from typing import Any
 
+from aqtune.act.notify import Notifier
 from aqtune.collect import netns, procfs
 from aqtune.decide import policy as policies
 from aqtune.messages import MessageId
@@ -22,37 +21,6 @@ from aqtune.surfaces.run import Runner
 SHORT_TICK = 0.25  # seconds between cheap checks
 QUIET_PERIOD = 5.0  # at most; never more than half the sustain window
 CHEAP_COUNTERS = ("ListenOverflows", "ListenDrops", "TCPReqQFullDrop")
-
-
-class Notifier:
-    """sd_notify through the sdnotify package; silent when not started by systemd."""
-
-    def __init__(self) -> None:
-        self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
-        self.client: Any = None
-        if self.enabled:
-            import sdnotify
-
-            self.client = sdnotify.SystemdNotifier()
-        usec = os.environ.get("WATCHDOG_USEC", "")
-        # Ping at half the watchdog period, as sd_watchdog_enabled(3) advises.
-        self.watchdog_every = int(usec) / 2e6 if usec.isdigit() and int(usec) > 0 else None
-        self.pinged = 0.0
-
-    def send(self, text: str) -> None:
-        if self.client is not None:
-            self.client.notify(text)
-
-    def until_due(self, now: float) -> float:
-        """Seconds until the next watchdog ping is due (infinite without a watchdog)."""
-        if self.watchdog_every is None:
-            return float("inf")
-        return max(self.pinged + self.watchdog_every - now, 0.0)
-
-    def watchdog(self, now: float) -> None:
-        if self.watchdog_every is not None and now - self.pinged >= self.watchdog_every:
-            self.send("WATCHDOG=1")
-            self.pinged = now
 
 
 def listen_counters(refs: list[netns.NamespaceRef]) -> dict[int, tuple[int, ...]]:

@@ -106,7 +106,7 @@ class Runner:
     def tick(self) -> tuple[Snapshot, Decision]:
         seen = self.observer.observe()
         snapshot = seen.snapshot
-        self.model.observe(snapshot, seen.cpu_seconds, history_horizon(self.policy))
+        self.model.observe(snapshot, seen.cpu_seconds, history_horizon(self.policy), seen.events)
         ledger = self.applier.ledger
         decision = decide(snapshot, seen.events, self.model, self.policy,
                           {ns.inode: ledger.managed(ns.inode) for ns in snapshot.namespaces})

@@ -17,6 +17,7 @@ from aqtune.decide.connections import group_json, reuseport_groups
 from aqtune.decide.findings import Finding
 from aqtune.decide.policy import Policy
 from aqtune.records import Listener, ListenerEvents, Namespace, Snapshot
+from aqtune.text import cescape, ljust, rjust, width
 
 SHORT_SYSCTL = {
     "net.core.somaxconn": "somaxconn",
@@ -114,23 +115,25 @@ def only_namespace(document: dict[str, Any], name: str) -> dict[str, Any]:
 
 
 def owner_text(processes: list[dict[str, Any]]) -> str:
+    """``pid/comm +N (units)``, escaped: comm and unit names are chosen by whoever runs the process."""
     if not processes:
         return "-"
     first = processes[0]
-    text = f"{first['pid']}/{first['comm']}"
+    text = f"{first['pid']}/{cescape(first['comm'])}"
     if len(processes) > 1:
         text += f" +{len(processes) - 1}"
     units = sorted({p["unit"] for p in processes if p["unit"]})
     if units:
-        text += f" ({', '.join(units)})"
+        text += f" ({', '.join(cescape(unit) for unit in units)})"
     return text
 
 
 def _table(rows: list[list[str]], right: set[int]) -> list[str]:
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    """Columns aligned by display width; the cells must be escaped already."""
+    widths = [max(width(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for row in rows:
-        cells = [cell.rjust(widths[i]) if i in right else cell.ljust(widths[i]) for i, cell in enumerate(row)]
+        cells = [rjust(cell, widths[i]) if i in right else ljust(cell, widths[i]) for i, cell in enumerate(row)]
         lines.append("  ".join(cells).rstrip())
     return lines
 
@@ -144,6 +147,9 @@ def render(document: dict[str, Any], previous_drops: dict[int, int] | None = Non
 
     With ``previous_drops`` (cookie -> drops at the last refresh) the drops column also shows the
     increase since then, which is what a person watching wants to see move.
+
+    Every string from the document is escaped (aqtune.text.cescape): addresses, namespace names,
+    owners and advice carry names any local user chooses, and the result goes to a terminal.
     """
     when = time.strftime("%H:%M:%S", time.localtime(document["taken_at"]))
     source = ("the running daemon's state" if document["source"] == "daemon" else "one-shot sweep")
@@ -151,7 +157,7 @@ def render(document: dict[str, Any], previous_drops: dict[int, int] | None = Non
     lines = [
         f"aqtune status: {source} at {when} in {document['duration_ms']:.1f} ms, "
         f"{_plural(len(listeners), 'listener')} in {_plural(len(document['namespaces']), 'network namespace')}",
-        f"eBPF: {'on' if document['ebpf']['active'] else 'off'}: {document['ebpf']['mode']}",
+        f"eBPF: {'on' if document['ebpf']['active'] else 'off'}: {cescape(document['ebpf']['mode'])}",
         "",
     ]
     rows = [["NETNS", "PROTO", "LISTENER", "QUEUE/BACKLOG", "FILL", "DROPS", "OWNER"]]
@@ -160,8 +166,9 @@ def render(document: dict[str, Any], previous_drops: dict[int, int] | None = Non
         if previous_drops is not None and listener["drops"] is not None:
             drops += f" (+{listener['drops'] - previous_drops.get(listener['cookie'], listener['drops'])})"
         rows.append([
-            listener["netns"], listener["proto"], listener["address"], f"{listener['queue']}/{listener['backlog']}",
-            f"{listener['fill']:.2f}", drops, owner_text(listener["processes"]),
+            cescape(listener["netns"]), cescape(listener["proto"]), cescape(listener["address"]),
+            f"{listener['queue']}/{listener['backlog']}", f"{listener['fill']:.2f}", drops,
+            owner_text(listener["processes"]),
         ])
     lines += _table(rows, right={3, 4, 5})
     lines.append("")
@@ -169,16 +176,16 @@ def render(document: dict[str, Any], previous_drops: dict[int, int] | None = Non
     advice += [a for ns in document["namespaces"] for a in ns["advice"]]
     if advice:
         lines.append("ADVICE")
-        lines += [f"  [{a['id']}] {a['text']}" for a in advice]
+        lines += [f"  [{cescape(a['id'])}] {cescape(a['text'])}" for a in advice]
         lines.append("")
     for ns in document["namespaces"]:
-        lines.append(f"netns {ns['name']} (net:[{ns['inode']}]), {_plural(ns['listeners'], 'listener')}")
+        lines.append(f"netns {cescape(ns['name'])} (net:[{ns['inode']}]), {_plural(ns['listeners'], 'listener')}")
         if ns["error"]:
-            lines.append(f"  ! {ns['error']}")
+            lines.append(f"  ! {cescape(ns['error'])}")
         if ns["skipped_messages"]:
             lines.append(f"  ! {ns['skipped_messages']} malformed netlink messages skipped")
         if ns["sysctls"]:
             lines.append("  " + "  ".join(f"{SHORT_SYSCTL.get(k, k)}={v}" for k, v in ns["sysctls"].items()))
         if ns["counters"]:
-            lines.append("  " + "  ".join(f"{k}={v}" for k, v in ns["counters"].items()))
+            lines.append("  " + "  ".join(f"{cescape(k)}={v}" for k, v in ns["counters"].items()))
     return "\n".join(lines)

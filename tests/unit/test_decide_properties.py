@@ -100,7 +100,7 @@ def changes_of(policy: Policy, sysctls: dict[str, int], managed: dict[str, Manag
 @PROPERTY
 @given(policy=policies(), sysctls=sysctl_values, found=listener_findings, ns_found=namespace_findings,
        now=times, data=st.data())
-def test_a_change_only_raises_for_a_reason_by_at_most_step_and_never_above_max(
+def test_a_change_only_raises_for_a_reason_to_the_measured_number_or_by_step_and_never_above_max(
         policy: Policy, sysctls: dict[str, int], found: list[Finding], ns_found: list[Finding], now: float,
         data: st.DataObject) -> None:
     managed = data.draw(ledgers(sysctls))
@@ -112,18 +112,20 @@ def test_a_change_only_raises_for_a_reason_by_at_most_step_and_never_above_max(
         assert change.netns == NETNS
         assert change.old == sysctls[change.sysctl]
         assert change.old < change.new <= bounds.max
-        # A step too small to add a whole unit adds one; from 0 the policy's min is the cap.
-        assert change.new <= (max(change.old * bounds.step, change.old + 1) if change.old else bounds.min)
+        if change.sysctl == SYN_BACKLOG:
+            # No measurement sizes it: a step too small to add a whole unit adds one; from 0 the
+            # policy's min is the cap.
+            assert change.new <= (max(change.old * bounds.step, change.old + 1) if change.old else bounds.min)
         record = managed.get(change.sysctl)
         if record is not None:
             assert record.applied == change.old, "never over a value changed by hand"
             assert now >= record.changed_at + bounds.cooldown, "never inside the cooldown"
-        # somaxconn rises only for listeners capped by it, and no further than they asked (or the
-        # policy's min); tcp_max_syn_backlog only when its own rule drops SYNs.
+        # somaxconn rises only for listeners capped by it, to exactly the number their diagnosis
+        # measured (within the policy's min and max); tcp_max_syn_backlog only when its own rule drops SYNs.
         if change.sysctl == SOMAXCONN:
             assert capped
-            asked = max(int(f.evidence.get(k) or 0) for f in capped for k in ("target", "requested"))
-            assert change.new <= max(asked, policy.somaxconn.min)
+            measured = max(int(f.evidence.get("target") or 0) for f in capped)
+            assert change.new == min(max(measured, policy.somaxconn.min), policy.somaxconn.max)
         else:
             assert any(f.id == "syn-backlog-limit" for f in ns_found)
 
@@ -295,7 +297,8 @@ def check_trace(policy: Policy, trace: Trace) -> None:
         writes = [(at, c) for at, c in trace.written if c.sysctl == sysctl]
         for at, change in writes:
             assert change.old < change.new <= bounds.max, (at, change)
-            assert change.new <= max(change.old * bounds.step, change.old + 1), (at, change)
+            if sysctl == SYN_BACKLOG:
+                assert change.new <= max(change.old * bounds.step, change.old + 1), (at, change)
         for (earlier, _), (later, _) in itertools.pairwise(writes):
             # The same comparison plan makes, so float rounding cannot make it disagree.
             assert later >= earlier + bounds.cooldown, f"{sysctl} changed at {earlier} and again at {later}"
@@ -416,16 +419,29 @@ def test_fill_oscillating_between_clear_and_fill_ratio_does_not_flap(data: st.Da
         assert all(states[first:]), trace.saturated
 
 
-def test_simulation_raises_somaxconn_in_steps_a_cooldown_apart() -> None:
+def test_simulation_raises_somaxconn_to_the_measured_burst_a_cooldown_apart() -> None:
     # A pinned run, so the properties above are known not to pass on a loop that never changes anything:
-    # always full, the application asks for 65535 and reloads at once.
+    # bursts that overflow the queue every other second (drained in between), an application asking
+    # for 65535 (as much as somaxconn allows) that re-listens at once.
     policy = Policy(mode="apply", saturation=Saturation(sustain=10.0),
                     somaxconn=Limits(max=65535, min=1024, step=4.0, cooldown=30.0))
     n = 120
     world = World(somaxconn=128, syn_backlog=512, asked=65535, asked_known=True, interval=1.0,
-                  queue_at=lambda _tick, backlog: backlog + 1, drops=[0] * n, relisten=[True] * n, syn_drops=[0] * n)
+                  queue_at=lambda tick, backlog: backlog + 1 if tick % 2 else 0, drops=[400] * n,
+                  relisten=[True] * n, syn_drops=[0] * n)
     trace = simulate(policy, world)
     written = [(at - START, c.old, c.new) for at, c in trace.written]
-    # Saturated after 10 s of full queue; then each raise waits out the 30 s cooldown.
-    assert written == [(10.0, 128, 512), (40.0, 512, 2048), (70.0, 2048, 8192), (100.0, 8192, 32768)]
+    # Saturated by the first drops, judged bursts once the queue has drained (a sweep later); each
+    # raise is the worst burst (a full queue + 400 dropped) with 25%
+    # headroom, rounded up to a power of two, and waits out the 30 s cooldown.
+    assert written == [(2.0, 128, 1024), (32.0, 1024, 2048), (62.0, 2048, 4096), (92.0, 4096, 8192)]
     check_trace(policy, trace)
+
+
+def test_simulation_never_raises_for_a_queue_that_never_drains() -> None:
+    # Always full, the owner busy: the workers are the limit, and no sysctl is raised for that.
+    policy = Policy(mode="apply", saturation=Saturation(sustain=10.0))
+    n = 60
+    world = World(somaxconn=128, syn_backlog=512, asked=65535, asked_known=True, interval=1.0,
+                  queue_at=lambda _tick, backlog: backlog + 1, drops=[5] * n, relisten=[True] * n, syn_drops=[0] * n)
+    assert simulate(policy, world).written == []

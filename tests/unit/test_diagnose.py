@@ -15,7 +15,7 @@ from aqtune.decide.diagnose import (
 )
 from aqtune.decide.policy import Limits, Policy
 from aqtune.model.history import ListenerWindow, Sample, listener_window
-from aqtune.records import Listener, Process
+from aqtune.records import Listener, ListenerEvents, Process
 
 # Built-in defaults: somaxconn min 1024, max 65535, step 4; saturation 0.9 / 10 s / clear 0.5.
 POLICY = Policy()
@@ -28,9 +28,12 @@ def listener(queue: int = 129, backlog: int = 128, processes: tuple[Process, ...
 
 
 def window(saturated: bool = True, cpu_share: float | None = None, drops: int | None = 0,
-           span: float = 10.0) -> ListenerWindow:
+           span: float = 10.0, min_fill: float = 0.0, accepts: int | None = None, peak_queue: int = 0,
+           burst_drops: int | None = None) -> ListenerWindow:
+    """A judged window; by default a bursty one (the queue drained at some sweep in it)."""
     return ListenerWindow(fill=1.0, peak_fill=1.0, high_for=span, drops=drops, cpu_share=cpu_share,
-                          saturated=saturated, span=span)
+                          saturated=saturated, span=span, min_fill=min_fill, peak_queue=peak_queue,
+                          burst_drops=burst_drops, accepts=accepts)
 
 
 def ids(findings: list[Finding]) -> list[str]:
@@ -106,13 +109,16 @@ def test_saturated_finding_comes_first_with_its_figures() -> None:
     findings = diagnose_listener(listener(), window(drops=3), 128, None, None, POLICY)
     first = findings[0]
     assert first.id == "saturated"
-    assert "129/128" in first.text and "3 drops in the window" in first.text
+    assert "129/128" in first.text and "3 dropped connection attempts (clients retry them)" in first.text
+    assert "in bursts" in first.text
     assert first.evidence["queue"] == 129 and first.evidence["backlog"] == 128 and first.evidence["drops"] == 3
 
 
 def test_one_shot_saturation_says_now_and_the_drops_since_listen() -> None:
     findings = diagnose_listener(listener(drops=40), window(span=0.0), 128, None, None, POLICY)
-    assert "now, 40 drops since it started listening" in findings[0].text
+    assert "a snapshot, not a trend" in findings[0].text
+    assert "40 drops since it started listening" in findings[0].text
+    assert ids(findings) == ["saturated"], "no configuration advice from one sample"
 
 
 # --- capped by somaxconn or by the application ---
@@ -122,10 +128,11 @@ def test_backlog_at_somaxconn_with_unknown_request_is_capped_by_somaxconn() -> N
     assert ids(findings) == ["saturated", "capped-by-somaxconn"]
     capped = findings[1]
     assert "unknown" in capped.text
-    # Target: backlog x step (512) but at least the policy's min (1024).
-    assert "raise somaxconn there to 1024" in capped.text
+    # Measured: 129 queued x 1.25 headroom -> 256, but at least the policy's min (1024).
+    assert "raise somaxconn there to 1024 (the worst burst seen: 129 queued + 0 dropped" in capped.text
     assert "netns ns1" in capped.text
-    assert capped.evidence == {"backlog": 128, "somaxconn": 128, "requested": None, "target": 1024}
+    assert {k: v for k, v in capped.evidence.items() if k != "basis"} == {
+        "backlog": 128, "somaxconn": 128, "requested": None, "target": 1024}
 
 
 def test_request_above_somaxconn_is_capped_by_somaxconn_and_asks_for_the_request() -> None:
@@ -142,15 +149,15 @@ def test_request_equal_to_somaxconn_is_the_applications_own_limit() -> None:
     findings = diagnose_listener(listener(), window(), 128, 128, None, POLICY)
     assert ids(findings) == ["saturated", "capped-by-app"]
     text = findings[1].text
-    assert "backlog=1024" in text
-    assert "raise net.core.somaxconn in netns ns1 to at least 1024" in text  # the new backlog needs room too
+    assert "backlog=256" in text  # 129 queued + 25% headroom, rounded up to a power of two
+    assert "raise net.core.somaxconn in netns ns1 to at least 256" in text  # the new backlog needs room too
 
 
 def test_backlog_below_somaxconn_is_capped_by_app_without_a_somaxconn_change() -> None:
     findings = diagnose_listener(listener(queue=101, backlog=100), window(), 4096, None, None, POLICY)
     assert ids(findings) == ["saturated", "capped-by-app"]
-    assert "somaxconn" not in findings[1].text.split("own:")[1]
-    assert findings[1].evidence["target"] == 1024
+    assert "raise net.core.somaxconn" not in findings[1].text
+    assert findings[1].evidence["target"] == 128  # 101 queued + 25% -> 126 -> 128
 
 
 def test_capped_by_app_names_the_owner_pid_and_unit() -> None:
@@ -192,9 +199,9 @@ def proc(comm: str, cmdline: str | None = None, pid: int = 500, unit: str | None
 ])
 def test_capped_by_app_advice_names_the_owners_own_knob(processes: tuple[Process, ...], expected: str) -> None:
     assert expected in app_knob(processes, 1024)
-    findings = diagnose_listener(listener(queue=101, backlog=100, processes=processes), window(), 4096, None,
+    findings = diagnose_listener(listener(queue=1001, backlog=1000, processes=processes), window(), 4096, None,
                                  None, POLICY)
-    assert expected in by_id(findings, "capped-by-app").text
+    assert expected.replace("1024", "2048") in by_id(findings, "capped-by-app").text
 
 
 def test_owner_label_counts_the_other_holders_and_lists_their_units() -> None:
@@ -248,15 +255,59 @@ def test_relisten_needed_after_a_second_raise_for_a_listener_at_the_first_raised
 
 # --- stalled workers ---
 
-def test_stalled_workers_come_before_any_advice_to_lengthen_the_queue() -> None:
-    findings = diagnose_listener(listener(), window(cpu_share=0.01), 128, None, None, POLICY)
-    assert ids(findings) == ["saturated", "stalled-workers", "capped-by-somaxconn"]
-    assert "1.0% of a CPU" in findings[1].text and "nginx (pid 321, nginx.service)" in findings[1].text
+def test_stalled_workers_get_no_advice_to_lengthen_the_queue() -> None:
+    # Full all window while the owners idle: one limiting factor, the workers; never also the backlog.
+    findings = diagnose_listener(listener(), window(cpu_share=0.0, min_fill=1.0), 128, None, None, POLICY)
+    assert ids(findings) == ["saturated", "stalled-workers"]
+    assert "worker_connections" in findings[1].text  # nginx's own worker knob
+    findings = diagnose_listener(listener(queue=101, backlog=100), window(cpu_share=0.0, min_fill=1.0), 4096, None,
+                                 None, POLICY)
+    assert ids(findings) == ["saturated", "stalled-workers"]
 
 
-def test_stalled_workers_also_precede_capped_by_app() -> None:
-    findings = diagnose_listener(listener(queue=101, backlog=100), window(cpu_share=0.0), 4096, None, None, POLICY)
-    assert ids(findings) == ["saturated", "stalled-workers", "capped-by-app"]
+def test_accepts_stopped_is_stalled_whatever_the_cpu() -> None:
+    findings = diagnose_listener(listener(), window(cpu_share=0.9, min_fill=1.0, accepts=0), 128, None, None, POLICY)
+    assert ids(findings) == ["saturated", "stalled-workers"]
+    assert "accepted nothing for 10 s" in findings[1].text
+
+
+def test_a_queue_that_never_drains_while_workers_accept_is_workers_saturated() -> None:
+    findings = diagnose_listener(listener(), window(cpu_share=0.98, min_fill=1.0, accepts=5000), 128, None, None,
+                                 POLICY)
+    assert ids(findings) == ["saturated", "workers-saturated"]
+    assert "accepts 500/s" in findings[1].text and "98% of a CPU" in findings[1].text
+    assert "persistently" in findings[0].text
+
+
+def test_long_queue_waits_name_the_workers_even_at_a_low_fill() -> None:
+    events = ListenerEvents(enqueued=60, peak_queue=48, ack_overflow=0, syn_overflow=None, synack_retransmits=0,
+                            accepts=12, queue_wait_ms={"p50": 2.0, "p99": 40.0}, requested_backlog=None,
+                            oldest_queued_ms=17_000.0)
+    php = (Process(900, "php-fpm8.2", "php-fpm: master process", "php8.2-fpm.service"),)
+    findings = diagnose_listener(listener(queue=48, backlog=4096, processes=php), window(saturated=False), 4096,
+                                 None, None, POLICY, events)
+    assert ids(findings) == ["queue-wait"]
+    assert "17.0 s" in findings[0].text and "pm.max_children" in findings[0].text
+
+
+def test_bursts_get_one_measured_number_with_its_basis() -> None:
+    findings = diagnose_listener(listener(queue=3), window(min_fill=0.0, peak_queue=129, burst_drops=300,
+                                                           accepts=20000), 128, None, None, POLICY)
+    capped = by_id(findings, "capped-by-somaxconn")
+    # (129 + 300) x 1.25 = 536 -> 1024: the number, its basis, and the same number as the target.
+    assert capped.evidence["target"] == 1024
+    assert "raise somaxconn there to 1024 (the worst burst seen: 129 queued + 300 dropped in one sweep = 429" \
+        in capped.text
+    assert "stalled-workers" not in ids(findings) and "workers-saturated" not in ids(findings)
+
+
+def test_the_number_is_bounded_by_what_the_accept_rate_drains_in_max_queue_wait() -> None:
+    # 100 accepts/s drain 100 connections within the default 1,000 ms: a longer queue only waits.
+    findings = diagnose_listener(listener(queue=3, backlog=64), window(min_fill=0.0, peak_queue=65, burst_drops=500,
+                                                                      accepts=1000), 4096, None, None, POLICY)
+    capped = by_id(findings, "capped-by-app")
+    assert capped.evidence["target"] == 65  # the power of two below 100, but more than the backlog now
+    assert "bounded by what 100 accepts/s drain within max_queue_wait_ms" in capped.text
 
 
 @pytest.mark.parametrize("cpu_share", [STALLED_CPU_SHARE, 0.5, 3.0, None])

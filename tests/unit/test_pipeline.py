@@ -24,9 +24,9 @@ NS_INODE = 4026532001
 
 
 def recorded() -> list[Snapshot]:
-    """A listener filling up, dropping, then draining, one sweep a second (as captured by a sweep)."""
-    queues = [0, 10, 60, 65, 65, 65, 65, 65, 65, 65, 65, 65, 65, 20, 0, 0]
-    drops = [0, 0, 0, 3, 9, 9, 15, 15, 21, 21, 21, 21, 21, 21, 21, 21]
+    """A listener overflowing in bursts it drains in between, then quiet, one sweep a second."""
+    queues = [0, 10, 65, 0, 65, 2, 65, 0, 65, 1, 65, 0, 0, 0, 0, 0]
+    drops = [0, 0, 3, 3, 9, 9, 15, 15, 21, 21, 27, 27, 27, 27, 27, 27]
     snapshots = []
     for tick, (queue, dropped) in enumerate(zip(queues, drops, strict=True)):
         listener = Listener("web", "tcp", "0.0.0.0:80", 80, queue, 64, dropped, 7, 99, 33, (OWNER,))
@@ -81,7 +81,7 @@ def test_the_daemon_tick_one_shot_status_and_the_property_loop_agree() -> None:
     policy = Policy(mode="apply", saturation=Saturation(sustain=3.0))
     snapshots = recorded()
     expected = by_hand(policy, snapshots)
-    assert any(("change", "net.core.somaxconn=256") in tick for tick in expected), expected
+    assert any(("change", "net.core.somaxconn=1024") in tick for tick in expected), expected
     with tempfile.TemporaryDirectory() as state:
         runner = run.Runner(policy, "all", Ledger(state), dry_run=True, log=Silent())
         runner.observer = Replay(snapshots)
@@ -91,7 +91,7 @@ def test_the_daemon_tick_one_shot_status_and_the_property_loop_agree() -> None:
             daemon.append(ids(decision.assessment.listener_findings, decision.changes))
     assert daemon == expected
     # One-shot status decides on one sample with the same function: "sustained" means "now".
-    first_full = snapshots[3]
+    first_full = snapshots[2]
     single = one_shot(first_full, policy, {})
     fresh = Model()
     fresh.update(first_full, {})
