@@ -5,8 +5,9 @@
 
 In a network namespace ``aqt-bench-ovh-<pid>`` (loopback only) one server process accepts and closes
 connections on 127.0.0.1 with a bare accept4()/close() loop, and ``--clients`` processes each open and
-abort (SO_LINGER 0, so close() sends RST) as many connections as they can for ``--duration`` seconds.
-The figure is completed connections per second, summed over the clients.
+abort (SO_LINGER 0, so close() sends RST) as many connections as they can for ``--duration`` seconds
+(tests/helpers/loadgen.py serve and connect). The figure is completed connections per second, summed
+over the clients.
 
 Rounds alternate without and with the probes (EventLayer.start(emit=0), the daemon's normal mode,
 compiled once and detached with pause() for the rounds without), starting and ending without, so
@@ -20,52 +21,44 @@ clients made. Then, unless ``--no-extra``, one round each with emit=2 (drop even
 (trace: every event, read and counted by this process) is compared with the median without, and one
 round gives the time spent in each program per connection (the kernel's BPF run-time statistics).
 
-Exit status: 0 after a run (whatever the ratio), 1 when the probes missed the load or a helper failed,
-2 when eBPF is unavailable here (the reason is printed). The namespace, helpers and probes are removed
-whatever happens, Ctrl-C and SIGTERM included.
+The figures are printed as a table and written to bench/results/probe_overhead-<time>.json. Exit status:
+0 after a run (whatever the ratio), 1 when the probes missed the load or a helper failed, 2 when eBPF is
+unavailable here (the reason is printed). The namespace, helpers and probes are removed whatever
+happens, Ctrl-C and SIGTERM included.
 """
 
 from __future__ import annotations
 
 import argparse
 import ctypes
-import errno
 import os
 import platform
-import select
-import signal
-import socket
 import statistics
-import struct
-import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager
 from dataclasses import dataclass
-from math import comb
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from helper_pipe import read_line, stop
+import _path  # noqa: F401 - first: the repository's root on sys.path
+from figures import Figure, Reference, Results, Target, median_interval, refused_without_root
+from procstat import cpu_seconds
+
+from tests.helpers.lineproto import HelperProcess
+from tests.helpers.namespace import TestNamespace
 
 if TYPE_CHECKING:
     from aqtune.collect.ebpf import Event, EventLayer
 
-REPO = Path(__file__).resolve().parents[1]
-ADDRESS = "127.0.0.1"
 PORT = 18080
-BACKLOG = 4096  # somaxconn's default in a new namespace; a momentarily slow server must not drop
-TARGET_RATIO = 0.97
+TARGET = Target(">=", 0.97, on_ratio=True, source="issue 16")
 WARMUP_SECONDS = 1.0
 SETTLE_SECONDS = 0.2  # before every round: the previous one's helpers have reported and quieten
 DRAIN_TIMEOUT = 10.0  # seconds the server gets to accept what is still queued when the clients stop
-HELPER_LIFE = 900.0  # seconds; a helper orphaned by a killed benchmark still goes away by itself
 READY_TIMEOUT = 30.0
-BATCH = 64  # connections between clock reads; overshoot is a few ms and elapsed time is measured
-SOCK_CLOEXEC = 0o2000000
-ABORT = struct.pack("ii", 1, 0)  # SO_LINGER on, 0 s: close() sends RST and leaves no TIME_WAIT
+ROUND_GRACE = 60.0  # seconds past a round's duration that its clients may take to answer
 # No more processes than CPUs: oversubscribed, the rate swings by 90% from round to round with how
 # the scheduler and ksoftirqd happen to share the CPUs (measured on 2 CPUs with 3 clients), and the
 # ratio measures that rather than the probes; one client and the server give a spread of about 15%.
@@ -73,94 +66,7 @@ DEFAULT_CLIENTS = max(1, (os.cpu_count() or 2) - 1)
 CHECK_TOLERANCE = 0.01  # probes must count the clients' connections to within 1%
 
 
-# --- helper modes, run inside the namespace ------------------------------------------------------------
-
-def _wait_for_eof(timeout: float) -> None:
-    """Return once stdin closes (how the benchmark says "done"; also when it dies) or ``timeout`` passes."""
-    deadline = time.monotonic() + timeout
-    while (left := deadline - time.monotonic()) > 0:
-        readable, _, _ = select.select([sys.stdin], [], [], left)
-        if readable and not os.read(sys.stdin.fileno(), 4096):
-            return
-
-
-def serve() -> int:
-    """Accept and close connections until stdin closes, after printing ``READY <listener inode>``."""
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind((ADDRESS, PORT))
-    listener.listen(BACKLOG)
-    libc = ctypes.CDLL(None, use_errno=True)
-    accept4, close = libc.accept4, libc.close
-    fd = listener.fileno()
-
-    def accept_forever() -> None:
-        # accept4 through ctypes with no address buffer: no Python socket object or peer address is
-        # built per connection, so the server takes little CPU and the clients get the rest. It is
-        # the syscall socket.accept() makes, so the accept probes fire just as for a real server.
-        while True:
-            child = accept4(fd, None, None, SOCK_CLOEXEC)
-            if child >= 0:
-                close(child)
-                continue
-            error = ctypes.get_errno()
-            if error == errno.EBADF:  # the listener was closed: serve() is returning
-                return
-            if error not in (errno.EINTR, errno.ECONNABORTED, errno.EAGAIN):
-                os.write(2, f"accept4 failed: {os.strerror(error)}\n".encode())
-                os._exit(1)
-
-    # A daemon thread: blocked in accept4 it would never notice stdin closing, the main thread does.
-    threading.Thread(target=accept_forever, daemon=True).start()
-    print("READY", os.fstat(fd).st_ino, flush=True)
-    _wait_for_eof(HELPER_LIFE)
-    return 0
-
-
-def connect_loop(seconds: float) -> tuple[int, float]:
-    """Open and abort connections for ``seconds``: (connections completed, seconds actually taken)."""
-    address = (ADDRESS, PORT)
-    new_socket, family, kind = socket.socket, socket.AF_INET, socket.SOCK_STREAM
-    level, option = socket.SOL_SOCKET, socket.SO_LINGER
-    count = 0
-    started = time.perf_counter()
-    deadline = started + seconds
-    while True:
-        for _ in range(BATCH):
-            sock = new_socket(family, kind)
-            sock.setsockopt(level, option, ABORT)
-            sock.connect(address)
-            sock.close()
-        count += BATCH
-        if (now := time.perf_counter()) >= deadline:
-            return count, now - started
-
-
-def load() -> int:
-    """For each ``GO <seconds>`` line on stdin run connect_loop and answer ``<count> <elapsed>``."""
-    print("READY", flush=True)
-    for line in sys.stdin:
-        try:
-            count, elapsed = connect_loop(float(line.split()[1]))
-        except OSError as exc:
-            print("ERROR", exc, flush=True)
-            return 1
-        print(count, f"{elapsed:.6f}", flush=True)
-    return 0
-
-
 # --- the benchmark proper ---------------------------------------------------------------------------------
-
-def cpu_seconds(pids: list[int]) -> float:
-    """CPU time the processes' threads have run, from the scheduler's exact runtime (schedstat), not
-    from tick-sampled utime/stime. Loopback packets are processed in softirq context on the sending
-    thread, charged to it on kernels without IRQ time accounting, so this includes the probes' cost."""
-    total = 0
-    for pid in pids:
-        for task in os.scandir(f"/proc/{pid}/task"):
-            with suppress(OSError):  # a thread that just exited
-                total += int(Path(task.path, "schedstat").read_text().split()[0])
-    return total / 1e9
-
 
 @dataclass(frozen=True, slots=True)
 class Round:
@@ -175,10 +81,9 @@ class Round:
 
 @dataclass(slots=True)
 class Bench:
-    namespace: str
-    server: subprocess.Popen[str]
+    server: HelperProcess
     server_inode: int
-    clients: list[subprocess.Popen[str]]
+    clients: list[HelperProcess]
 
     def run(self, seconds: float, events_from: EventLayer | None = None) -> Round:
         """One round: every client connects for ``seconds``. ``events_from``, a layer started with emit
@@ -187,58 +92,38 @@ class Bench:
         pids = [self.server.pid, *(client.pid for client in self.clients)]
         cpu_before = cpu_seconds(pids)
         for client in self.clients:
-            assert client.stdin is not None
-            client.stdin.write(f"GO {seconds}\n")
-            client.stdin.flush()
-        deadline = time.monotonic() + seconds + 60
-        pending = {client.stdout: client for client in self.clients if client.stdout is not None}
+            client.send(f"go {seconds}")
+        deadline = time.monotonic() + seconds + ROUND_GRACE
+        pending = list(self.clients)
         answers = []
         while pending:
+            if events_from is None:
+                answers.append(pending.pop().expect("OK", seconds + ROUND_GRACE))
+                continue
             if time.monotonic() > deadline:
                 raise TimeoutError("a client did not finish its round")
-            timeout = 1.0
-            if events_from is not None:
-                events_from.poll(50)
-                timeout = 0.0
-            readable, _, _ = select.select(list(pending), [], [], timeout)
-            for stream in readable:
-                answers.append(read_line(pending.pop(stream), 0).split())
+            events_from.poll(50)
+            for client in list(pending):
+                if (answer := client.poll("OK")) is not None:
+                    answers.append(answer)
+                    pending.remove(client)
         cpu = cpu_seconds(pids) - cpu_before
-        if bad := [answer for answer in answers if len(answer) != 2 or not answer[0].isdigit()]:
-            raise RuntimeError(f"client failed: {' '.join(bad[0]) or 'exited'}")
-        return Round(sum(int(count) / float(elapsed) for count, elapsed in answers),
-                     sum(int(count) for count, _ in answers), cpu)
+        if failed := sum(answer["failed"] for answer in answers):
+            raise RuntimeError(f"{failed} connects failed in a round: the load measures something else")
+        return Round(sum(answer["made"] / answer["seconds"] for answer in answers),
+                     sum(answer["made"] for answer in answers), cpu)
 
 
 @contextmanager
 def bench_namespace(clients: int) -> Iterator[Bench]:
     """A fresh namespace with lo up, the accepting server and ``clients`` load generators in it."""
-    name = f"aqt-bench-ovh-{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True, timeout=30)
-    helpers: list[subprocess.Popen[str]] = []
-    try:
-        subprocess.run(["ip", "-n", name, "link", "set", "lo", "up"], check=True, timeout=30)
-
-        def start(mode: str) -> subprocess.Popen[str]:
-            helper = subprocess.Popen(
-                ["ip", "netns", "exec", name, sys.executable, str(Path(__file__).resolve()), mode],
-                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-            helpers.append(helper)
-            return helper
-
-        server = start("--serve")
-        ready = read_line(server, READY_TIMEOUT).split()
-        if len(ready) != 2 or ready[0] != "READY":
-            raise RuntimeError(f"server failed to start: {' '.join(ready)!r}")
-        loaders = [start("--load") for _ in range(clients)]
+    with TestNamespace(f"aqt-bench-ovh-{os.getpid()}") as ns:
+        server = ns.spawn("loadgen.py", ["serve", "--port", str(PORT)], "READY")
+        inode = server.ready(READY_TIMEOUT)["inode"]
+        loaders = [ns.spawn("loadgen.py", ["connect", "--port", str(PORT)], "READY") for _ in range(clients)]
         for loader in loaders:
-            if (line := read_line(loader, READY_TIMEOUT)) != "READY":
-                raise RuntimeError(f"client failed to start: {line!r}")
-        yield Bench(name, server, int(ready[1]), loaders)
-    finally:
-        for helper in helpers:
-            stop(helper)
-        subprocess.run(["ip", "netns", "del", name], check=False, timeout=30)
+            loader.ready(READY_TIMEOUT)
+        yield Bench(server, inode, loaders)
 
 
 @contextmanager
@@ -304,24 +189,6 @@ def check_counters(bench: Bench, layer: EventLayer, connections: int,
                 f"({'ok' if ok else 'MISMATCH'})")
 
 
-def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float, float] | None:
-    """Distribution-free confidence interval for the median of ``values``: (low, high, coverage).
-
-    The order statistics of ranks k and n+1-k, with k the largest rank for which P(Binomial(n, 1/2) < k)
-    stays within (1 - confidence) / 2. No assumption about the noise's distribution, which on a shared
-    machine is anything but normal. None when there are too few values for that confidence."""
-    n = len(values)
-    ordered = sorted(values)
-    below = 0.0  # P(Binomial(n, 1/2) < k)
-    k = 0
-    while k < n and below + comb(n, k) / 2**n <= (1 - confidence) / 2:
-        below += comb(n, k) / 2**n
-        k += 1
-    if k == 0:
-        return None
-    return ordered[k - 1], ordered[n - k], 1 - 2 * below
-
-
 def _median_text(values: list[float]) -> str:
     interval = median_interval(values)
     bounds = f" ({interval[2]:.0%} interval {interval[0]:.3f}-{interval[1]:.3f})" if interval else ""
@@ -352,7 +219,8 @@ def _round_line(index: int, label: str, result: Round, note: str = "") -> str:
     return f"round {index:2d} {label:<8} {result.rate:8.0f}/s {result.cpu_us:6.1f} us CPU/conn  {note}".rstrip()
 
 
-def benchmark(args: argparse.Namespace) -> int:
+def benchmark(args: argparse.Namespace, results: Results) -> str | None:
+    """The rounds, their figures in ``results``; why the figures are void, or None."""
     from aqtune.collect.ebpf import EMIT_ALL, EMIT_DROPS
 
     without: list[Round] = []
@@ -380,11 +248,13 @@ def benchmark(args: argparse.Namespace) -> int:
             all_seen &= ok
             print(_round_line(index, "with", result, seen), flush=True)
 
-        base = statistics.median(r.rate for r in without)
-        probed = statistics.median(r.rate for r in with_probes)
-        ratio = probed / base
-        print(f"conn_rate_without={base:.0f}/s conn_rate_with={probed:.0f}/s ratio={ratio:.3f} "
-              f"(target >= {TARGET_RATIO}) {'met' if ratio >= TARGET_RATIO else 'NOT MET'}", flush=True)
+        no_probes = Reference("no probes", tuple(r.rate for r in without))
+        rate = results.add(Figure("conn_rate_with_probes", "loopback connections/s with the probes (emit=0)", "/s",
+                                  tuple(r.rate for r in with_probes), no_probes, TARGET))
+        assert rate.ratio is not None
+        print(f"conn_rate_without={no_probes.value:.0f}/s conn_rate_with={rate.value:.0f}/s ratio={rate.ratio:.3f} "
+              f"(target {TARGET.text('/s')}) {'met' if rate.passed else 'NOT MET'}", flush=True)
+        base = no_probes.value
 
         # How far to trust it: each round with probes against the mean of its two neighbours (linear
         # drift cancels), with an interval for the median of those ratios; the same for CPU time per
@@ -392,6 +262,12 @@ def benchmark(args: argparse.Namespace) -> int:
         rate_pairs = [r.rate * 2 / (without[i].rate + without[i + 1].rate) for i, r in enumerate(with_probes)]
         cpu_pairs = [(without[i].cpu_us + without[i + 1].cpu_us) / 2 / r.cpu_us for i, r in enumerate(with_probes)]
         spread = (max(r.rate for r in without) - min(r.rate for r in without)) / base
+        results.add(Figure("paired_rate_ratio", "each round with probes / mean of its two neighbours without", "",
+                           tuple(rate_pairs), extra={"interval": median_interval(rate_pairs)}))
+        results.add(Figure("cpu_us_per_conn", "CPU per connection with the probes (server and clients)", "us",
+                           tuple(r.cpu_us for r in with_probes),
+                           Reference("no probes", tuple(r.cpu_us for r in without)),
+                           extra={"paired_ratio_without_to_with": cpu_pairs, "interval": median_interval(cpu_pairs)}))
         print(f"# paired rate ratio {_median_text(rate_pairs)}; paired CPU ratio {_median_text(cpu_pairs)} "
               f"({statistics.median(r.cpu_us for r in without):.1f} us/conn without, "
               f"{statistics.median(r.cpu_us for r in with_probes):.1f} with); "
@@ -412,6 +288,8 @@ def benchmark(args: argparse.Namespace) -> int:
                     ok, seen = check_counters(bench, extra, result.connections)
                     lost = extra.status()["lost_events"]
                 all_seen &= ok
+                results.add(Figure(f"conn_rate_emit_{emit}", f"connections/s with emit={emit} ({label}), 1 round",
+                                   "/s", (result.rate,), no_probes, extra={"events": events, "lost": lost}))
                 print(f"# emit={emit} ({label}), 1 round, informational: conn_rate={result.rate:.0f}/s "
                       f"ratio={result.rate / base:.3f} events={events} lost={lost}; {seen}", flush=True)
             layer.resume()
@@ -422,20 +300,15 @@ def benchmark(args: argparse.Namespace) -> int:
             spent = {name: ran_after[name] - ns for name, ns in ran_before.items()}
             layer.pause()
             per_connection = {name: ns / result.connections for name, ns in spent.items() if ns}
+            results.add(Figure("bpf_ns_per_conn", "time in the programs per connection (bpf_stats), 1 round", "ns",
+                               (sum(per_connection.values()),), extra={"programs": per_connection}))
             print("# time in each program per connection (bpf_stats, 1 round, informational; counting adds "
                   "a clock read or two per run): "
                   + ", ".join(f"{name} {ns:.0f} ns" for name, ns in sorted(per_connection.items()))
                   + f"; total {sum(per_connection.values()):.0f} ns", flush=True)
     if not all_seen:
-        print("probe_overhead.py: the probes did not count the load the clients made, so the ratio "
-              "measures nothing", file=sys.stderr)
-        return 1
-    return 0
-
-
-def _terminate(signum: int, _frame: object) -> None:
-    # Turn SIGTERM into an exception so the namespace, helpers and probes are cleaned up by finally blocks.
-    raise KeyboardInterrupt(f"signal {signum}")
+        return "the probes did not count the load the clients made, so the ratio measures nothing"
+    return None
 
 
 def main() -> int:
@@ -445,31 +318,19 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=DEFAULT_CLIENTS,
                         help=f"load generator processes (default {DEFAULT_CLIENTS}: one per CPU besides the server's)")
     parser.add_argument("--no-extra", action="store_true", help="skip the emit=2 and emit=1 rounds")
-    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--load", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.serve or args.load:
-        try:
-            return serve() if args.serve else load()
-        except KeyboardInterrupt:  # Ctrl-C reaches the whole process group; the benchmark reports it once
-            return 130
-    if os.geteuid() != 0:
-        print("probe_overhead.py: needs root (network namespace, eBPF)", file=sys.stderr)
+    if refused_without_root("probe_overhead.py", "network namespace, eBPF"):
         return 1
     if not (0.5 <= args.duration <= 60 and 3 <= args.rounds <= 50 and 1 <= args.clients <= 32):
         parser.error("--duration must be 0.5-60, --rounds 3-50, --clients 1-32")
-    sys.path.insert(0, str(REPO))
     from aqtune.collect.ebpf import Unavailable
 
-    signal.signal(signal.SIGTERM, _terminate)
+    results = Results("probe_overhead", vars(args))
     try:
-        return benchmark(args)
-    except Unavailable as exc:
+        return results.run(lambda: benchmark(args, results), "namespace, helpers and probes")
+    except Unavailable as exc:  # raised before any namespace is made or figure measured
         print(f"probe_overhead.py: eBPF unavailable: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted; namespace, helpers and probes removed", file=sys.stderr)
-        return 130
 
 
 if __name__ == "__main__":

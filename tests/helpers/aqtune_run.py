@@ -1,4 +1,5 @@
-"""`aqtune run` and `aqtune rollback` as an operator runs them, for the tuning tests.
+"""aqtune as an operator runs it, from the work tree: one-shot commands (status, rollback, check) and
+`aqtune run` in the background, for the tests and the benchmarks.
 
 The daemon's log (key=value lines on stderr) goes to a file that the tests read back while it runs,
 so they can wait for a log line instead of sleeping for a fixed time.
@@ -11,18 +12,24 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from tests.helpers.namespace import PYTHON, REPO
+from tests.helpers.process import PYTHON, REPO, as_user, kill_process, stop_process
 
-COMMAND_TIMEOUT = 30.0
+COMMAND_TIMEOUT = 60.0
+STOP_TIMEOUT = 10.0  # for the daemon to finish the sweep under way and exit after SIGTERM
 
 
-def aqtune(*args: str) -> subprocess.CompletedProcess[str]:
-    """One aqtune command run to completion (status, rollback), from the work tree."""
-    return subprocess.run([PYTHON, "-m", "aqtune", *args], capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
+def aqtune_command(*args: str, user: str | None = None) -> list[str]:
+    """The command line of ``aqtune ARGS`` from the work tree, run as ``user`` (setpriv) if given."""
+    return as_user(user, [PYTHON, "-m", "aqtune", *args])
+
+
+def aqtune(*args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
+    """One aqtune command run to completion (status, rollback, check), from the work tree."""
+    return subprocess.run(aqtune_command(*args, user=user), capture_output=True, text=True, timeout=COMMAND_TIMEOUT,
                           cwd=REPO, stdin=subprocess.DEVNULL)
 
 
@@ -51,14 +58,17 @@ def ledger_changes(state_dir: Path) -> list[dict[str, Any]] | None:
 
 
 class Daemon:
-    """`aqtune run ARGS` in the background, its stdout and stderr in ``log_path``."""
+    """``[PREFIX...] aqtune run ARGS`` in the background, its stdout and stderr in ``log_path``; ``env``, when
+    given, is its whole environment. Every wrapper in ``prefix`` must exec the command, so that the pid is the
+    daemon's own and SIGTERM and SIGHUP reach it."""
 
-    def __init__(self, args: Sequence[str], log_path: Path) -> None:
-        self.args = [PYTHON, "-m", "aqtune", "run", *args]
+    def __init__(self, args: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None,
+                 prefix: Sequence[str] = ()) -> None:
+        self.args = [*prefix, *aqtune_command("run", *args)]
         self.log_path = log_path
         with open(log_path, "wb") as log:
             self.popen = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                          cwd=REPO)
+                                          cwd=REPO, env=env)
 
     @property
     def pid(self) -> int:
@@ -89,14 +99,11 @@ class Daemon:
                 raise AssertionError(f"{state} before logging a line with {needles!r}; log:\n{log}")
             time.sleep(0.05)
 
-    def stop(self, timeout: float = 10.0) -> int:
-        """SIGTERM, as systemd stops it; the exit status. The sweep under way finishes first."""
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-        return self.popen.wait(timeout=timeout)
+    def stop(self, timeout: float = STOP_TIMEOUT) -> int:
+        """SIGTERM, as systemd stops it, and SIGKILL after ``timeout``; the exit status. The sweep under way
+        finishes first."""
+        return stop_process(self.popen, ask=(signal.SIGTERM,), grace=timeout)
 
     def kill(self) -> None:
         """SIGKILL and reap; safe to call more than once and after it exited."""
-        if self.popen.poll() is None:
-            self.popen.kill()
-        self.popen.wait(timeout=10)
+        kill_process(self.popen)

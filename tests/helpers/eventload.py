@@ -21,59 +21,30 @@ took. Prints
 from __future__ import annotations
 
 import argparse
-import errno
-import ipaddress
-import json
 import os
-import select
 import socket
 import sys
 import time
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script: the repository's root, for the imports below
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.helpers.lineproto import say, wait_for_stdin_close
+from tests.helpers.sockets import loopback, open_connections
 
 MAX_CLIENTS = 64
 MAX_HOLD = 120.0
 MAX_EVERY = 2.0
 
 
-def wait_for_stdin_close(seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while (remaining := deadline - time.monotonic()) > 0:
-        readable, _, _ = select.select([sys.stdin.fileno()], [], [], remaining)
-        if readable and not os.read(sys.stdin.fileno(), 4096):
-            return
-
-
-def loopback(host: str) -> str:
-    if not ipaddress.ip_address(host).is_loopback:
-        raise SystemExit(f"{host}: only loopback addresses")
-    return host
-
-
 def clients(args: argparse.Namespace) -> None:
     host, _, port = args.to.rpartition(":")
     target = (loopback(host), int(port))
     held: list[socket.socket] = []
-    ports: list[int] = []
-    results: dict[str, int] = {}
-    for _ in range(min(args.count, MAX_CLIENTS)):
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        if args.src:
-            sock.bind((loopback(args.src), 0))
-        sock.setblocking(False)
-        try:
-            sock.connect(target)
-            result = "connected"
-        except BlockingIOError as exc:
-            result = "in_progress" if exc.errno == errno.EINPROGRESS else "eagain"
-        except OSError as exc:
-            result = errno.errorcode.get(exc.errno or 0, str(exc.errno)).lower()
-        results[result] = results.get(result, 0) + 1
-        if result in ("connected", "in_progress"):
-            held.append(sock)
-            ports.append(sock.getsockname()[1])
-        else:
-            sock.close()
-    print("CONNECTED " + json.dumps({"pid": os.getpid(), "ports": ports, "results": results}), flush=True)
+    results = open_connections(min(args.count, MAX_CLIENTS), socket.AF_INET, socket.SOCK_STREAM, target, held,
+                               source=args.src)
+    ports = [sock.getsockname()[1] for sock in held]
+    say("CONNECTED", pid=os.getpid(), ports=ports, results=results)
     try:
         wait_for_stdin_close(min(args.hold, MAX_HOLD))
     finally:
@@ -109,10 +80,8 @@ def acceptor(args: argparse.Namespace) -> None:
         accepted.append([before, time.monotonic()])
         peer_ports.append(0 if args.unix else peer[1])
         held.append(child)
-    report = {"pid": os.getpid(), "inode": os.fstat(listener.fileno()).st_ino,
-              "address": args.unix or f"127.0.0.1:{port}", "port": port, "peer_ports": peer_ports,
-              "connected": connected, "accepted": accepted}
-    print("DONE " + json.dumps(report), flush=True)
+    say("DONE", pid=os.getpid(), inode=os.fstat(listener.fileno()).st_ino, address=args.unix or f"127.0.0.1:{port}",
+        port=port, peer_ports=peer_ports, connected=connected, accepted=accepted)
     try:
         wait_for_stdin_close(MAX_HOLD)
     finally:

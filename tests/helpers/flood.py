@@ -13,15 +13,17 @@ closes or --hold seconds pass, then closes them.
 from __future__ import annotations
 
 import argparse
-import errno
 import ipaddress
-import json
 import os
-import select
 import socket
 import sys
-import time
+from pathlib import Path
 from typing import Any
+
+if __name__ == "__main__":  # run as a script: the repository's root, for the imports below
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.helpers.lineproto import say, wait_for_stdin_close
+from tests.helpers.sockets import loopback, open_connections
 
 MAX_CONNECTIONS = 500  # in total, over every target
 MAX_HOLD = 300.0
@@ -32,10 +34,8 @@ def parse_target(target: str) -> tuple[int, int, Any]:
     kind, _, rest = target.partition(":")
     if kind == "tcp":
         host, _, port = rest.rpartition(":")
-        host = host.strip("[]")
+        host = loopback(host.strip("[]"))
         ip = ipaddress.ip_address(host)
-        if not ip.is_loopback:
-            raise ValueError(f"{target}: the flood only targets loopback addresses")
         family = socket.AF_INET6 if ip.version == 6 else socket.AF_INET
         return family, socket.SOCK_STREAM, (host, int(port))
     if kind == "unix":
@@ -49,31 +49,7 @@ def parse_target(target: str) -> tuple[int, int, Any]:
 
 def flood(target: str, count: int, held: list[socket.socket]) -> dict[str, Any]:
     family, sock_type, address = parse_target(target)
-    outcome: dict[str, int] = {}
-    for _ in range(count):
-        sock = socket.socket(family, sock_type)
-        sock.setblocking(False)
-        try:
-            sock.connect(address)
-            result = "connected"
-        except BlockingIOError as exc:
-            result = "in_progress" if exc.errno == errno.EINPROGRESS else "eagain"
-        except OSError as exc:
-            result = errno.errorcode.get(exc.errno or 0, str(exc.errno)).lower()
-        outcome[result] = outcome.get(result, 0) + 1
-        if result in ("connected", "in_progress"):
-            held.append(sock)
-        else:
-            sock.close()
-    return {"target": target, "count": count, **outcome}
-
-
-def hold(seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while (remaining := deadline - time.monotonic()) > 0:
-        readable, _, _ = select.select([sys.stdin.fileno()], [], [], remaining)
-        if readable and not os.read(sys.stdin.fileno(), 4096):
-            return
+    return {"target": target, "count": count, **open_connections(count, family, sock_type, address, held)}
 
 
 def main() -> int:
@@ -86,10 +62,9 @@ def main() -> int:
     if total > MAX_CONNECTIONS:
         parser.error(f"{total} connections asked for; at most {MAX_CONNECTIONS}")
     held: list[socket.socket] = []
-    report = {"pid": os.getpid(), "targets": [flood(target, count, held) for target, count in plan]}
-    print("FLOODED " + json.dumps(report), flush=True)
+    say("FLOODED", pid=os.getpid(), targets=[flood(target, count, held) for target, count in plan])
     try:
-        hold(min(args.hold, MAX_HOLD))
+        wait_for_stdin_close(min(args.hold, MAX_HOLD))
     finally:
         for sock in held:
             sock.close()

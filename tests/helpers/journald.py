@@ -19,11 +19,14 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from tests.helpers.process import stop_process
 
 JOURNALD = "/lib/systemd/systemd-journald"
 JOURNALCTL = "/usr/bin/journalctl"
@@ -144,13 +147,7 @@ class Journald:
             time.sleep(0.1)
 
     def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-            try:
-                self.popen.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait(timeout=5)
+        stop_process(self.popen, ask=(signal.SIGTERM,))
 
 
 @contextlib.contextmanager

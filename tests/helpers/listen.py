@@ -5,12 +5,12 @@
 
 SPEC is KIND:BACKLOG[:WHERE] with KIND one of tcp4, tcp6 (WHERE = PORT[%DEVICE], port 0 = any,
 DEVICE for SO_BINDTODEVICE), unix, seqpacket (WHERE = path) or abstract (WHERE = name). Prints one line
-``READY {"pid", "uid", "children", "listeners": [...]}`` and then serves one JSON reply per command
-line on stdin:
+``READY {"pid", "uid", "children", "listeners": [...]}`` and then answers each command line on stdin
+with ``OK {...}`` or ``ERROR {"error"}`` (tests/helpers/lineproto.py):
 
-    open SPEC              -> the new listener
-    close INDEX            -> {"closed": INDEX}
-    relisten INDEX BACKLOG -> {"relisten": INDEX, "backlog": BACKLOG}
+    open SPEC              -> OK {the new listener}
+    close INDEX            -> OK {"closed": INDEX}
+    relisten INDEX BACKLOG -> OK {"relisten": INDEX, "backlog": BACKLOG}
 
 It exits when stdin closes or --life seconds pass, so a test that dies cannot leave it behind.
 """
@@ -19,14 +19,17 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import json
 import os
-import select
 import signal
 import socket
 import sys
 import time
+from pathlib import Path
 from typing import Any
+
+if __name__ == "__main__":  # run as a script: the repository's root, for the imports below
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.helpers.lineproto import answer, commands, say
 
 SO_COOKIE = 57  # not exported by the socket module on 3.11
 PR_SET_NAME = 15
@@ -106,23 +109,8 @@ def fork_holders(count: int, comm: str, life: float) -> list[int]:
 
 
 def serve(sockets: list[socket.socket | None], life: float) -> None:
-    deadline = time.monotonic() + life
-    pending = b""
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return
-        readable, _, _ = select.select([sys.stdin.fileno()], [], [], remaining)
-        if not readable:
-            return
-        chunk = os.read(sys.stdin.fileno(), 4096)
-        if not chunk:
-            return
-        pending += chunk
-        while b"\n" in pending:
-            line, pending = pending.split(b"\n", 1)
-            reply = handle(line.decode().split(), sockets)
-            print(json.dumps(reply), flush=True)
+    for words in commands(life):
+        answer(handle(words, sockets))
 
 
 def listening(sockets: list[socket.socket | None], index: int) -> socket.socket:
@@ -169,8 +157,7 @@ def main() -> int:
         sockets.append(sock)
         listeners.append({**info, "index": index})
     children = fork_holders(min(args.forks, MAX_FORKS), args.child_comm, life)
-    ready = {"pid": os.getpid(), "uid": os.geteuid(), "children": children, "listeners": listeners}
-    print("READY " + json.dumps(ready), flush=True)
+    say("READY", pid=os.getpid(), uid=os.geteuid(), children=children, listeners=listeners)
     try:
         serve(sockets, life)
     finally:

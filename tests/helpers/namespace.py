@@ -1,30 +1,26 @@
-"""Throwaway network namespaces for the integration tests, and the helper processes run inside them."""
+"""Throwaway network namespaces for the tests and benchmarks, and the helper processes run inside them."""
 
 from __future__ import annotations
 
 import contextlib
-import grp
-import json
 import os
-import pwd
-import select
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO, Any, TypeVar
+from types import TracebackType
+from typing import TypeVar
 
 from tests.helpers.kernelview import SsListener, parse_nstat, parse_ss_tcp, parse_ss_unix
+from tests.helpers.lineproto import HelperProcess
+from tests.helpers.process import HELPERS, PYTHON, REPO, as_user, user_group
 
-HELPERS = Path(__file__).resolve().parent
-REPO = HELPERS.parent.parent
-PYTHON = sys.executable
+__all__ = ["HELPERS", "PYTHON", "REPO", "HelperProcess", "TestNamespace", "run", "user_group", "wait_until"]
+
 COMMAND_TIMEOUT = 20.0
-READY_TIMEOUT = 15.0
 
 T = TypeVar("T")
 
@@ -50,83 +46,12 @@ def run(args: Sequence[str], env: dict[str, str] | None = None) -> str:
     return done.stdout
 
 
-class HelperProcess:
-    """A helper script in a namespace: it announces itself with one ``TAG {json}`` line, then
-    answers one JSON line per command written to its stdin, and exits when stdin closes."""
-
-    def __init__(self, args: list[str], tag: str) -> None:
-        self.args = args
-        self.tag = tag
-        # A file, not a pipe, so a chatty helper can never block on a full stderr pipe.
-        self._stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - lives as long as the helper; close()
-        self.popen = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._stderr,
-                                      bufsize=0, cwd=REPO)
-        self._pending = b""
-        self._announcement: dict[str, Any] | None = None
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def stderr(self) -> str:
-        self._stderr.seek(0)
-        return self._stderr.read().decode(errors="replace").strip()
-
-    def _readline(self, timeout: float) -> str:
-        assert self.popen.stdout is not None
-        fd = self.popen.stdout.fileno()
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self._pending:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-                raise AssertionError(f"{' '.join(self.args)}: no reply within {timeout} s; stderr: {self.stderr()}")
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                self.popen.wait(timeout=5)
-                raise AssertionError(f"{' '.join(self.args)} exited {self.popen.returncode}: {self.stderr()}")
-            self._pending += chunk
-        line, self._pending = self._pending.split(b"\n", 1)
-        return line.decode()
-
-    def ready(self, timeout: float = READY_TIMEOUT) -> dict[str, Any]:
-        """The helper's announcement (pid, listeners, ...), waited for on first use."""
-        if self._announcement is None:
-            line = self._readline(timeout)
-            word, _, payload = line.partition(" ")
-            if word != self.tag:
-                raise AssertionError(f"{' '.join(self.args)}: expected {self.tag}, got {line!r}")
-            self._announcement = json.loads(payload)
-        return self._announcement
-
-    def request(self, command: str, timeout: float = 5.0) -> dict[str, Any]:
-        self.ready()
-        assert self.popen.stdin is not None
-        self.popen.stdin.write(command.encode() + b"\n")
-        reply: dict[str, Any] = json.loads(self._readline(timeout))
-        if "error" in reply:
-            raise AssertionError(f"{command!r} failed in the helper: {reply['error']}")
-        return reply
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """Close stdin, which ends the helper; kill it if it does not go."""
-        if self.popen.stdin is not None and not self.popen.stdin.closed:
-            with contextlib.suppress(BrokenPipeError):
-                self.popen.stdin.close()
-        try:
-            self.popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait(timeout=timeout)
-
-    def close(self) -> None:
-        self.stop()
-        if self.popen.stdout is not None:
-            self.popen.stdout.close()
-        self._stderr.close()
-
-
 class TestNamespace:
-    """A named namespace (``ip netns add``) with loopback up and its own directory for Unix sockets."""
+    """A named namespace (``ip netns add``) with loopback up and its own directory for Unix sockets.
+
+    As a context manager (the benchmarks) it is destroyed on leaving; the tests' ``netns`` fixture
+    destroys it after the test.
+    """
 
     __test__ = False  # not a pytest test class, despite the name
 
@@ -145,6 +70,13 @@ class TestNamespace:
             self.destroy()
             raise
 
+    def __enter__(self) -> TestNamespace:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.destroy()
+
     @property
     def inode(self) -> int:
         return os.stat(f"/run/netns/{self.name}").st_ino
@@ -156,10 +88,8 @@ class TestNamespace:
         return run(self.exec_args(*command), env=env)
 
     def spawn(self, script: str, args: Sequence[str], tag: str, user: str | None = None) -> HelperProcess:
-        command = [PYTHON, str(HELPERS / script), *args]
-        if user is not None:
-            command = ["setpriv", f"--reuid={user}", f"--regid={user_group(user)}", "--clear-groups", *command]
-        helper = HelperProcess(self.exec_args(*command), tag)
+        """tests/helpers/SCRIPT ARGS inside the namespace (as ``user``), announcing itself with ``tag``."""
+        helper = HelperProcess(self.exec_args(*as_user(user, [PYTHON, str(HELPERS / script), *args])), tag)
         self.helpers.append(helper)
         return helper
 
@@ -233,6 +163,3 @@ class TestNamespace:
         shutil.rmtree(self.sockdir, ignore_errors=True)
         self.delete()
 
-
-def user_group(user: str) -> str:
-    return grp.getgrgid(pwd.getpwnam(user).pw_gid).gr_name

@@ -29,7 +29,7 @@ import socket
 import sys
 import time
 
-import seccomp
+import seccomp  # type: ignore[import-not-found,unused-ignore]  # a C extension without stubs
 
 NETLINK_SOCK_DIAG = 4
 SECCOMP_USER_NOTIF_FLAG_CONTINUE = 1

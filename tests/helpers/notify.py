@@ -42,6 +42,9 @@ class NotifyListener:
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.sock.bind(str(path))
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        # This thread may be kept off the CPU for a moment (a benchmark's load): the daemon must not block on
+        # a full queue meanwhile.
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
         self.sock.settimeout(0.2)
         self.messages: list[Notification] = []
         self._lock = threading.Lock()

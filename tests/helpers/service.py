@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from tests.helpers.aqtune_run import Daemon
-from tests.helpers.namespace import PYTHON, REPO
+from tests.helpers.process import stop_process
 
 # Variables of the test process that would change how the daemon logs or notifies.
 SERVICE_VARIABLES = ("AQTUNE_LOG", "AQTUNE_JOURNAL_SOCKET", "NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
@@ -33,20 +34,20 @@ def unshare_mount(script: str) -> list[str]:
     return ["unshare", "--mount", "--propagation", "private", "sh", "-ec", script + '\nexec "$@"', "sh"]
 
 
+def service_environment(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """A clean copy of this process's environment with ``env`` added: what the service manager would pass."""
+    environment = {k: v for k, v in os.environ.items() if k not in SERVICE_VARIABLES}
+    environment.update(env or {})
+    return environment
+
+
 class ServiceDaemon(Daemon):
     """``[PREFIX...] python -m aqtune run ARGS`` with ``env`` added to a clean copy of the test's environment."""
 
     def __init__(self, args: Sequence[str], log_path: Path, env: Mapping[str, str] | None = None,
                  prefix: Sequence[str] = ()) -> None:
-        self.args = [*prefix, PYTHON, "-m", "aqtune", "run", *args]
-        self.log_path = log_path
-        environment = {k: v for k, v in os.environ.items() if k not in SERVICE_VARIABLES}
-        environment.update(env or {})
         self.started_at = time.monotonic()
-        with open(log_path, "wb") as log:
-            # Every wrapper here execs, so the pid is the daemon's own: SIGTERM and SIGHUP reach it.
-            self.popen = subprocess.Popen(self.args, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                          cwd=REPO, env=environment)
+        super().__init__(args, log_path, env=service_environment(env), prefix=prefix)
 
     def alive(self) -> str | None:
         """Why the daemon is no longer worth waiting for, or None (for Journald.wait_for)."""
@@ -116,10 +117,4 @@ class NodeExporter:
             return text
 
     def stop(self) -> None:
-        if self.popen.poll() is None:
-            self.popen.terminate()
-        try:
-            self.popen.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait(timeout=5)
+        stop_process(self.popen, ask=(signal.SIGTERM,))

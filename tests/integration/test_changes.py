@@ -12,6 +12,7 @@ import pytest
 from aqtune.collect import netns as aq_netns
 from aqtune.collect.sweep import sweep
 from tests.helpers.namespace import TestNamespace, wait_until
+from tests.helpers.process import kill_process
 from tests.integration.expect import listeners_in, namespace_in
 
 pytestmark = pytest.mark.integration
@@ -81,9 +82,7 @@ def unnamed_namespaces() -> Iterator[Callable[[float], subprocess.Popen[bytes]]]
 
     yield start
     for process in started:
-        if process.poll() is None:
-            process.kill()
-        process.wait(timeout=5)
+        kill_process(process)
 
 
 def test_namespace_whose_only_process_exited_is_reported_not_fatal(
@@ -98,8 +97,7 @@ def test_namespace_whose_only_process_exited_is_reported_not_fatal(
     # The list a sweep starts from, taken while the process lived; it exits before the namespace is read.
     listed = aq_netns.list_namespaces()
     assert name in [ref.name for ref in listed]
-    process.kill()
-    process.wait(timeout=5)
+    kill_process(process)
     monkeypatch.setattr(aq_netns, "list_namespaces", lambda *args, **kwargs: listed)
     snapshot = sweep("all")
     gone = namespace_in(snapshot, name)

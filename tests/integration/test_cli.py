@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import time
 from collections.abc import Callable
 from typing import Any
@@ -13,7 +12,8 @@ from typing import Any
 import pytest
 
 from aqtune.records import COUNTERS, SYSCTLS
-from tests.helpers.namespace import PYTHON, REPO, HelperProcess, TestNamespace, user_group
+from tests.helpers.aqtune_run import aqtune
+from tests.helpers.namespace import HelperProcess, TestNamespace
 from tests.integration.expect import flood_target, wait_for_queues
 
 pytestmark = pytest.mark.integration
@@ -24,13 +24,6 @@ LISTENER_KEYS = {"netns", "proto", "address", "port", "queue", "backlog", "fill"
                  "processes"}
 PROCESS_KEYS = {"pid", "comm", "cmdline", "unit"}
 NAMESPACE_KEYS = {"name", "inode", "sysctls", "counters", "listeners", "skipped_messages", "error"}
-
-
-def aqtune(*args: str, user: str | None = None) -> subprocess.CompletedProcess[str]:
-    command = [PYTHON, "-m", "aqtune", *args]
-    if user is not None:
-        command = ["setpriv", f"--reuid={user}", f"--regid={user_group(user)}", "--clear-groups", *command]
-    return subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=REPO, stdin=subprocess.DEVNULL)
 
 
 def three_fills(ns: TestNamespace) -> tuple[HelperProcess, list[dict[str, Any]]]:

@@ -597,14 +597,22 @@ def test_namespace_vanishing_mid_sweep(
     assert daemon.stop() == 0
 
 
-def test_read_only_proc_sys_in_apply_mode(
-        netns: Callable[[], TestNamespace], started: Callable[..., ServiceDaemon], tmp_path: Path) -> None:
-    ns = netns()
+def apply_under_read_only_proc_sys(ns: TestNamespace, started: Callable[..., ServiceDaemon],
+                                   tmp_path: Path) -> tuple[Path, ServiceDaemon]:
+    """A capped full listener in ``ns``, and a daemon in apply mode for it whose /proc/sys is read-only, so
+    every sysctl write fails; its state directory and the daemon."""
     capped_listener(ns)
     state = tmp_path / "state"
     policy = write_policy(tmp_path / "policy.toml", policy_text(ns.name, mode="apply"))
     daemon = started(["--config", str(policy), "--netns", ns.name, "--state-dir", str(state), "--no-ebpf"],
                      console(), prefix=READ_ONLY_PROC_SYS)
+    return state, daemon
+
+
+def test_read_only_proc_sys_in_apply_mode(
+        netns: Callable[[], TestNamespace], started: Callable[..., ServiceDaemon], tmp_path: Path) -> None:
+    ns = netns()
+    state, daemon = apply_under_read_only_proc_sys(ns, started, tmp_path)
     failed = daemon.wait_for(f"could not set {SOMAXCONN} in netns {ns.name}:", "Read-only file system",
                              timeout=START_TIMEOUT)
     assert "error" in daemon.lines()[failed]
@@ -621,11 +629,7 @@ def test_read_only_proc_sys_in_apply_mode(
 def test_read_only_proc_sys_error_is_not_repeated_every_sweep(
         netns: Callable[[], TestNamespace], started: Callable[..., ServiceDaemon], tmp_path: Path) -> None:
     ns = netns()
-    capped_listener(ns)
-    state = tmp_path / "state"
-    policy = write_policy(tmp_path / "policy.toml", policy_text(ns.name, mode="apply"))
-    daemon = started(["--config", str(policy), "--netns", ns.name, "--state-dir", str(state), "--no-ebpf"],
-                     console(), prefix=READ_ONLY_PROC_SYS)
+    state, daemon = apply_under_read_only_proc_sys(ns, started, tmp_path)
     daemon.wait_for(f"could not set {SOMAXCONN} in netns {ns.name}:", timeout=START_TIMEOUT)
     document = wait_for_state(state, daemon, after=time.time())
     for _ in range(4):
