@@ -5,20 +5,24 @@
 
 Each client connects (blocking: a queued connection completes its handshake all the same), notes the
 wall-clock time connect() returned on its own clock, sends the first part of a request line and
-nothing more, and keeps the connection open. Prints one line ``SLOW {"pid", "clients": [{"port",
-"connected_at"}]}`` and holds the connections until stdin closes or --hold seconds pass.
+nothing more, and keeps the connection open. Announces ``SLOW {"pid", "clients": [{"port",
+"connected_at"}]}`` (tests/helpers/lineproto.py) and holds the connections until stdin closes or
+--hold seconds pass.
 """
 
 from __future__ import annotations
 
 import argparse
-import ipaddress
-import json
 import os
-import select
 import socket
 import sys
 import time
+from pathlib import Path
+
+if __name__ == "__main__":  # run as a script: the repository's root, for the imports below
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from tests.helpers.lineproto import say, wait_for_stdin_close
+from tests.helpers.sockets import loopback
 
 MAX_CLIENTS = 100
 MAX_HOLD = 120.0
@@ -33,25 +37,20 @@ def main() -> int:
     parser.add_argument("--hold", type=float, default=30.0)
     args = parser.parse_args()
     host, _, port = args.to.rpartition(":")
-    if not ipaddress.ip_address(host.strip("[]")).is_loopback:
-        parser.error("slow clients only target loopback addresses")
+    host = loopback(host.strip("[]"))
     if not 0 < args.count <= MAX_CLIENTS:
         parser.error(f"--count must be 1..{MAX_CLIENTS}")
-    held = []
+    held: list[socket.socket] = []
     clients = []
     try:
         for _ in range(args.count):
-            sock = socket.create_connection((host.strip("[]"), int(port)), timeout=CONNECT_TIMEOUT)
+            sock = socket.create_connection((host, int(port)), timeout=CONNECT_TIMEOUT)
             connected_at = time.time()
-            sock.sendall(args.send.encode())
             held.append(sock)
+            sock.sendall(args.send.encode())
             clients.append({"port": sock.getsockname()[1], "connected_at": connected_at})
-        print("SLOW " + json.dumps({"pid": os.getpid(), "clients": clients}), flush=True)
-        deadline = time.monotonic() + min(args.hold, MAX_HOLD)
-        while (left := deadline - time.monotonic()) > 0:
-            readable, _, _ = select.select([sys.stdin.fileno()], [], [], left)
-            if readable and not os.read(sys.stdin.fileno(), 4096):
-                break
+        say("SLOW", pid=os.getpid(), clients=clients)
+        wait_for_stdin_close(min(args.hold, MAX_HOLD))
     finally:
         for sock in held:
             sock.close()
