@@ -100,6 +100,11 @@ def _status(args: argparse.Namespace) -> int:
               f"(`aqtune check` lists every problem)", file=sys.stderr)
         policy = Policy()
     ledger = _ledger(args.state_dir)
+    if args.watch and not args.json:
+        from aqtune.surfaces import watch
+
+        return watch.loop(lambda: _status_document(args, policy, ledger), policy, args.interval,
+                          lambda: _accept_times(args.state_dir))
     previous: dict[int, int] | None = None
     while True:
         document = _status_document(args, policy, ledger)
