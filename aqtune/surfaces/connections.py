@@ -90,6 +90,17 @@ def connection_json(connection: Connection, now: float, long_after: float, idle_
     }
 
 
+def summary_json(summary: ConnectionSummary) -> dict[str, Any]:
+    """A listener's connection counts, as `connections --json` shows them (and the daemon's state may)."""
+    return {
+        "accepted": summary.accepted, "queued": summary.queued, "long_held": summary.long_held,
+        "idle": summary.idle, "held": summary.held, "answered": summary.answered,
+        "oldest_s": _round(summary.oldest), "oldest_queued_s": _round(summary.oldest_queued),
+        "held_by": list(summary.held_by), "busy": list(summary.busy), "shared": summary.shared,
+        "unread": summary.unread, "ages": summary.ages,
+    }
+
+
 def _held(connection: Connection, summary: ConnectionSummary) -> bool:
     return not connection.queued and (is_long_held(connection, summary.taken_at, summary.long_after)
                                       or is_idle(connection, summary.idle_after))
@@ -106,13 +117,7 @@ def listener_json(shown: Shown, groups: Mapping[tuple[str, str, str], list[Liste
         "fill": round(listener.fill, 4), "group": group_json(listener, dict(groups)),
         "processes": [{"pid": p.pid, "comm": p.comm, "cmdline": p.cmdline, "unit": p.unit}
                       for p in listener.processes],
-        "summary": {
-            "accepted": summary.accepted, "queued": summary.queued, "long_held": summary.long_held,
-            "idle": summary.idle, "held": summary.held, "answered": summary.answered,
-            "oldest_s": _round(summary.oldest), "oldest_queued_s": _round(summary.oldest_queued),
-            "held_by": list(summary.held_by), "busy": list(summary.busy), "shared": summary.shared,
-            "unread": summary.unread,
-        },
+        "summary": summary_json(summary),
         "connections": [connection_json(c, summary.taken_at, summary.long_after, summary.idle_after) for c in rows],
         "more": max(more, 0),
         "advice": [{"id": f.id, "text": f.text, "evidence": f.evidence} for f in shown.findings],
