@@ -4,6 +4,7 @@ loop does not pay for bcc, pyroute2 or structlog."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -63,24 +64,48 @@ def _ledger(state_dir: str) -> Ledger:
         raise CommandError(str(exc)) from None
 
 
-def _status_document(args: argparse.Namespace, policy: Policy, ledger: Ledger) -> dict[str, Any]:
+def _status_document(args: argparse.Namespace, policy: Policy, ledger: Ledger,
+                     said: set[str]) -> dict[str, Any]:
     """The running daemon's state when there is one (it has history and events), else a sweep now."""
-    from aqtune.act.state import read_live_state
-    from aqtune.collect import netns
+    from aqtune.act.state import live_state
     from aqtune.collect.sweep import sweep
     from aqtune.surfaces import status
 
     try:
-        live = None if args.sweep else read_live_state(args.state_dir)
+        live, distrusted = (None, None) if args.sweep else live_state(args.state_dir)
+        if distrusted and distrusted not in said:
+            said.add(distrusted)
+            print(f"aqtune status: {distrusted}; sweeping instead", file=sys.stderr)
         if live is not None:
-            netns.select_namespaces(netns.list_namespaces(), args.netns)
-            return status.only_namespace(live, args.netns)
+            return status.only_namespace(live, _live_selection(live, args.netns))
         snapshot = sweep(args.netns)
     except LookupError as exc:
         raise CommandError(str(exc.args[0])) from None
     except PermissionError as exc:
         raise CommandError(f"{exc}; run it as root") from None
+    ledger.drop_stale(snapshot.namespaces, save=False)
     return status.snapshot_json(snapshot, status.one_shot_advice(snapshot, policy, ledger))
+
+
+def _live_selection(live: dict[str, Any], wanted: str) -> str:
+    """`--netns` as the daemon's state names it: by inode, so ``pid:N`` of any process in a namespace
+    selects it whatever name the daemon gave it; a name the daemon keeps for a namespace whose
+    naming process exited selects it too."""
+    from aqtune.collect import netns
+
+    if wanted == "all" or any(ns.get("name") == wanted for ns in live.get("namespaces", [])):
+        return wanted
+    (ref,) = netns.select_namespaces(netns.list_namespaces(), wanted)
+    return str(ref.inode)
+
+
+def _refresh(ledger: Ledger) -> None:
+    """Pick up changes another process made to the ledger (status --watch while the daemon tunes)."""
+    from aqtune.act.ledger import LedgerError
+
+    # Said when it was first read; a ledger that turns bad meanwhile only loses the advice.
+    with contextlib.suppress(LedgerError):
+        ledger.refresh()
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -99,15 +124,32 @@ def _status(args: argparse.Namespace) -> int:
         print(f"aqtune status: {printable(str(exc.problems[0]))}; advice uses the built-in defaults "
               f"(`aqtune check` lists every problem)", file=sys.stderr)
         policy = Policy()
-    ledger = _ledger(args.state_dir)
+    try:
+        ledger = _ledger(args.state_dir)
+    except CommandError as exc:
+        # Status only reads: what it cannot trust it leaves out, and says so (rollback refuses).
+        from aqtune.act.ledger import Ledger
+
+        print(f"aqtune status: {exc}; advice goes without aqtune's change record", file=sys.stderr)
+        ledger = Ledger(args.state_dir, load=False)
+    previous: dict[int, int] | None = None
+    said: set[str] = set()
     if args.watch and not args.json:
         from aqtune.surfaces import watch
 
-        return watch.loop(lambda: _status_document(args, policy, ledger), policy, args.interval,
-                          lambda: _accept_times(args.state_dir))
-    previous: dict[int, int] | None = None
+        painted = [0]
+
+        def next_document() -> dict[str, Any]:
+            if painted[0]:
+                _refresh(ledger)
+            painted[0] += 1
+            return _status_document(args, policy, ledger, said)
+
+        return watch.loop(next_document, policy, args.interval, lambda: _accept_times(args.state_dir))
     while True:
-        document = _status_document(args, policy, ledger)
+        if previous is not None:
+            _refresh(ledger)
+        document = _status_document(args, policy, ledger, said)
         if args.json:
             print(json.dumps(document, separators=(",", ":") if args.watch else None,
                              indent=None if args.watch else 2), flush=True)
@@ -200,8 +242,15 @@ def _connections(args: argparse.Namespace) -> int:
 
 def _check(args: argparse.Namespace) -> int:
     policy = _policy(args.config, required=True)
+    scope = ""
+    if policy.mode == "apply":
+        # What apply mode may touch, said where the operator looks before a reload.
+        apply = policy.apply
+        scope = (f"; applies in namespaces {', '.join(apply.namespaces) or 'none'} for owners "
+                 f"{', '.join(map(str, apply.owners)) or 'none'}"
+                 f"{', user namespaces too' if apply.user_namespaces else ''}")
     print(f"{cescape(args.config)}: OK (mode {policy.mode}, interval {policy.interval:g} s, "
-          f"{len(policy.listeners)} listener rules)")
+          f"{len(policy.listeners)} listener rules{printable(scope)})")
     if policy.apply_refused:
         print(f"warning: {printable(policy.apply_refused)}", file=sys.stderr)
     return 0
@@ -247,15 +296,24 @@ def _trace(args: argparse.Namespace) -> int:
 
 def _rollback(args: argparse.Namespace) -> int:
     from aqtune.act import persist
+    from aqtune.act.ledger import LedgerError
     from aqtune.act.sysctl import rollback
 
     _require_root("it writes sysctls inside network namespaces")
+    # Refused outright (no partial work) when the state dir or ledger cannot be trusted or any
+    # record in it is malformed: _ledger checks everything before anything is written.
     ledger = _ledger(args.state_dir)
     if not ledger.entries:
         print(f"nothing to roll back: {ledger.path} lists no changes")
         return 0
     failed = 0
-    for result in rollback(ledger):
+    try:
+        results = rollback(ledger)
+    except LedgerError as exc:
+        raise CommandError(str(exc)) from None
+    except OSError as exc:
+        raise CommandError(f"cannot update {ledger.path}: {exc}; nothing more was rolled back") from None
+    for result in results:
         print(f"{result.outcome:10} netns {result.netns} {result.sysctl}: {result.detail}")
         failed += result.outcome == "failed"
     if os.path.exists(persist.SYSCTL_D_FILE):

@@ -15,6 +15,8 @@ SYSCTLS = (
     "net.ipv4.tcp_syncookies",
     "net.ipv4.tcp_abort_on_overflow",
 )
+# The sysctls aqtune may ever write (and rollback may restore): nothing else, whatever a ledger says.
+TUNABLES = ("net.core.somaxconn", "net.ipv4.tcp_max_syn_backlog")
 COUNTERS = (
     "ListenOverflows",
     "ListenDrops",
@@ -76,6 +78,13 @@ class Namespace:
     skipped_messages: int = 0  # malformed netlink messages the decoder skipped
     error: str | None = None  # why this namespace could not be read, if it could not
     path: str = ""  # the file that opened it (/run/netns/NAME, /proc/PID/ns/net)
+    # SO_NETNS_COOKIE: with the inode, what tells this namespace from a later one reusing its inode;
+    # None when unknown (kernel before 5.14).
+    cookie: int | None = None
+    # Owned by a user namespace other than the host's (rootless container, `unshare -rn`): its
+    # creator (owner_uid) is root in there. Apply mode leaves such namespaces alone by default.
+    user_owned: bool = False
+    owner_uid: int | None = None
 
 
 @dataclass(slots=True)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aqtune.act import persist, sysctl
-from aqtune.act.ledger import Ledger
+from aqtune.act.ledger import Ledger, LedgerError
 from aqtune.act.log import EventLog
 from aqtune.act.throttle import Throttle
 from aqtune.collect import netns
@@ -16,6 +16,7 @@ from aqtune.decide.policy import Policy
 from aqtune.decide.tick import Planned
 from aqtune.decide.tuning import refusal
 from aqtune.messages import MessageId
+from aqtune.records import Namespace, Snapshot
 
 REMIND_AFTER = 300.0  # seconds before an unchanged recommendation, or a failed write, comes again
 RECENT_ACTIONS = 20
@@ -34,11 +35,34 @@ class Applier:
     failed: Throttle[tuple[str, str]] = field(default_factory=lambda: Throttle(REMIND_AFTER))
     actions: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT_ACTIONS))
 
-    def carry_out(self, planned: list[Planned], policy: Policy, paths: dict[int, str]) -> None:
-        for item in planned:
-            self._one(item, policy, paths.get(item.netns_inode, ""))
+    def follow_ledger(self, snapshot: Snapshot) -> None:
+        """Notice `aqtune rollback` run while the daemon runs, and forget records of namespaces that are
+        gone (a new namespace reusing a dead one's inode must not be judged by them)."""
+        try:
+            if self.ledger.refresh():
+                # Its values are back where they were: what was recommended may be said again.
+                self.recommended = Throttle(REMIND_AFTER)
+                self.log.info(f"change record {self.ledger.path} changed on disk (`aqtune rollback`?): re-read",
+                              MessageId.ROLLBACK)
+        except LedgerError as exc:
+            self.log.error(f"cannot re-read {self.ledger.path}: {exc}; keeping the records read before",
+                           MessageId.DEGRADED, component="ledger")
+            return
+        try:
+            for entry in self.ledger.drop_stale(snapshot.namespaces):
+                self.log.warning(f"forgot the record of {entry.sysctl} in netns {entry.netns}: that namespace is "
+                                 "gone and its inode belongs to another one now", MessageId.ROLLBACK,
+                                 netns=entry.netns, sysctl=entry.sysctl, outcome="gone")
+        except OSError as exc:
+            self.log.error(f"cannot update {self.ledger.path}: {exc}", MessageId.DEGRADED, component="ledger")
 
-    def _one(self, item: Planned, policy: Policy, path: str) -> None:
+    def carry_out(self, planned: list[Planned], policy: Policy, namespaces: dict[int, Namespace]) -> None:
+        for item in planned:
+            namespace = namespaces.get(item.netns_inode)
+            if namespace is not None:
+                self._one(item, policy, namespace)
+
+    def _one(self, item: Planned, policy: Policy, namespace: Namespace) -> None:
         change = item.change
         key = (change.netns, change.sysctl)
         now = time.time()
@@ -54,7 +78,8 @@ class Applier:
         if self.failed.holds(key, now):
             return
         try:
-            ref = netns.NamespaceRef(change.netns, item.netns_inode, path)
+            # Pinned to the namespace that was judged: its cookie, not just an inode the kernel may reuse.
+            ref = netns.NamespaceRef(change.netns, item.netns_inode, namespace.path, namespace.cookie)
             sysctl.apply_change(self.ledger, ref, change.sysctl, change.old, change.new)
         except (OSError, netns.NamespaceGone) as exc:
             self.failed.due(key, now)

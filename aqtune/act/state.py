@@ -1,49 +1,130 @@
-"""The daemon's live state file, which `aqtune status` shows while the daemon runs."""
+"""The daemon's live state file, which `aqtune status` shows while the daemon runs.
+
+`status` shows the file as the running daemon's only when it can be sure of that: the state
+directory and file are root's alone, the file names its writer by pid, process start time and boot,
+that process is still an `aqtune run`, and the state is recent (and not from the future).
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import os
-import tempfile
 import time
 from typing import Any
 
+from aqtune.act import files
+from aqtune.trust import untrusted_dir
+
 STATE_FILE = "status.json"
+MAX_STATE_SIZE = 256 << 20  # the state is capped well below this; a larger file is not aqtune's
+FUTURE_SLACK = 5.0  # seconds a state may seem ahead of this clock (clock steps) before it is refused
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+# Compatible name for callers that imported it from here.
+write_atomically = files.write_atomically
 
 
-def write_atomically(path: str, text: str, mode: int = 0o644) -> None:
-    """Readers see the old file or the new one, never half of one."""
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
+def _start_time(pid: int) -> int | None:
+    """When ``pid`` started (clock ticks since boot, /proc/PID/stat field 22); None if it is not running."""
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            text = f.read()
+    except OSError:
+        return None
+    fields = text.rpartition(b")")[2].split()
+    return int(fields[19]) if len(fields) > 19 and fields[19].isdigit() else None
+
+
+def _boot_id() -> str | None:
+    try:
+        with open(BOOT_ID, encoding="ascii") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def writer_identity() -> dict[str, Any]:
+    """What names this process beyond its pid (pids are reused): its start time and the boot."""
+    pid = os.getpid()
+    return {"pid": pid, "pid_start": _start_time(pid), "boot_id": _boot_id()}
 
 
 def write_state(state_dir: str, document: dict[str, Any]) -> None:
+    """Publish ``document``; its ``daemon`` section gets this process's identity (writer_identity)."""
     os.makedirs(state_dir, mode=0o750, exist_ok=True)
-    write_atomically(os.path.join(state_dir, STATE_FILE), json.dumps(document, separators=(",", ":")))
+    if isinstance(document.get("daemon"), dict):
+        document = {**document, "daemon": {**document["daemon"], **writer_identity()}}
+    files.write_atomically(os.path.join(state_dir, STATE_FILE), json.dumps(document, separators=(",", ":")))
+
+
+def _is_aqtune_run(pid: int) -> bool:
+    """Whether ``pid`` runs `aqtune run` (installed as /usr/bin/aqtune, or `python3 -m aqtune`)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            args = f.read(1 << 16).split(b"\0")
+    except OSError:
+        return False
+    named = [i for i, arg in enumerate(args) if os.path.basename(arg) == b"aqtune"]
+    return bool(named) and b"run" in args[named[0] + 1:]
+
+
+def _number(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def live_state(state_dir: str, now: float | None = None) -> tuple[dict[str, Any] | None, str | None]:
+    """(the running daemon's state, None), or (None, why a state file there is not believed), or
+    (None, None) when there is no daemon (no file, a stopped daemon, a stale state)."""
+    path = os.path.join(state_dir, STATE_FILE)
+    if not os.path.lexists(path):
+        return None, None
+    ignored = f"ignoring the daemon state {path}"
+    reason = untrusted_dir(state_dir)
+    if reason:
+        return None, f"{ignored}: {reason} (only a state directory only root can write is believed)"
+    try:
+        data = files.read_trusted(path, MAX_STATE_SIZE)
+    except ValueError as exc:
+        return None, f"{ignored}: {exc}"
+    except OSError as exc:
+        return None, f"{ignored}: cannot read it ({exc.strerror})"
+    if data is None:
+        return None, None
+    try:
+        document = json.loads(data)
+    except (ValueError, RecursionError):
+        return None, f"{ignored}: not valid JSON"
+    daemon = document.get("daemon") if isinstance(document, dict) else None
+    if not isinstance(daemon, dict):
+        return None, f"{ignored}: it has no daemon section"
+    pid, started = daemon.get("pid"), daemon.get("pid_start")
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0 or isinstance(started, bool) \
+            or not isinstance(started, int):
+        return None, f"{ignored}: it does not name the process that wrote it (pid and start time)"
+    taken_at = _number(document.get("taken_at"))
+    if taken_at is None:
+        return None, f"{ignored}: it has no valid taken_at time"
+    now = time.time() if now is None else now
+    if taken_at > now + FUTURE_SLACK:
+        return None, f"{ignored}: taken_at is {taken_at - now:.0f} s in the future"
+    interval = _number(daemon.get("interval")) or 1.0
+    publish_every = _number(daemon.get("publish_every")) or 0.0
+    # Three missed sweeps means the loop is stuck or gone: a fresh sweep is then more honest.
+    max_age = 3 * min(max(interval, publish_every, 0.0), 3600.0) + 2.0
+    if now - taken_at > max_age:
+        return None, None
+    boot = daemon.get("boot_id")
+    if _start_time(pid) != started or (boot is not None and boot != _boot_id()):
+        return None, None  # that daemon is gone (its pid may be another process's now)
+    if not _is_aqtune_run(pid):
+        return None, f"{ignored}: pid {pid} is not an `aqtune run` process"
+    return document, None
 
 
 def read_live_state(state_dir: str, now: float | None = None) -> dict[str, Any] | None:
-    """The running daemon's state, or None when there is no daemon or its state is stale."""
-    try:
-        with open(os.path.join(state_dir, STATE_FILE), encoding="utf-8") as f:
-            document: dict[str, Any] = json.load(f)
-    except (OSError, ValueError):
-        return None
-    daemon = document.get("daemon", {})
-    try:
-        os.kill(int(daemon["pid"]), 0)
-    except (KeyError, ValueError, TypeError, ProcessLookupError, PermissionError):
-        return None
-    # Three missed sweeps means the loop is stuck or gone: a fresh sweep is then more honest.
-    max_age = 3 * max(float(daemon.get("interval", 1.0)), float(daemon.get("publish_every", 0.0))) + 2.0
-    if (now or time.time()) - float(document.get("taken_at", 0)) > max_age:
-        return None
-    return document
+    """The running daemon's state, or None when there is no daemon, its state is stale, or it cannot
+    be believed (``live_state`` says why)."""
+    return live_state(state_dir, now)[0]

@@ -201,7 +201,7 @@ def serving(listeners: Iterable[Listener], proc: str = "/proc") -> dict[int, set
 
 def refs_of(namespaces: Iterable[Namespace]) -> list[netns.NamespaceRef]:
     """The references a sweep's namespaces were read through, to enter them again."""
-    return [netns.NamespaceRef(ns.name, ns.inode, ns.path) for ns in namespaces if ns.path]
+    return [netns.NamespaceRef(ns.name, ns.inode, ns.path, ns.cookie) for ns in namespaces if ns.path]
 
 
 def collect(refs: Sequence[netns.NamespaceRef], listeners: Sequence[Listener], accepted_at: AcceptedAt | None = None,

@@ -170,7 +170,9 @@ def ensure_tracefs() -> None:
     """bcc needs tracefs; systemd mounts it on a normal host, a minimal container may not have."""
     if os.path.isdir(f"{TRACEFS}/events"):
         return
-    result = subprocess.run(["mount", "-t", "tracefs", "nodev", TRACEFS], capture_output=True, text=True)
+    # An absolute path: root must not run whatever `mount` comes first in an inherited $PATH.
+    # /bin/mount is util-linux's on Debian with and without merged /usr.
+    result = subprocess.run(["/bin/mount", "-t", "tracefs", "nodev", TRACEFS], capture_output=True, text=True)
     if result.returncode != 0:
         raise Unavailable(f"tracefs is not mounted at {TRACEFS} and mounting it failed: {result.stderr.strip()}")
 

@@ -13,7 +13,8 @@ from aqtune.records import Listener, Namespace, Snapshot
 def read_namespace(ref: netns.NamespaceRef) -> tuple[Namespace, list[Listener]]:
     """Listeners, sysctls and TcpExt counters of one namespace, read from inside it."""
     rows: list[Listener] = []
-    namespace = Namespace(ref.name, ref.inode, path=ref.path)
+    namespace = Namespace(ref.name, ref.inode, path=ref.path, cookie=ref.cookie, user_owned=ref.user_owned,
+                          owner_uid=ref.owner_uid)
     with netns.entered(ref):
         namespace.sysctls = procfs.read_sysctls()
         namespace.counters = procfs.read_counters()
@@ -35,7 +36,8 @@ def read_namespace(ref: netns.NamespaceRef) -> tuple[Namespace, list[Listener]]:
     return namespace, rows
 
 
-def sweep(select: str = "all", owners: bool = True, owner_cache: procfs.OwnerCache | None = None) -> Snapshot:
+def sweep(select: str | netns.Selection = "all", owners: bool = True,
+          owner_cache: procfs.OwnerCache | None = None) -> Snapshot:
     """Read every selected namespace; a namespace that vanishes mid-sweep is reported, not fatal.
 
     Raises LookupError for an unknown ``select`` and PermissionError when not privileged enough.
@@ -49,12 +51,13 @@ def sweep(select: str = "all", owners: bool = True, owner_cache: procfs.OwnerCac
         try:
             namespace, rows = read_namespace(ref)
         except netns.NamespaceGone as exc:
-            namespaces.append(Namespace(ref.name, ref.inode, error=f"vanished during the sweep ({exc})"))
+            namespaces.append(Namespace(ref.name, ref.inode, error=f"vanished during the sweep ({exc})",
+                                        cookie=ref.cookie))
             continue
         except PermissionError:
             raise
         except (OSError, sockdiag.NetlinkError) as exc:
-            namespaces.append(Namespace(ref.name, ref.inode, error=f"could not be read: {exc}"))
+            namespaces.append(Namespace(ref.name, ref.inode, error=f"could not be read: {exc}", cookie=ref.cookie))
             continue
         namespaces.append(namespace)
         listeners.extend(rows)

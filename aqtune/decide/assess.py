@@ -64,7 +64,7 @@ def assess(snapshot: Snapshot, model: Model, policy: Policy, managed: dict[str, 
                 and (wait_ms is None or wait_ms <= policy.saturation.max_queue_wait_ms)):
             continue
         window = listener_window(history.samples, history.saturated, fill_ratio, clear_ratio,
-                                 0.0 if one_shot else sustain, history.since)
+                                 0.0 if one_shot else sustain, history.since, history.worst_burst)
         result.windows[key] = window
         raised = Raised(record.original, record.applied, record.earlier) if record else None
         findings = diagnose_listener(listener, window, somaxconn.get(listener.netns),

@@ -73,9 +73,13 @@ def recommended_backlog(listener: Listener, window: ListenerWindow, policy: Poli
     peak = max(window.peak_queue, listener.queue)
     dropped = window.burst_drops or 0
     burst = peak + dropped
+    if window.worst_burst > burst:
+        burst = window.worst_burst
+        basis = f"the worst burst of this saturation: {burst} queued and dropped in one sweep"
+    else:
+        basis = f"the worst burst seen: {peak} queued + {dropped} dropped in one sweep = {burst}"
     number = _power_of_two(burst * HEADROOM)
-    basis = (f"the worst burst seen: {peak} queued + {dropped} dropped in one sweep = {burst}, "
-             f"+{(HEADROOM - 1) * 100:.0f}% headroom, rounded up to a power of two")
+    basis += f", +{(HEADROOM - 1) * 100:.0f}% headroom, rounded up to a power of two"
     rate = window.accept_rate
     if rate is not None and rate > 0:
         drains = rate * policy.saturation.max_queue_wait_ms / 1000

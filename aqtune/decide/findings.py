@@ -29,6 +29,7 @@ class FindingId(StrEnum):
     COOLDOWN = "cooldown"
     AT_MAX = "at-max"
     ADMIN_OVERRIDE = "admin-override"
+    OWNER_UNTRUSTED = "owner-untrusted"
 
 
 class Role(Enum):
@@ -61,6 +62,11 @@ class FindingSpec:
     @property
     def held_back(self) -> bool:
         return self.role is Role.HELD
+
+    @property
+    def drives_tuning(self) -> bool:
+        """A finding that makes aqtune want a sysctl changed."""
+        return self.id in (FindingId.CAPPED_BY_SOMAXCONN, FindingId.SYN_BACKLOG_LIMIT)
 
 
 def _spec(id: FindingId, role: Role, level: Level, subject: str, meaning: str, does: str) -> FindingSpec:
@@ -122,6 +128,10 @@ TABLE: tuple[FindingSpec, ...] = (
     _spec(FindingId.ADMIN_OVERRIDE, Role.HELD, _W, "netns",
           "the sysctl was changed by hand after aqtune's change",
           "leaves it alone; `aqtune rollback` forgets its record"),
+    _spec(FindingId.OWNER_UNTRUSTED, Role.HELD, _I, "netns",
+          "a listener that would call for a raise belongs to an owner `[apply] owners` does not trust (a local "
+          "user, a user's unit, a rootless container)",
+          "changes nothing for it; the listener's own advice still shows"),
 )
 SPECS: dict[FindingId, FindingSpec] = {spec.id: spec for spec in TABLE}
 

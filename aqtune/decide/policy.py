@@ -9,15 +9,27 @@ from __future__ import annotations
 
 import os
 import re
+import reprlib
 import stat
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any
+
+from aqtune.trust import untrusted_dir, untrusted_file
 
 DEFAULT_PATH = "/etc/aqtune/policy.toml"
 SYSCTL_CEILING = 2**31 - 1  # the kernel stores both sysctls as int
 MAX_SIZE = 1 << 20  # a policy is a few KiB; anything this large is the wrong file
+# tomllib parses nested arrays and inline tables recursively: about 1,000 levels (a 4 KB file)
+# raise RecursionError. A policy nests two levels; this many is already the wrong file.
+MAX_NESTING = 32
+MAX_PROBLEMS = 100  # problems listed; the rest are counted in one more line
+LOGIN_DEFS = "/etc/login.defs"
+SYSTEM_UID_MAX = 999  # login.defs' SYS_UID_MAX when it does not say (Debian's default)
+# Words [apply] owners takes besides uids and unit names.
+SYSTEM_USERS, SYSTEM_UNITS, ANYONE = "system-users", "system-units", "*"
+_UNIT_NAME = re.compile(r"[A-Za-z0-9:_.\\@-]{1,250}\.(?:service|scope|socket|slice|mount|swap|target)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +73,13 @@ class Apply:
     namespaces: tuple[str, ...] = ("*",)
     persist: bool = False
     rollback_on_exit: bool = False
+    # Whose listeners apply mode acts for: uids, system units by name, SYSTEM_USERS (uids up to
+    # system_uid_max), SYSTEM_UNITS (any unit of the system manager), ANYONE.
+    owners: tuple[int | str, ...] = (SYSTEM_USERS, SYSTEM_UNITS)
+    # Network namespaces owned by a user namespace (rootless containers) are their creator's.
+    user_namespaces: bool = False
+    # From /etc/login.defs when the policy file is loaded (not a policy key).
+    system_uid_max: int = field(default=SYSTEM_UID_MAX, compare=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,27 +134,36 @@ class Policy:
 
 # --- value checks: each returns the converted value or raises ValueError with the reason ---
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 3, 60, 60, 6, 6
+
+
+def shown(value: Any) -> str:
+    """A value as a problem quotes it: short, whatever its size or depth."""
+    return _REPR.repr(value)
+
+
 def _number(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ValueError(f"must be a number, got {value!r}")
+        raise ValueError(f"must be a number, got {shown(value)}")
     return float(value)
 
 
 def _integer(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"must be an integer, got {value!r}")
+        raise ValueError(f"must be an integer, got {shown(value)}")
     return value
 
 
 def _boolean(value: Any) -> bool:
     if not isinstance(value, bool):
-        raise ValueError(f"must be true or false, got {value!r}")
+        raise ValueError(f"must be true or false, got {shown(value)}")
     return value
 
 
 def _text(value: Any) -> str:
     if not isinstance(value, str) or not value:
-        raise ValueError(f"must be a non-empty string, got {value!r}")
+        raise ValueError(f"must be a non-empty string, got {shown(value)}")
     return value
 
 
@@ -145,7 +173,7 @@ def _within(check: Callable[[Any], Any], low: float, high: float, low_open: bool
         # Written so that NaN (which TOML allows) fails: every comparison with NaN is false.
         if not (low <= converted <= high) or (low_open and converted == low):
             left = "(" if low_open else "["
-            raise ValueError(f"must be in {left}{low:g}, {high:g}], got {value!r}")
+            raise ValueError(f"must be in {left}{low:g}, {high:g}], got {shown(value)}")
         return converted
     return bounded
 
@@ -153,20 +181,35 @@ def _within(check: Callable[[Any], Any], low: float, high: float, low_open: bool
 def _choice(*allowed: str) -> Callable[[Any], str]:
     def check(value: Any) -> str:
         if value not in allowed:
-            raise ValueError(f"must be one of {', '.join(repr(a) for a in allowed)}, got {value!r}")
+            raise ValueError(f"must be one of {', '.join(repr(a) for a in allowed)}, got {shown(value)}")
         return str(value)
     return check
 
 
 def _names(value: Any) -> tuple[str, ...]:
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ValueError(f"must be a list of namespace names, got {value!r}")
+        raise ValueError(f"must be a list of namespace names, got {shown(value)}")
+    return tuple(value)
+
+
+def _owners(value: Any) -> tuple[int | str, ...]:
+    if not isinstance(value, list):
+        raise ValueError(f"must be a list of uids and unit names, got {shown(value)}")
+    for item in value:
+        if isinstance(item, bool) or not isinstance(item, int | str):
+            raise ValueError(f"must list uids and unit names, got {shown(item)}")
+        if isinstance(item, int) and not 0 <= item < 2**32 - 1:
+            raise ValueError(f"must list uids in [0, {2**32 - 2}], got {item}")
+        if isinstance(item, str) and item not in (SYSTEM_USERS, SYSTEM_UNITS, ANYONE) \
+                and not _UNIT_NAME.fullmatch(item):
+            raise ValueError(f"must list uids, unit names (\"nginx.service\"), \"{SYSTEM_USERS}\", "
+                             f"\"{SYSTEM_UNITS}\" or \"{ANYONE}\", got {shown(item)}")
     return tuple(value)
 
 
 def _path(value: Any) -> str:
     if not isinstance(value, str) or (value and not value.startswith("/")):
-        raise ValueError(f"must be an absolute path or \"\" (off), got {value!r}")
+        raise ValueError(f"must be an absolute path or \"\" (off), got {shown(value)}")
     return value
 
 
@@ -183,7 +226,8 @@ SCHEMA: dict[str, Any] = {
                    "max_queue_wait_ms": _within(_number, 0, 3_600_000, low_open=True)},
     "somaxconn": _LIMITS,
     "syn_backlog": _LIMITS,
-    "apply": {"namespaces": _names, "persist": _boolean, "rollback_on_exit": _boolean},
+    "apply": {"namespaces": _names, "persist": _boolean, "rollback_on_exit": _boolean, "owners": _owners,
+              "user_namespaces": _boolean},
     "journal": {"window": _within(_number, 0, 3600, low_open=True), "max_per_minute": _within(_integer, 1, 100000)},
     "metrics": {"textfile": _path},
     "connections": {"long_after": _within(_number, 0, 86400 * 7, low_open=True),
@@ -202,42 +246,112 @@ LISTENER_SCHEMA: dict[str, Callable[[Any], Any]] = {
 MATCH_KEYS = ("port", "address", "process", "unit", "netns")
 
 
+_HEADER = re.compile(r"^\s*\[\[?([^\[\]]+)\]\]?\s*(#.*)?$")
+_ASSIGNED = re.compile(r"""^\s*(?:"([^"]*)"|'([^']*)'|([A-Za-z0-9_-]+))\s*=""")
+_ASSIGNED_ANYWHERE = re.compile(r"(?:^|(?<=[\s.{,]))([A-Za-z0-9_-]+)\s*=")
+
+
 class _Locator:
-    """Finds the line of a key in the source text, since tomllib reports no positions."""
+    """Finds the line of a key in the source text, since tomllib reports no positions.
+
+    Indexed in one pass over the text, so that each lookup is a dictionary access: a file of
+    thousands of unknown keys is checked in linear time.
+    """
 
     def __init__(self, text: str) -> None:
-        self.lines = text.splitlines()
-        self.headers = [(i, m.group(1).strip()) for i, line in enumerate(self.lines)
-                        if (m := re.match(r"^\s*\[\[?([^\[\]]+)\]\]?\s*(#.*)?$", line))]
+        self.headers: list[int] = []  # 0-based line of each [table] or [[table]] header, in order
+        self.by_name: dict[str, list[int]] = {}  # header name -> ordinals in self.headers
+        self.in_section: dict[tuple[int, str], int] = {}  # (header ordinal or -1, key) -> first line
+        self.anywhere: dict[str, int] = {}  # bare key -> first line assigning it (dotted, inline)
+        section = -1
+        for number, line in enumerate(text.splitlines(), 1):
+            header = _HEADER.match(line)
+            if header:
+                section = len(self.headers)
+                self.headers.append(number - 1)
+                self.by_name.setdefault(header.group(1).strip(), []).append(section)
+            elif assigned := _ASSIGNED.match(line):
+                key = next(group for group in assigned.groups() if group is not None)
+                self.in_section.setdefault((section, key), number)
+            for key in _ASSIGNED_ANYWHERE.findall(line):
+                self.anywhere.setdefault(key, number)
+
+    def _ordinal(self, name: str, index: int) -> int | None:
+        ordinals = self.by_name.get(name, [])
+        return ordinals[index] if len(ordinals) > index else None
 
     def table(self, name: str, index: int = 0) -> int | None:
         """Line of the ``index``-th ``[name]`` or ``[[name]]`` header."""
-        found = [i for i, header in self.headers if header == name]
-        return found[index] + 1 if len(found) > index else None
+        ordinal = self._ordinal(name, index)
+        return self.headers[ordinal] + 1 if ordinal is not None else None
 
     def key(self, table: str | None, key: str, index: int = 0) -> int | None:
         """Line of ``key = ...`` inside its table's section; failing that, anywhere it is assigned
         (dotted keys and inline tables)."""
-        if table is None:
-            start, end = 0, self.headers[0][0] if self.headers else len(self.lines)
-        else:
-            header = self.table(table, index)
-            if header is None:
-                start = end = 0
-            else:
-                start = header
-                end = next((i for i, _ in self.headers if i >= header), len(self.lines))
-        assignment = re.compile(rf"^\s*[\"']?{re.escape(key)}[\"']?\s*=")
-        found = next((i + 1 for i in range(start, end) if assignment.match(self.lines[i])), None)
-        if found is None:
-            anywhere = re.compile(rf"(^|[\s.{{,]){re.escape(key)}\s*=")
-            found = next((i + 1 for i, line in enumerate(self.lines) if anywhere.search(line)), None)
-        return found
+        section: int | None = -1 if table is None else self._ordinal(table, index)
+        found = self.in_section.get((section, key)) if section is not None else None
+        return found if found is not None else self.anywhere.get(key)
 
     def either(self, table: str | None, key: str, index: int = 0) -> int | None:
         """A key that may have been written as a table header of its own."""
         dotted = f"{table}.{key}" if table else key
         return self.key(table, key, index) or self.table(dotted)
+
+
+def _nesting(text: str) -> tuple[int, int]:
+    """(deepest nesting of arrays and inline tables, its line), outside strings and comments.
+
+    Linear; a rough TOML lexer that need not be exact, only never fooled into counting low: a
+    document it misreads still fails in tomllib, which is guarded as well.
+    """
+    depth = deepest = 0
+    line = deepest_line = 1
+    i, n = 0, len(text)
+    while i < n:
+        c = text[i]
+        if c == "\n":
+            line += 1
+        elif c == "#":
+            end = text.find("\n", i)
+            i = n if end < 0 else end
+            continue
+        elif c in "\"'":
+            quote = c * 3 if text.startswith(c * 3, i) else c
+            j = i + len(quote)
+            while j < n and not text.startswith(quote, j):
+                if text[j] == "\\" and c == '"':
+                    j += 1
+                elif text[j] == "\n":
+                    if len(quote) == 1:
+                        break  # an unterminated string: let tomllib say so
+                    line += 1
+                j += 1
+            i = j + len(quote)
+            continue
+        elif c in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest, deepest_line = depth, line
+        elif c in "]}":
+            depth = max(depth - 1, 0)
+        i += 1
+    return deepest, deepest_line
+
+
+def _depth(document: Any) -> int:
+    """How deep tables and arrays nest in a parsed document (dotted keys nest without brackets)."""
+    deepest = 0
+    pending: list[tuple[Any, int]] = [(document, 0)]
+    while pending:
+        value, depth = pending.pop()
+        deepest = max(deepest, depth)
+        if depth > MAX_NESTING:
+            break
+        if isinstance(value, dict):
+            pending += [(v, depth + 1) for v in value.values()]
+        elif isinstance(value, list):
+            pending += [(v, depth + 1) for v in value]
+    return deepest
 
 
 def _check_table(values: dict[str, Any], schema: dict[str, Callable[[Any], Any]], table: str | None,
@@ -263,8 +377,17 @@ def parse(text: str, path: str = "<policy>") -> Policy:
     """Policy from TOML text; raises PolicyError listing every problem found."""
     if text.startswith("\ufeff"):
         raise PolicyError([Problem(path, 1, "", "starts with a byte-order mark: save it as UTF-8 without BOM")])
+    if len(text) > MAX_SIZE:
+        raise PolicyError([Problem(path, None, "", f"is larger than {MAX_SIZE // 1024} KiB: not a policy file")])
+    deepest, deepest_line = _nesting(text)
+    if deepest > MAX_NESTING:
+        raise PolicyError([Problem(path, deepest_line, "", f"arrays or tables nested {deepest} levels deep "
+                                                    f"(at most {MAX_NESTING}): not a policy file")])
     try:
         document = tomllib.loads(text)
+    except RecursionError:
+        raise PolicyError([Problem(path, None, "", f"nested too deeply to parse (at most {MAX_NESTING} "
+                                                    "levels): not a policy file")]) from None
     except tomllib.TOMLDecodeError as exc:
         match = re.search(r"\(at line (\d+), column \d+\)", str(exc))
         line = int(match.group(1)) if match else None
@@ -272,6 +395,9 @@ def parse(text: str, path: str = "<policy>") -> Policy:
             line = max(len(text.splitlines()), 1)
         message = re.sub(r"\s*\(at (line \d+, column \d+|end of document)\)", "", str(exc))
         raise PolicyError([Problem(path, line, "", f"TOML syntax error: {message}")]) from None
+    if _depth(document) > MAX_NESTING:
+        raise PolicyError([Problem(path, None, "", f"keys nested more than {MAX_NESTING} levels deep "
+                                                    "(dotted keys or tables): not a policy file")])
     locate = _Locator(text)
     problems: list[Problem] = []
     settings: dict[str, Any] = {}
@@ -307,6 +433,9 @@ def parse(text: str, path: str = "<policy>") -> Policy:
     policy = _build(settings, tuple(rules), path)
     if not problems:
         problems += _cross_checks(policy, settings, locate, path)
+    if len(problems) > MAX_PROBLEMS:
+        more = len(problems) - MAX_PROBLEMS
+        problems = [*problems[:MAX_PROBLEMS], Problem(path, None, "", f"... and {more} more problems")]
     if problems:
         raise PolicyError(problems)
     return policy
@@ -352,47 +481,87 @@ def _cross_checks(policy: Policy, written: dict[str, Any], locate: _Locator, pat
     return problems
 
 
-def read_text(path: str) -> str:
-    """The file's text, or PolicyError saying what is wrong with the file itself."""
+def _read(path: str) -> tuple[str, os.stat_result]:
+    """The file's text and the fstat of the very descriptor it was read from, or PolicyError saying
+    what is wrong with the file itself."""
     try:
-        with open(path, "rb") as f:
-            data = f.read(MAX_SIZE + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise PolicyError([Problem(path, None, "", "no such file; copy etc/aqtune/policy.toml there")]) from None
     except IsADirectoryError:
         raise PolicyError([Problem(path, None, "", "is a directory, not a policy file")]) from None
     except OSError as exc:
         raise PolicyError([Problem(path, None, "", f"cannot read: {exc.strerror}")]) from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        what = "is a directory, not a policy file" if stat.S_ISDIR(st.st_mode) else "is not a regular file"
+        raise PolicyError([Problem(path, None, "", what)])
+    with os.fdopen(fd, "rb") as f:
+        try:
+            data = f.read(MAX_SIZE + 1)
+        except OSError as exc:
+            raise PolicyError([Problem(path, None, "", f"cannot read: {exc.strerror}")]) from None
     if len(data) > MAX_SIZE:
         raise PolicyError([Problem(path, None, "", f"is larger than {MAX_SIZE // 1024} KiB: not a policy file")])
     if b"\0" in data:
         raise PolicyError([Problem(path, None, "", "is binary, not TOML text")])
     try:
-        return data.decode("utf-8")
+        return data.decode("utf-8"), st
     except UnicodeDecodeError as exc:
         line = data[:exc.start].count(b"\n") + 1
         raise PolicyError([Problem(path, line, "", "is not UTF-8 text")]) from None
 
 
-def unsafe_for_apply(path: str) -> str | None:
-    """Why the file may not drive apply mode: anyone but root could then change sysctls through it."""
-    st = os.stat(path)
-    if st.st_uid != 0:
-        return f"{path} is owned by uid {st.st_uid}, not root"
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        return f"{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})"
+def read_text(path: str) -> str:
+    """The file's text, or PolicyError saying what is wrong with the file itself."""
+    return _read(path)[0]
+
+
+def unsafe_for_apply(path: str, st: os.stat_result | None = None) -> str | None:
+    """Why the file may not drive apply mode: anyone but root could then change sysctls through it.
+
+    ``st``: the fstat of the descriptor the policy was read from (else the path is stat'ed). The
+    directories above the file (and above its symlink's target) must be root's alone as well:
+    whoever can write one can replace the file.
+    """
+    st = os.stat(path) if st is None else st
+    reason = untrusted_file(st, path, owners=(0,))
+    if reason:
+        return reason
+    for directory in dict.fromkeys([os.path.dirname(os.path.abspath(path)), os.path.dirname(os.path.realpath(path))]):
+        reason = untrusted_dir(directory, owners=(0,), sticky_ok=True)
+        if reason:
+            return reason
     return None
 
 
 def load(path: str) -> Policy:
     """Read, parse and vet a policy file; apply mode from an unsafe file is downgraded, not refused."""
-    policy = parse(read_text(path), path)
+    text, st = _read(path)
+    policy = parse(text, path)
+    policy = replace(policy, apply=replace(policy.apply, system_uid_max=read_system_uid_max()))
     if policy.mode == "apply":
-        reason = unsafe_for_apply(path)
+        reason = unsafe_for_apply(path, st)
         if reason:
             return replace(policy, apply_refused=f"{reason}: apply mode refused, recommending only "
-                                            f"(fix with: chown root:root {path}; chmod 644 {path})")
+                                            f"(fix with: chown root:root {path}; chmod 644 {path}, "
+                                            "and the same for any directory named)")
     return policy
+
+
+def read_system_uid_max(path: str = LOGIN_DEFS) -> int:
+    """SYS_UID_MAX from login.defs: the highest uid of a system user (useradd --system)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = f.read(1 << 20).splitlines()
+    except OSError:
+        return SYSTEM_UID_MAX
+    for line in lines:
+        words = line.split()
+        if len(words) >= 2 and words[0] == "SYS_UID_MAX" and words[1].isdigit():
+            return min(int(words[1]), 2**32 - 2)
+    return SYSTEM_UID_MAX
 
 
 def rule_for(policy: Policy, netns: str, address: str, port: int | None,
@@ -415,3 +584,29 @@ def rule_for(policy: Policy, netns: str, address: str, port: int | None,
 
 def namespace_allowed(policy: Policy, netns: str) -> bool:
     return "*" in policy.apply.namespaces or netns in policy.apply.namespaces
+
+
+def owner_allowed(policy: Policy, uid: int | None, units: Iterable[str], user_owned_netns: bool) -> str | None:
+    """None when apply mode may tune for a listener; else why not (for the log and status).
+
+    ``uid``: the socket's owner as the host sees it; ``units``: the units its processes run in, as
+    the host's system manager names them (a user manager's units, or units inside a container,
+    must not be passed: their names are chosen by whoever runs them); ``user_owned_netns``: its
+    namespace is owned by a user namespace other than the host's.
+    """
+    owners = policy.apply.owners
+    if user_owned_netns and not policy.apply.user_namespaces:
+        return ("its network namespace belongs to a user namespace (a rootless container or `unshare -r`), "
+                "whose creator controls it: [apply] user_namespaces = true lets apply mode tune those")
+    if ANYONE in owners:
+        return None
+    if uid is not None and (uid in owners or (SYSTEM_USERS in owners and uid <= policy.apply.system_uid_max)):
+        return None
+    units = tuple(units)
+    if any(unit in owners for unit in units) or (SYSTEM_UNITS in owners and units):
+        return None
+    who = f"uid {uid}" if uid is not None else "an unknown uid"
+    where = f" in {', '.join(units)}" if units else " outside any system unit"
+    return (f"owned by {who}{where}, which [apply] owners does not trust "
+            f"({', '.join(map(str, owners)) or 'nobody'}; system users are uids up to "
+            f"{policy.apply.system_uid_max})")

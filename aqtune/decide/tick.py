@@ -11,10 +11,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from aqtune.decide.assess import Assessment, assess
-from aqtune.decide.findings import Finding
-from aqtune.decide.policy import Policy
+from aqtune.decide.findings import Finding, FindingId
+from aqtune.decide.policy import Policy, owner_allowed
 from aqtune.decide.tuning import Change, Managed, NamespaceState, plan
-from aqtune.model.history import ListenerKey, Model
+from aqtune.model.history import ListenerKey, ListenerWindow, Model
 from aqtune.records import ListenerEvents, Snapshot
 
 
@@ -33,9 +33,9 @@ class Decision:
     held: dict[str, list[Finding]] = field(default_factory=dict)  # netns -> why a wanted change waits
 
     @property
-    def judged(self) -> dict[ListenerKey, tuple[bool, float | None]]:
-        """Each judged listener's saturation and its onset, for the model's hysteresis."""
-        return {key: (window.saturated, window.since) for key, window in self.assessment.windows.items()}
+    def judged(self) -> dict[ListenerKey, ListenerWindow]:
+        """Each judged listener's window, for the state the model keeps (hysteresis, onset, worst burst)."""
+        return self.assessment.windows
 
     def namespace_findings(self, name: str) -> list[Finding]:
         return self.assessment.namespace_findings.get(name, []) + self.held.get(name, [])
@@ -58,15 +58,40 @@ def decide(snapshot: Snapshot, events: Mapping[int, ListenerEvents], model: Mode
     requested = {inode: e.requested_backlog for inode, e in events.items() if e.requested_backlog}
     assessment = assess(snapshot, model, policy, by_name, one_shot=one_shot, requested=requested, events=events)
     decision = Decision(assessment)
-    by_namespace = assessment.by_namespace(snapshot)
+    trusted, untrusted = _by_rights(snapshot, assessment, policy)
     for namespace in snapshot.namespaces:
-        state = NamespaceState(namespace.name, namespace.sysctls, by_namespace.get(namespace.name, []),
+        state = NamespaceState(namespace.name, namespace.sysctls, trusted.get(namespace.name, []),
                                assessment.namespace_findings.get(namespace.name, []))
         wanted, held = plan(state, by_name[namespace.name], policy, snapshot.taken_at)
         decision.changes += [Planned(change, namespace.inode) for change in wanted]
+        held += untrusted.get(namespace.name, [])
         if held:
             decision.held[namespace.name] = held
     return decision
+
+
+def _by_rights(snapshot: Snapshot, assessment: Assessment,
+               policy: Policy) -> tuple[dict[str, list[Finding]], dict[str, list[Finding]]]:
+    """Listener findings by namespace, split by whether the policy lets their owner's trouble change a
+    sysctl; for the others, a finding saying why not. A local user's socket must never decide what
+    root changes."""
+    user_owned = {ns.name: ns.user_owned for ns in snapshot.namespaces}
+    trusted: dict[str, list[Finding]] = {}
+    untrusted: dict[str, list[Finding]] = {}
+    for listener in snapshot.listeners:
+        found = assessment.listener_findings.get((listener.netns, listener.cookie))
+        if not found:
+            continue
+        # Only units the host's system manager runs count; a user's or a container's are named by them.
+        units = sorted({p.unit for p in listener.processes if p.unit and p.container is None})
+        why_not = owner_allowed(policy, listener.uid, units, user_owned.get(listener.netns, False))
+        if why_not is None:
+            trusted.setdefault(listener.netns, []).extend(found)
+        elif any(f.spec.drives_tuning for f in found):
+            untrusted.setdefault(listener.netns, []).append(Finding(
+                FindingId.OWNER_UNTRUSTED, f"netns {listener.netns}: {listener.address} is {why_not}; aqtune "
+                "changes no sysctl for it", {"listener": listener.address, "uid": listener.uid}))
+    return trusted, untrusted
 
 
 def one_shot(snapshot: Snapshot, policy: Policy, managed: Mapping[int, dict[str, Managed]],

@@ -63,7 +63,7 @@ def plan(namespace: NamespaceState, managed: dict[str, Managed], policy: Policy,
     changes: list[Change] = []
     held: list[Finding] = []
     wanted: dict[str, tuple[int, str]] = {}
-    capped = of(namespace.listener_findings, FindingId.CAPPED_BY_SOMAXCONN)
+    capped = of(namespace.listener_findings, FindingId.CAPPED_BY_SOMAXCONN)  # only trusted owners' (tick.py)
     if capped:
         # The diagnosis already chose the number (the request, unless it means "as much as allowed").
         target = max(int(f.evidence.get("target") or 0) for f in capped)

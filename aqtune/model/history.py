@@ -37,6 +37,7 @@ class ListenerHistory:
     samples: deque[Sample] = field(default_factory=lambda: deque(maxlen=MAX_SAMPLES))
     saturated: bool = False  # hysteresis state, see listener_window
     since: float | None = None  # when the current saturation began (kept past the history's horizon)
+    worst_burst: int = 0  # the largest burst (queued + dropped in one sweep) of the current saturation
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,6 +56,7 @@ class ListenerWindow:
     burst_drops: int | None = None  # the most drops between two sweeps in the window
     accepts: int | None = None  # accept() calls in the window (eBPF)
     since: float | None = None  # when this saturation began
+    worst_burst: int = 0  # the largest burst (queued + dropped in one sweep) since the saturation began
 
     @property
     def accept_rate(self) -> float | None:
@@ -67,7 +69,8 @@ class ListenerWindow:
 
 
 def listener_window(samples: deque[Sample] | list[Sample], was_saturated: bool, fill_ratio: float,
-                    clear_ratio: float, sustain: float, since: float | None = None) -> ListenerWindow:
+                    clear_ratio: float, sustain: float, since: float | None = None,
+                    worst_burst: int = 0) -> ListenerWindow:
     """Judge a listener's recent samples (oldest first, at least one).
 
     Saturated once the fill has stayed >= fill_ratio for ``sustain`` seconds or drops occurred in
@@ -121,12 +124,16 @@ def listener_window(samples: deque[Sample] | list[Sample], was_saturated: bool, 
     trouble = next((i for i, (a, b) in enumerate(zip([base, *window], window, strict=False))
                     if b.fill >= fill_ratio or (a.drops is not None and b.drops is not None and b.drops > a.drops)),
                    len(window) - 1)
+    peak_queue = max(max(s.queue for s in window), max((s.peak or 0) for s in window))
+    # The number recommended is sized for the worst burst of the whole saturation, not of this window
+    # alone, so it does not wobble from sweep to sweep.
+    burst = peak_queue + (burst_drops or 0)
     return ListenerWindow(
         fill=last.fill, peak_fill=max(s.fill for s in window), high_for=high_for, drops=drops,
         cpu_share=cpu_share, saturated=saturated, span=last.at - base.at,
-        min_fill=min(s.fill for s in window[trouble:]),
-        peak_queue=max(max(s.queue for s in window), max((s.peak or 0) for s in window)),
+        min_fill=min(s.fill for s in window[trouble:]), peak_queue=peak_queue,
         burst_drops=burst_drops, accepts=accepts, since=onset,
+        worst_burst=max(burst, worst_burst if was_saturated else 0) if saturated else 0,
     )
 
 
@@ -189,14 +196,15 @@ class Model:
         self.update(snapshot, cpu_seconds, events)
         self.forget_before(snapshot.taken_at - keep)
 
-    def settle(self, judged: Mapping[ListenerKey, tuple[bool, float | None]]) -> None:
-        """Keep each listener's judgement (saturated or not, since when) as the hysteresis state of its
-        next window."""
-        for key, (saturated, since) in judged.items():
+    def settle(self, judged: Mapping[ListenerKey, ListenerWindow]) -> None:
+        """Keep each listener's judgement (saturated or not, since when, its worst burst) as the state
+        its next window starts from."""
+        for key, window in judged.items():
             history = self.listeners.get(key)
             if history is not None:
-                history.saturated = saturated
-                history.since = since if saturated else None
+                history.saturated = window.saturated
+                history.since = window.since if window.saturated else None
+                history.worst_burst = window.worst_burst
 
     def forget_before(self, cutoff: float) -> None:
         """Drop samples older than ``cutoff`` (keeping the newest), bounding memory by time."""

@@ -17,7 +17,7 @@ from aqtune.act.changes import Applier
 from aqtune.act.ledger import Ledger
 from aqtune.act.log import EventLog
 from aqtune.act.report import DegradedReporter, DropReporter, FindingReporter
-from aqtune.collect import procfs
+from aqtune.collect import netns, procfs
 from aqtune.collect.ebpf import EMIT_DROPS, Event, EventLayer, Unavailable, unavailable_status
 from aqtune.collect.sweep import sweep
 from aqtune.decide.policy import Policy
@@ -40,7 +40,7 @@ class Observation:
 class Observer:
     """The collect stage: the sweep (with its owner cache) and the eBPF event layer, if loaded."""
 
-    select: str
+    select: netns.Selection  # resolved once: a daemon started for pid:N follows that namespace, not the pid
     owners: procfs.OwnerCache = field(default_factory=procfs.OwnerCache)
     events: EventLayer | None = None
     ebpf_status: dict[str, Any] = field(default_factory=lambda: unavailable_status("not started"))
@@ -84,7 +84,7 @@ class Runner:
                  state_dir: str | None = None) -> None:
         self.policy = policy
         self.log = log
-        self.observer = Observer(select)
+        self.observer = Observer(netns.resolve_selection(select))
         self.model = Model()
         self.applier = Applier(ledger, log, dry_run)
         self.findings = FindingReporter(log)
@@ -108,6 +108,7 @@ class Runner:
         snapshot = seen.snapshot
         self.model.observe(snapshot, seen.cpu_seconds, history_horizon(self.policy), seen.events)
         ledger = self.applier.ledger
+        self.applier.follow_ledger(snapshot)
         decision = decide(snapshot, seen.events, self.model, self.policy,
                           {ns.inode: ledger.managed(ns.inode) for ns in snapshot.namespaces})
         self.model.settle(decision.judged)
@@ -116,7 +117,7 @@ class Runner:
                 self.publisher.degraded(f"netns {namespace.name}", f"netns {namespace.name} {namespace.error}",
                               snapshot.taken_at)
         self.findings.report(snapshot, decision, self.policy.journal)
-        self.applier.carry_out(decision.changes, self.policy, {ns.inode: ns.path for ns in snapshot.namespaces})
+        self.applier.carry_out(decision.changes, self.policy, {ns.inode: ns for ns in snapshot.namespaces})
         self.drops.report(snapshot, self.model, seen.events, decision, self.policy.journal)
         facts = DaemonFacts(self.mode, self.drops.suppressed_total, self.log.refused,
                             list(self.applier.actions))

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from aqtune.act.ledger import FORMAT_VERSION
 from tests.helpers.process import PYTHON, REPO, as_user, kill_process, stop_process
 
 COMMAND_TIMEOUT = 60.0
@@ -52,7 +53,7 @@ def ledger_changes(state_dir: Path) -> list[dict[str, Any]] | None:
         document = json.loads((state_dir / "changes.json").read_text(encoding="utf-8"))
     except FileNotFoundError:
         return None
-    assert document["version"] == 1, document
+    assert document["version"] == FORMAT_VERSION, document
     changes: list[dict[str, Any]] = document["changes"]
     return changes
 

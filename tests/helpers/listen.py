@@ -11,6 +11,8 @@ with ``OK {...}`` or ``ERROR {"error"}`` (tests/helpers/lineproto.py):
     open SPEC              -> OK {the new listener}
     close INDEX            -> OK {"closed": INDEX}
     relisten INDEX BACKLOG -> OK {"relisten": INDEX, "backlog": BACKLOG}
+    drain INDEX PERIOD     -> OK {"drain": INDEX}: from now on accept and close every queued
+                              connection each PERIOD seconds (a fast worker that serves bursts)
 
 It exits when stdin closes or --life seconds pass, so a test that dies cannot leave it behind.
 """
@@ -23,6 +25,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -120,6 +123,21 @@ def listening(sockets: list[socket.socket | None], index: int) -> socket.socket:
     return sock
 
 
+def drain(sock: socket.socket, period: float) -> None:
+    """Accept and close whatever is queued, every ``period`` seconds, until the socket closes."""
+    sock.setblocking(False)
+    while sock.fileno() >= 0:
+        try:
+            while True:
+                conn, _ = sock.accept()
+                conn.close()
+        except BlockingIOError:
+            pass
+        except OSError:
+            return
+        time.sleep(period)
+
+
 def handle(words: list[str], sockets: list[socket.socket | None]) -> dict[str, Any]:
     try:
         if words[:1] == ["open"] and len(words) == 2:
@@ -135,6 +153,10 @@ def handle(words: list[str], sockets: list[socket.socket | None]) -> dict[str, A
             index, backlog = int(words[1]), int(words[2])
             listening(sockets, index).listen(backlog)
             return {"relisten": index, "backlog": backlog}
+        if words[:1] == ["drain"] and len(words) == 3:
+            index, period = int(words[1]), float(words[2])
+            threading.Thread(target=drain, args=(listening(sockets, index), period), daemon=True).start()
+            return {"drain": index}
         raise ValueError(f"unknown command {' '.join(words)!r}")
     except (OSError, ValueError, IndexError) as exc:
         return {"error": str(exc)}

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 from aqtune.records import COUNTERS, Listener, Namespace, Snapshot
 from tests.helpers.kernelview import SsListener
+from tests.helpers.lineproto import HelperProcess, stop_all
 from tests.helpers.namespace import TestNamespace, wait_until
 
 
@@ -72,3 +76,37 @@ def assert_matches_ss(listener: Listener, before: SsListener, after: SsListener)
         assert listener.uid == before.uid, f"{listener.address} uid"
     assert before.drops is not None and after.drops is not None and listener.drops is not None
     assert before.drops <= listener.drops <= after.drops, f"{listener.address} drops"
+
+
+def draining_listener(ns: TestNamespace, spec: str, period: float = 0.1) -> tuple[HelperProcess, dict[str, Any]]:
+    """A listener whose worker accepts (and closes) whatever is queued every ``period`` seconds: it keeps
+    up with the load on average, so only bursts larger than its queue overflow it."""
+    helper = ns.listen(spec)
+    (listener,) = helper.ready()["listeners"]
+    helper.request(f"drain {listener['index']} {period}")
+    return helper, listener
+
+
+@contextlib.contextmanager
+def bursts(ns: TestNamespace, listener: dict[str, Any], count: int, every: float = 2.0,
+           waves: int = 30) -> Iterator[list[HelperProcess]]:
+    """Bursts of ``count`` connects at ``listener``, one every ``every`` seconds, at most ``waves`` of them
+    (bounded in count and time), from a thread, until the block ends."""
+    stop = threading.Event()
+    started: list[HelperProcess] = []
+
+    def run() -> None:
+        for _ in range(waves):
+            if stop.is_set():
+                return
+            started.append(ns.flood([(flood_target(listener), count)], hold=every + 1.0, wait=False))
+            stop.wait(every)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    try:
+        yield started
+    finally:
+        stop.set()
+        thread.join()
+        stop_all(started)

@@ -6,6 +6,7 @@ Every sysctl is written inside an ``aqt-*`` namespace; the host's somaxconn is r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pwd
 import signal
@@ -16,9 +17,11 @@ from typing import Any
 
 import pytest
 
+from aqtune.act.ledger import FORMAT_VERSION
+from aqtune.collect.netns import cookie_of
 from tests.helpers.aqtune_run import Daemon, aqtune, ledger_changes, write_policy
 from tests.helpers.namespace import HelperProcess, TestNamespace, wait_until
-from tests.integration.expect import flood_target, wait_for_queues
+from tests.integration.expect import bursts, draining_listener, flood_target, wait_for_queues
 
 pytestmark = pytest.mark.integration
 
@@ -31,7 +34,8 @@ MAX = 1000  # below RAISED * STEP: a second raise, where one happens, is bounded
 CAPPED = 64  # the test namespace's somaxconn, which caps a listen(1024)
 RAISED = CAPPED * STEP
 ASKED = 1024  # what the listener passes to listen()
-FLOOD = 120  # held connects: 65 fill the queue of 64, the rest keep retransmitting SYNs that are dropped
+FLOOD = 120  # connects per burst: 65 fill the queue of 64, the rest are dropped and retried a second later
+BURST_EVERY = 2.0  # seconds between bursts; the listener drains its queue every 0.1 s in between
 RAISE_TIMEOUT = SUSTAIN + 20 * INTERVAL  # sustain, then a few sweeps; aqtune and ip netns exec start slowly
 ADMIN_VALUE = 512
 
@@ -64,14 +68,17 @@ def somaxconn(ns: TestNamespace) -> int:
     return ns.sysctls(SOMAXCONN)[SOMAXCONN]
 
 
-def capped_listener(ns: TestNamespace) -> tuple[HelperProcess, dict[str, Any]]:
-    """A never-accepting listen(1024) capped to 64 by the namespace's somaxconn, kept full by a flood."""
+def capped_listener(ns: TestNamespace, load: contextlib.ExitStack,
+                    count: int = FLOOD) -> tuple[HelperProcess, dict[str, Any]]:
+    """A listen(1024) capped to 64 by the namespace's somaxconn, whose worker drains its queue quickly but
+    is hit by bursts larger than it (until the test ends): the one case a longer queue helps.
+
+    A burst of 120 overflows the queue by 55: the measured number is (65 + 55) x 1.25 -> 256 = RAISED.
+    """
     ns.set_sysctl(SOMAXCONN, CAPPED)
-    helper = ns.listen(f"tcp4:{ASKED}")
-    (listener,) = helper.ready()["listeners"]
-    ns.flood([(flood_target(listener), FLOOD)])
-    rows = wait_for_queues(ns, {listener["address"]: CAPPED + 1})
-    assert rows[listener["address"]].backlog == CAPPED
+    helper, listener = draining_listener(ns, f"tcp4:{ASKED}")
+    assert ns.ss_tcp()[listener["address"]].backlog == CAPPED
+    load.enter_context(bursts(ns, listener, count, every=BURST_EVERY))
     return helper, listener
 
 
@@ -107,9 +114,13 @@ def json_listeners(text: str) -> list[dict[str, Any]]:
 
 
 def write_ledger(state: Path, changes: list[dict[str, Any]]) -> None:
-    """A changes.json in aqtune's format, as a daemon killed at some point would have left it."""
+    """A changes.json in aqtune's format, as a daemon killed at some point would have left it (each
+    entry with its namespace's cookie, as aqtune records it)."""
     state.mkdir()
-    (state / "changes.json").write_text(json.dumps({"version": 1, "changes": changes}), encoding="utf-8")
+    changes = [{"cookie": cookie_of("/proc/self/ns/net" if change["netns"] == "host"
+                                    else f"/run/netns/{change['netns']}"), **change} for change in changes]
+    (state / "changes.json").write_text(json.dumps({"version": FORMAT_VERSION, "changes": changes}),
+                                        encoding="utf-8")
 
 
 def only_entry(state: Path) -> dict[str, Any]:
@@ -131,6 +142,13 @@ def state(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def load() -> Iterator[contextlib.ExitStack]:
+    """Load started by a test, stopped after it whatever its outcome."""
+    with contextlib.ExitStack() as stack:
+        yield stack
+
+
+@pytest.fixture
 def start_daemon(tmp_path: Path, state: Path) -> Iterator[Callable[..., Daemon]]:
     """Starts `aqtune run --config POLICY --netns NS --state-dir STATE [EXTRA...]`; every daemon is killed after
     the test, whatever its outcome (it runs in the host namespace, so namespace teardown would not reach it)."""
@@ -148,10 +166,11 @@ def start_daemon(tmp_path: Path, state: Path) -> Iterator[Callable[..., Daemon]]
 
 
 def test_raises_somaxconn_once_in_its_namespace_and_rollback_restores_it(
-        netns: Callable[[], TestNamespace], start_daemon: Callable[..., Daemon], tmp_path: Path, state: Path) -> None:
+        netns: Callable[[], TestNamespace], start_daemon: Callable[..., Daemon], tmp_path: Path, state: Path,
+        load: contextlib.ExitStack) -> None:
     ns = netns()
     host_before = host_somaxconn()
-    _, listener = capped_listener(ns)
+    _, listener = capped_listener(ns, load)
     daemon = start_daemon(ns, write_policy(tmp_path / "policy.toml", policy_text()))
 
     assert wait_for_raise(ns) == RAISED <= MAX
@@ -176,9 +195,10 @@ def test_raises_somaxconn_once_in_its_namespace_and_rollback_restores_it(
 
 
 def test_relisten_picks_up_the_raise_and_the_cooldown_holds_the_next_one(
-        netns: Callable[[], TestNamespace], start_daemon: Callable[..., Daemon], tmp_path: Path, state: Path) -> None:
+        netns: Callable[[], TestNamespace], start_daemon: Callable[..., Daemon], tmp_path: Path, state: Path,
+        load: contextlib.ExitStack) -> None:
     ns = netns()
-    helper, listener = capped_listener(ns)
+    helper, listener = capped_listener(ns, load)
     address = listener["address"]
     policy = write_policy(tmp_path / "policy.toml", policy_text())
     daemon = start_daemon(ns, policy)
@@ -192,10 +212,10 @@ def test_relisten_picks_up_the_raise_and_the_cooldown_holds_the_next_one(
     assert "relisten-needed" not in advice_ids(ns, address, policy, state)
     daemon.wait_for(f"{ns.name} {address}: relisten-needed cleared")
 
-    # Fill the longer queue too: capped by somaxconn again, so aqtune wants more, but the cooldown holds it.
-    ns.flood([(flood_target(listener), RAISED)])
-    wait_for_queues(ns, {address: RAISED + 1})
-    daemon.wait_for("finding=cooldown", f"subject=netns {ns.name}", f"sysctl={SOMAXCONN}")
+    # Bursts larger than the longer queue too: capped by somaxconn again (eBPF saw it ask for 1024), so
+    # aqtune wants more, but the cooldown holds it.
+    load.enter_context(bursts(ns, listener, RAISED + FLOOD + 24, every=BURST_EVERY))  # 400: flood.py allows 500
+    daemon.wait_for("finding=cooldown", f"subject=netns {ns.name}", f"sysctl={SOMAXCONN}", timeout=RAISE_TIMEOUT)
     assert daemon.stop() == 0
     assert daemon.count(f"set {SOMAXCONN}") == 1
     assert somaxconn(ns) == RAISED
@@ -203,28 +223,27 @@ def test_relisten_picks_up_the_raise_and_the_cooldown_holds_the_next_one(
 
 
 def test_app_capped_listener_is_advised_and_never_tuned(
-        netns: Callable[[], TestNamespace], start_daemon: Callable[..., Daemon], tmp_path: Path, state: Path) -> None:
+        netns: Callable[[], TestNamespace], start_daemon: Callable[..., Daemon], tmp_path: Path, state: Path,
+        load: contextlib.ExitStack) -> None:
     ns = netns()
     default = somaxconn(ns)
     backlog = 8
     assert default > backlog, "a fresh namespace's somaxconn (4096 since Linux 5.4) must not cap listen(8)"
-    helper = ns.listen(f"tcp4:{backlog}")
-    (listener,) = helper.ready()["listeners"]
-    ns.flood([(flood_target(listener), 3 * backlog)])
-    wait_for_queues(ns, {listener["address"]: backlog + 1})
+    helper, listener = draining_listener(ns, f"tcp4:{backlog}")
     policy = write_policy(tmp_path / "policy.toml", policy_text())
+    daemon = start_daemon(ns, policy)
+    daemon.wait_for("aqtune running")
+    load.enter_context(bursts(ns, listener, 3 * backlog, every=BURST_EVERY))
+    daemon.wait_for("finding=capped-by-app", f"subject={ns.name} {listener['address']}", timeout=RAISE_TIMEOUT)
 
     done = aqtune("status", "--json", "--netns", ns.name, "--config", str(policy), "--state-dir", str(state))
     assert done.returncode == 0, done.stderr
     (seen,) = json_listeners(done.stdout)
-    advice = {entry["id"]: entry for entry in seen["advice"]}
-    assert "capped-by-app" in advice and "capped-by-somaxconn" not in advice, advice
-    assert f"aqt-listen (pid {helper.ready()['pid']})" in advice["capped-by-app"]["text"]
-    assert (advice["capped-by-app"]["evidence"]["backlog"], advice["capped-by-app"]["evidence"]["somaxconn"]) == (
-        backlog, default)
-
-    daemon = start_daemon(ns, policy)
-    daemon.wait_for("finding=capped-by-app", f"subject={ns.name} {listener['address']}")
+    if seen["advice"]:  # the daemon's live state: its latest sweep may fall between bursts
+        advice = {entry["id"]: entry for entry in seen["advice"]}
+        assert "capped-by-somaxconn" not in advice, advice
+    line = daemon.lines()[daemon.wait_for("finding=capped-by-app")]
+    assert f"aqt-listen (pid {helper.ready()['pid']})" in line and f"backlog {backlog} is below somaxconn" in line
     # SIGTERM lets the sweep that found it finish, including its plan and apply step.
     assert daemon.stop() == 0
     assert daemon.count(f"set {SOMAXCONN}") == 0 and daemon.count("recommend ") == 0
@@ -232,11 +251,30 @@ def test_app_capped_listener_is_advised_and_never_tuned(
     assert ledger_changes(state) is None, "nothing was written, so nothing was recorded"
 
 
-def test_dry_run_recommends_and_writes_nothing(
+def test_a_stalled_listener_gets_no_backlog_advice_and_no_raise(
         netns: Callable[[], TestNamespace], start_daemon: Callable[..., Daemon], tmp_path: Path, state: Path) -> None:
+    # The same capped listen(1024), but its worker never accepts: a longer queue would only add waiting.
+    ns = netns()
+    ns.set_sysctl(SOMAXCONN, CAPPED)
+    helper = ns.listen(f"tcp4:{ASKED}")
+    (listener,) = helper.ready()["listeners"]
+    daemon = start_daemon(ns, write_policy(tmp_path / "policy.toml", policy_text()))
+    daemon.wait_for("aqtune running")
+    ns.flood([(flood_target(listener), FLOOD)])
+    wait_for_queues(ns, {listener["address"]: CAPPED + 1})
+    daemon.wait_for("finding=stalled-workers", f"subject={ns.name} {listener['address']}", timeout=RAISE_TIMEOUT)
+    time.sleep(3 * INTERVAL)
+    assert daemon.stop() == 0
+    assert daemon.count("finding=capped-by") == 0 and daemon.count(f"set {SOMAXCONN}") == 0
+    assert somaxconn(ns) == CAPPED and ledger_changes(state) is None
+
+
+def test_dry_run_recommends_and_writes_nothing(
+        netns: Callable[[], TestNamespace], start_daemon: Callable[..., Daemon], tmp_path: Path, state: Path,
+        load: contextlib.ExitStack) -> None:
     ns = netns()
     host_before = host_somaxconn()
-    capped_listener(ns)
+    capped_listener(ns, load)
     daemon = start_daemon(ns, write_policy(tmp_path / "policy.toml", policy_text()), "--dry-run")
     daemon.wait_for("aqtune running: mode dry-run")
     recommended = daemon.wait_for(f"recommend {SOMAXCONN}={RAISED} in netns {ns.name} (now {CAPPED}); "
@@ -252,9 +290,10 @@ def test_dry_run_recommends_and_writes_nothing(
 
 
 def test_rollback_leaves_a_value_changed_by_hand_alone(
-        netns: Callable[[], TestNamespace], start_daemon: Callable[..., Daemon], tmp_path: Path, state: Path) -> None:
+        netns: Callable[[], TestNamespace], start_daemon: Callable[..., Daemon], tmp_path: Path, state: Path,
+        load: contextlib.ExitStack) -> None:
     ns = netns()
-    capped_listener(ns)
+    capped_listener(ns, load)
     daemon = start_daemon(ns, write_policy(tmp_path / "policy.toml", policy_text()))
     assert wait_for_raise(ns) == RAISED
     daemon.wait_for(set_line(ns))
@@ -271,9 +310,10 @@ def test_rollback_leaves_a_value_changed_by_hand_alone(
 
 
 def test_rollback_after_kill_9_right_after_a_change(
-        netns: Callable[[], TestNamespace], start_daemon: Callable[..., Daemon], tmp_path: Path, state: Path) -> None:
+        netns: Callable[[], TestNamespace], start_daemon: Callable[..., Daemon], tmp_path: Path, state: Path,
+        load: contextlib.ExitStack) -> None:
     ns = netns()
-    capped_listener(ns)
+    capped_listener(ns, load)
     daemon = start_daemon(ns, write_policy(tmp_path / "policy.toml", policy_text()))
     assert wait_for_raise(ns) == RAISED
     # No grace: killed as soon as the value is seen, possibly before the ledger's "applied" step.
@@ -313,9 +353,9 @@ def test_rollback_of_a_pending_entry_restores_the_original(
 ], ids=["world-writable", "owned-by-nobody"])
 def test_unsafe_policy_file_downgrades_apply_to_recommend(
         netns: Callable[[], TestNamespace], start_daemon: Callable[..., Daemon], tmp_path: Path, state: Path,
-        mode: int, owner: str, reason: str) -> None:
+        load: contextlib.ExitStack, mode: int, owner: str, reason: str) -> None:
     ns = netns()
-    capped_listener(ns)
+    capped_listener(ns, load)
     policy = write_policy(tmp_path / "policy.toml", policy_text(), mode=mode, uid=pwd.getpwnam(owner).pw_uid)
     daemon = start_daemon(ns, policy)
     warned = daemon.wait_for("[warning", str(policy), reason, "apply mode refused")
@@ -328,11 +368,11 @@ def test_unsafe_policy_file_downgrades_apply_to_recommend(
     assert ledger_changes(state) is None
 
 
-def cooldown_recorded_before_restart(ns: TestNamespace, tmp_path: Path, state: Path,
+def cooldown_recorded_before_restart(ns: TestNamespace, tmp_path: Path, state: Path, load: contextlib.ExitStack,
                                      start_daemon: Callable[..., Daemon]) -> Daemon:
     """A daemon started after an earlier one raised somaxconn 32 -> 64 a moment ago (per the ledger), with the
     listener re-listened at 64 and full again: it wants 256 but must wait for the recorded cooldown."""
-    capped_listener(ns)
+    capped_listener(ns, load)
     write_ledger(state, [{"netns": ns.name, "netns_inode": ns.inode, "sysctl": SOMAXCONN, "original": CAPPED // 2,
                           "applied": CAPPED, "pending": None, "changed_at": time.time()}])
     daemon = start_daemon(ns, write_policy(tmp_path / "policy.toml", policy_text()))
@@ -341,9 +381,10 @@ def cooldown_recorded_before_restart(ns: TestNamespace, tmp_path: Path, state: P
 
 
 def test_restarted_daemon_honours_the_recorded_cooldown(
-        netns: Callable[[], TestNamespace], start_daemon: Callable[..., Daemon], tmp_path: Path, state: Path) -> None:
+        netns: Callable[[], TestNamespace], start_daemon: Callable[..., Daemon], tmp_path: Path, state: Path,
+        load: contextlib.ExitStack) -> None:
     ns = netns()
-    daemon = cooldown_recorded_before_restart(ns, tmp_path, state, start_daemon)
+    daemon = cooldown_recorded_before_restart(ns, tmp_path, state, load, start_daemon)
     assert daemon.stop() == 0
     assert daemon.count(f"set {SOMAXCONN}") == 0
     assert somaxconn(ns) == CAPPED
@@ -352,18 +393,20 @@ def test_restarted_daemon_honours_the_recorded_cooldown(
 
 
 def test_cooldown_is_logged_once_not_every_sweep(
-        netns: Callable[[], TestNamespace], start_daemon: Callable[..., Daemon], tmp_path: Path, state: Path) -> None:
+        netns: Callable[[], TestNamespace], start_daemon: Callable[..., Daemon], tmp_path: Path, state: Path,
+        load: contextlib.ExitStack) -> None:
     ns = netns()
-    daemon = cooldown_recorded_before_restart(ns, tmp_path, state, start_daemon)
+    daemon = cooldown_recorded_before_restart(ns, tmp_path, state, load, start_daemon)
     time.sleep(4 * INTERVAL)  # several more sweeps with the same change held back
     assert daemon.stop() == 0
     assert daemon.count("finding=cooldown", f"subject=netns {ns.name}") == 1
 
 
 def test_drops_from_before_a_relisten_do_not_call_for_another_raise(
-        netns: Callable[[], TestNamespace], start_daemon: Callable[..., Daemon], tmp_path: Path, state: Path) -> None:
+        netns: Callable[[], TestNamespace], start_daemon: Callable[..., Daemon], tmp_path: Path, state: Path,
+        load: contextlib.ExitStack) -> None:
     ns = netns()
-    helper, listener = capped_listener(ns)
+    helper, listener = capped_listener(ns, load)
     address = listener["address"]
     # A window long enough to still hold the drops of the first seconds; no cooldown to mask a second change.
     daemon = start_daemon(ns, write_policy(tmp_path / "policy.toml", policy_text(sustain=5, cooldown=0)))

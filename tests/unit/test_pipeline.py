@@ -170,3 +170,19 @@ def test_a_users_sockets_cannot_use_up_a_services_journal_entries() -> None:
     tenant = [pools.allow(1000, f"listener{i}", 1.0 + i / 100)[0] for i in range(60)]
     assert sum(tenant) == 30
     assert pools.allow(33, "www-data's nginx", 2.0) == (True, 0)
+
+
+def test_a_local_users_listener_never_decides_a_sysctl_change() -> None:
+    # The same bursts, but the socket belongs to uid 1000 outside any system unit: advised, never tuned.
+    policy = Policy(mode="apply", saturation=Saturation(sustain=3.0))
+    model = Model()
+    held = []
+    for snapshot in recorded():
+        for listener in snapshot.listeners:
+            listener.uid, listener.processes = 1000, (Process(4242, "nginx", "nginx", None, user_unit="nginx.service"),)
+        model.observe(snapshot, {4242: snapshot.taken_at}, history_horizon(policy))
+        decision = decide(snapshot, {}, model, policy, {})
+        model.settle(decision.judged)
+        assert decision.changes == []
+        held += [f.id for f in decision.held.get("web", [])]
+    assert FindingId.OWNER_UNTRUSTED in held

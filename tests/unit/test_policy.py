@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from aqtune.decide.policy import (
@@ -477,7 +477,7 @@ def test_edge_values_are_kept_or_named_at_their_line(setting: str) -> None:
 
 
 @pytest.mark.parametrize("setting", sorted(SPEC))
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
 @given(value=values)
 def test_any_value_is_kept_or_named_at_its_line(setting: str, value: Any) -> None:
     assert_kept_or_named(setting, value)
