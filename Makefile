@@ -8,7 +8,7 @@ RUNTIME_DEBS := python3-pyroute2 python3-structlog python3-bpfcc python3-venv ip
 DEB_DEBS := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian
 TEST_DEBS := python3-pytest python3-hypothesis nftables python3-seccomp prometheus-node-exporter \
 	python3-prometheus-client systemd-container mmdebstrap $(DEB_DEBS) \
-	nginx apache2 php-fpm haproxy redis-server gunicorn uwsgi-core uwsgi-plugin-python3 postgresql nodejs
+	nginx apache2 php-fpm haproxy redis-server gunicorn uwsgi-core uwsgi-plugin-python3 postgresql nodejs tmux
 
 .PHONY: deps test-deps run test lint pytest unit kernel-tier bench deb
 

@@ -134,6 +134,18 @@ def _status(args: argparse.Namespace) -> int:
         ledger = Ledger(args.state_dir, load=False)
     previous: dict[int, int] | None = None
     said: set[str] = set()
+    if args.watch and not args.json:
+        from aqtune.surfaces import watch
+
+        painted = [0]
+
+        def next_document() -> dict[str, Any]:
+            if painted[0]:
+                _refresh(ledger)
+            painted[0] += 1
+            return _status_document(args, policy, ledger, said)
+
+        return watch.loop(next_document, policy, args.interval, lambda: _accept_times(args.state_dir))
     while True:
         if previous is not None:
             _refresh(ledger)
@@ -149,6 +161,83 @@ def _status(args: argparse.Namespace) -> int:
             return 0
         previous = {l["cookie"]: l["drops"] for l in document["listeners"] if l["drops"] is not None}
         time.sleep(args.interval)
+
+
+def _accept_times(state_dir: str) -> tuple[Any, str | None]:
+    """The running daemon's eBPF accept times (a callable, to close()), or None and why not."""
+    from aqtune.act.state import read_live_state
+    from aqtune.collect import bpfmap
+
+    live = read_live_state(state_dir)
+    if live is None:
+        return None, f"no aqtune daemon runs with state in {state_dir}"
+    if not live.get("ebpf", {}).get("active"):
+        return None, "the daemon runs without eBPF"
+    try:
+        return bpfmap.daemon_accept_times(int(live["daemon"]["pid"])), None
+    except bpfmap.Unreadable as exc:
+        return None, str(exc)
+
+
+def _connections(args: argparse.Namespace) -> int:
+    from aqtune.collect import connections, netns, procfs
+    from aqtune.collect.sweep import sweep
+    from aqtune.surfaces import connections as surface
+
+    _require_root("it enters network namespaces and reads other processes' file descriptors")
+    try:
+        policy = _policy(args.config, required=args.config != DEFAULT_CONFIG)
+    except ConfigError as exc:
+        if args.config != DEFAULT_CONFIG:
+            raise
+        from aqtune.decide.policy import Policy
+
+        print(f"aqtune connections: {exc.problems[0]}; using the built-in defaults", file=sys.stderr)
+        policy = Policy()
+    try:
+        refs = netns.select_namespaces(netns.list_namespaces(), args.netns)
+        snapshot = sweep(args.netns, owners=False)
+    except LookupError as exc:
+        raise CommandError(str(exc.args[0])) from None
+    except PermissionError as exc:
+        raise CommandError(f"{exc}; run it as root") from None
+    wanted = snapshot.listeners
+    if args.port is not None:
+        wanted = [l for l in wanted if l.port == args.port]
+    elif args.listener is not None:
+        wanted = [l for l in wanted if l.address == args.listener]
+    if not wanted and (args.port is not None or args.listener is not None):
+        what = f"port {args.port}" if args.port is not None else repr(args.listener)
+        raise CommandError(f"no listener on {what} in netns {args.netns} (`aqtune status --netns {args.netns}` "
+                           "lists them)")
+    wanted = connections.with_group_members(wanted, snapshot.listeners)
+    collected = connections.collect(refs, wanted, owners=False)
+    inodes = connections.connection_inodes(collected)
+    # One /proc scan names the listeners' owners and the workers holding their connections.
+    owners = procfs.find_owners(inodes | {l.inode for l in wanted})
+    for listener in wanted:
+        listener.processes = owners.get(listener.inode, ())
+    times, why_not = _accept_times(args.state_dir)
+    try:
+        accepted = times(inodes) if times is not None and inodes else {}
+    finally:
+        if times is not None:
+            times.close()
+    if times is not None:
+        collected.ages = connections.AGES_EBPF
+    connections.complete(collected, owners, accepted)
+    now = time.time()
+    keep = -1 if args.all else connections.TOP
+    summaries = connections.summaries(collected, wanted, now, policy.connections.long_after,
+                                      policy.connections.idle_after, keep)
+    document = surface.document(wanted, summaries, policy, collected.ages,
+                                surface.ages_note(collected.ages, why_not), collected.errors, args.all, now,
+                                selected=args.port is not None or args.listener is not None)
+    if args.json:
+        print(json.dumps(document, indent=2))
+    else:
+        print(surface.render(document, args.all))
+    return 0
 
 
 def _check(args: argparse.Namespace) -> int:
@@ -257,6 +346,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="refresh period for --watch (default 2)")
     status.set_defaults(handler=_status)
 
+    connections = commands.add_parser(
+        "connections", help="a listener's long-running and idle connections and the workers holding them")
+    connections.add_argument("--netns", default="all", metavar="NAME",
+                             help="a name under /run/netns, 'host', 'pid:N' or 'all' (default)")
+    which = connections.add_mutually_exclusive_group()
+    which.add_argument("--port", type=int, metavar="N", help="the TCP listeners on this port")
+    which.add_argument("--listener", metavar="ADDR",
+                       help="the listener at this address, as status shows it (127.0.0.1:8080, [::1]:443, a path)")
+    connections.add_argument("--json", action="store_true", help="print one JSON document")
+    connections.add_argument("--all", action="store_true",
+                             help="every connection (not only long-held and idle ones) of every listener")
+    connections.set_defaults(handler=_connections)
+
     check = commands.add_parser("check", help="validate a policy file (exit 0 valid, 2 not)")
     check.set_defaults(handler=_check)
 
@@ -279,10 +381,10 @@ def build_parser() -> argparse.ArgumentParser:
     rollback = commands.add_parser("rollback", help="restore every sysctl aqtune changed")
     rollback.set_defaults(handler=_rollback)
 
-    for command in (status, check, run):
+    for command in (status, connections, check, run):
         command.add_argument("--config", default=DEFAULT_CONFIG, metavar="FILE",
                              help=f"policy file (default {DEFAULT_CONFIG})")
-    for command in (status, run, rollback):
+    for command in (status, connections, run, rollback):
         command.add_argument("--state-dir", default=DEFAULT_STATE_DIR, metavar="DIR",
                              help=f"where aqtune records its changes (default {DEFAULT_STATE_DIR})")
     return parser

@@ -111,3 +111,76 @@ class ListenerEvents:
     # How long the oldest connection still queued has waited, from the arrival stamps: 0.0 when none
     # is queued, None where unknown (no eBPF, or it was queued before the probes came).
     oldest_queued_ms: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Connection:
+    """One connection of a listener, server side, as sock_diag shows it: accepted, or still queued.
+
+    The peer and every figure are the kernel's; the holders are the processes with the socket open
+    (the worker serving it), from a /proc fd scan made only when someone asks.
+    """
+
+    netns: str
+    proto: str  # "tcp", "tcp6" or "unix"
+    local: str  # "127.0.0.1:8080", "[::1]:443", a socket path or "@abstract"
+    peer: str  # "127.0.0.1:51234"; for Unix, "inode N" of the client's socket (Unix peers have no address)
+    state: str  # "established", or "close-wait" once the client has closed its side
+    inode: int  # 0 while the connection still waits in the accept queue (no socket file yet)
+    cookie: int
+    uid: int | None
+    # TCP only (None for Unix, which keeps no such times): seconds since data was last received and
+    # last sent; the kernel starts both clocks at the handshake, so they never exceed the age.
+    recv_idle: float | None = None
+    send_idle: float | None = None
+    bytes_in: int | None = None  # bytes received from the client (tcpi_bytes_received)
+    bytes_out: int | None = None  # bytes sent and acknowledged by the client (tcpi_bytes_acked)
+    rqueue: int = 0  # bytes received and not yet read by the server
+    wqueue: int = 0  # bytes sent and not yet acknowledged (TCP), or not yet read by the peer (Unix)
+    peer_inode: int = 0  # Unix: the client socket's inode
+    accepted_at: float | None = None  # wall-clock time of its accept(), from eBPF; None where unseen
+    holders: tuple[Process, ...] = ()
+
+    @property
+    def queued(self) -> bool:
+        """Still in the accept queue: established by the kernel, not yet taken by accept()."""
+        return self.inode == 0
+
+    def age(self, now: float) -> float | None:
+        """Seconds since accept(), where eBPF saw it."""
+        return None if self.accepted_at is None else max(now - self.accepted_at, 0.0)
+
+    @property
+    def min_age(self) -> float | None:
+        """What tcp_info proves about the age without eBPF: at least the longer of the two idle times."""
+        known = [t for t in (self.recv_idle, self.send_idle) if t is not None]
+        return max(known) if known else None
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionSummary:
+    """A listener's connections at one moment: counts over all of them, and the longest-held few.
+
+    A reuseport group's sockets cannot be told apart by their connections (sock_diag shows no link
+    from an accepted socket to the listener that queued it), so each member's summary is the group's,
+    with ``shared`` the number of members.
+    """
+
+    taken_at: float
+    accepted: int  # accepted and open
+    queued: int  # established, still waiting in the accept queue
+    long_held: int  # accepted and open longer than long_after (by eBPF age, or proven by tcp_info)
+    idle: int  # accepted, nothing received for idle_after seconds (TCP only)
+    held: int  # accepted and long-held or idle (or both)
+    answered: int  # of those long-held or idle: answered since the client last sent (idle keep-alive ones)
+    held_by: tuple[int, ...]  # pids holding a long-held or idle connection
+    busy: tuple[int, ...]  # pids holding any accepted connection
+    oldest: float | None  # seconds: the longest-open accepted connection (eBPF age, else tcp_info's lower bound)
+    oldest_queued: float | None  # seconds the longest-waiting queued connection has waited (TCP)
+    ages: str  # where ages come from: "ebpf", or "none" (tcp_info's lower bounds only)
+    long_after: float
+    idle_after: float
+    shared: int = 1  # listeners these connections are counted for (members of one reuseport group)
+    top: tuple[Connection, ...] = ()  # worst first (long-held or idle, then longest open), at most those asked for
+    more: int = 0  # connections left out of ``top``
+    unread: int = 0  # connections beyond the bound on how many one look reads (collect.connections.MAX_ROWS)

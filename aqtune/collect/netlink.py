@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 from collections.abc import Callable
+from typing import Protocol, TypeVar
 
 from aqtune.collect.sockdiag import NETLINK_SOCK_DIAG, DumpProgress
 from aqtune.records import Listener
@@ -34,3 +35,22 @@ def dump(sock: socket.socket, request: bytes, decoder: Decoder, netns: str,
             break
         decoder(progress, buf, size)
     return progress.skipped
+
+
+class _Progress(Protocol):
+    done: bool
+
+
+P = TypeVar("P", bound=_Progress)
+
+
+def dump_into(sock: socket.socket, request: bytes, progress: P, decoder: Callable[[P, bytearray, int], None]) -> P:
+    """Send one dump request and feed every reply chunk to ``decoder`` until the dump is done."""
+    sock.sendall(request)
+    buf = bytearray(RECV_BUFFER)
+    while not progress.done:
+        size = sock.recv_into(buf)
+        if size == 0:
+            break
+        decoder(progress, buf, size)
+    return progress

@@ -125,6 +125,9 @@ def _read_bounded(path: str, limit: int) -> tuple[bytes, bool]:
     return data[:limit], len(data) > limit
 
 
+read_bounded = _read_bounded  # for the other collectors' reads of /proc files a process chooses the size of
+
+
 def _read(path: str, limit: int = SMALL_MAX) -> str:
     return _read_bounded(path, limit)[0].decode("utf-8", "backslashreplace")
 

@@ -18,6 +18,8 @@ class FindingId(StrEnum):
     STALLED_WORKERS = "stalled-workers"
     WORKERS_SATURATED = "workers-saturated"
     QUEUE_WAIT = "queue-wait"
+    HELD_BY_CONNECTIONS = "held-by-connections"
+    REUSEPORT_STALLED = "reuseport-stalled"
     CAPPED_BY_SOMAXCONN = "capped-by-somaxconn"
     CAPPED_BY_APP = "capped-by-app"
     RELISTEN_NEEDED = "relisten-needed"
@@ -87,6 +89,15 @@ TABLE: tuple[FindingSpec, ...] = (
           "connections wait in the queue longer than `max_queue_wait_ms` (the oldest queued, or accept-wait p99),"
           " even at a low fill: the workers are the limit",
           "names the server's worker knob; never raises a sysctl for it"),
+    _spec(FindingId.HELD_BY_CONNECTIONS, Role.PROBLEM, _W, "listener",
+          "saturated while every worker holds a connection open over `[connections] long_after` or idle for "
+          "`idle_after` (slow or idle clients, or a slow backend): a longer queue adds only waiting",
+          "names the server's knobs that bound how long a connection holds a worker, and its worker count; "
+          "never raises a sysctl for it"),
+    _spec(FindingId.REUSEPORT_STALLED, Role.PROBLEM, _W, "listener",
+          "one socket of an SO_REUSEPORT group is full while its siblings drain: the process serving it "
+          "stopped accepting, and the connections hashed to it wait",
+          "names that process; never raises a sysctl for it"),
     _spec(FindingId.CAPPED_BY_SOMAXCONN, Role.PROBLEM, _W, "listener",
           "saturated in bursts the workers drain, and the backlog equals the namespace's somaxconn: raise it "
           "there to the measured number (worst burst + headroom), then the owner must call listen() again",

@@ -95,6 +95,12 @@ class MetricsPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class ConnectionsPolicy:
+    long_after: float = 30.0  # seconds open after which a connection counts as long-held
+    idle_after: float = 10.0  # seconds without data from the client after which it counts as idle
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerRule:
     port: int | None = None
     address: str | None = None
@@ -116,6 +122,7 @@ class Policy:
     apply: Apply = field(default_factory=Apply)
     journal: JournalPolicy = field(default_factory=JournalPolicy)
     metrics: MetricsPolicy = field(default_factory=MetricsPolicy)
+    connections: ConnectionsPolicy = field(default_factory=ConnectionsPolicy)
     listeners: tuple[ListenerRule, ...] = ()
     source: str = "built-in defaults"
     apply_refused: str | None = None  # why apply mode was downgraded to recommend, if it was
@@ -223,6 +230,8 @@ SCHEMA: dict[str, Any] = {
               "user_namespaces": _boolean},
     "journal": {"window": _within(_number, 0, 3600, low_open=True), "max_per_minute": _within(_integer, 1, 100000)},
     "metrics": {"textfile": _path},
+    "connections": {"long_after": _within(_number, 0, 86400 * 7, low_open=True),
+                    "idle_after": _within(_number, 0, 86400 * 7, low_open=True)},
 }
 LISTENER_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "port": _within(_integer, 0, 65535),
@@ -444,6 +453,7 @@ def _build(settings: dict[str, Any], rules: tuple[ListenerRule, ...], path: str)
         apply=Apply(**apply),
         journal=JournalPolicy(**settings.get("journal", {})),
         metrics=MetricsPolicy(**settings.get("metrics", {})),
+        connections=ConnectionsPolicy(**settings.get("connections", {})),
         listeners=rules,
         source=path,
     )

@@ -13,6 +13,7 @@ from typing import Any
 from aqtune.act.ledger import Ledger
 from aqtune.decide import tick
 from aqtune.decide.assess import Assessment
+from aqtune.decide.connections import group_json, reuseport_groups
 from aqtune.decide.findings import Finding
 from aqtune.decide.policy import Policy
 from aqtune.records import Listener, ListenerEvents, Namespace, Snapshot
@@ -42,7 +43,8 @@ def worst_first(listeners: list[Listener]) -> list[Listener]:
     return sorted(listeners, key=lambda l: (-l.fill, -(l.drops or 0), l.netns, l.address))
 
 
-def listener_json(listener: Listener, findings: list[Finding], events: ListenerEvents | None = None) -> dict[str, Any]:
+def listener_json(listener: Listener, findings: list[Finding], events: ListenerEvents | None = None,
+                  group: dict[str, Any] | None = None) -> dict[str, Any]:
     return {
         "netns": listener.netns,
         "proto": listener.proto,
@@ -55,6 +57,7 @@ def listener_json(listener: Listener, findings: list[Finding], events: ListenerE
         "cookie": listener.cookie,
         "inode": listener.inode,
         "uid": listener.uid,
+        "group": group,  # its SO_REUSEPORT group ({address, members}), or None
         "processes": [
             {"pid": p.pid, "comm": p.comm, "cmdline": p.cmdline, "unit": p.unit} for p in listener.processes
         ],
@@ -88,12 +91,13 @@ def snapshot_json(snapshot: Snapshot, advice: Assessment, events: Mapping[int, L
                   ebpf: dict[str, Any] | None = None, source: str = "sweep") -> dict[str, Any]:
     """The status document; ``events`` maps socket inodes to what eBPF saw, where it runs."""
     seen = events or {}
+    groups = reuseport_groups(snapshot.listeners)
     return {
         "source": source,
         "taken_at": snapshot.taken_at,
         "duration_ms": round(snapshot.duration * 1000, 3),
         "listeners": [listener_json(listener, advice.listener_findings.get((listener.netns, listener.cookie), []),
-                                    seen.get(listener.inode))
+                                    seen.get(listener.inode), group_json(listener, groups))
                       for listener in worst_first(snapshot.listeners)],
         "namespaces": [namespace_json(namespace, advice.namespace_findings.get(namespace.name, []))
                        for namespace in snapshot.namespaces],

@@ -64,7 +64,7 @@ def test_snapshot_json() -> None:
     first = document["listeners"][0]
     assert first == {
         "netns": "host", "proto": "tcp", "address": "127.0.0.1:81", "port": 81, "queue": 5, "backlog": 4,
-        "fill": 1.25, "drops": 7, "cookie": 2, "inode": 1002, "uid": 0,
+        "fill": 1.25, "drops": 7, "cookie": 2, "inode": 1002, "uid": 0, "group": None,
         "processes": [{"pid": 10, "comm": "nginx", "cmdline": "nginx: master", "unit": "nginx.service"},
                       {"pid": 11, "comm": "nginx", "cmdline": "nginx: worker", "unit": "nginx.service"}],
         "events": None,
