@@ -31,7 +31,7 @@ SampleKey = tuple[str, tuple[tuple[str, str], ...]]
 
 def listener(address: str, queue: int = 0, backlog: int = 8, drops: int | None = 0, cookie: int = 1,
              netns: str = "host", processes: tuple[Process, ...] = ()) -> Listener:
-    proto = "tcp" if address[:1].isdigit() else "unix"
+    proto = "tcp" if address[:1] in "0123456789" and address != "" else "unix"
     port = int(address.rsplit(":", 1)[1]) if proto == "tcp" else None
     return Listener(netns, proto, address, port, queue, backlog, drops, cookie, cookie + 1000, 0, processes)
 
