@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from aqtune.decide import servers
+from aqtune.decide.connections import held_by_connections, reuseport_groups, reuseport_stalled
 from aqtune.decide.diagnose import Raised, diagnose_listener, diagnose_namespace, queue_wait_ms
 from aqtune.decide.findings import Finding
 from aqtune.decide.policy import ListenerRule, Policy, rule_for
 from aqtune.decide.tuning import SOMAXCONN, Managed
 from aqtune.model.history import ListenerKey, ListenerWindow, Model, counter_deltas, listener_window
-from aqtune.records import Listener, ListenerEvents, Snapshot
+from aqtune.records import ConnectionSummary, Listener, ListenerEvents, Snapshot
 
 
 @dataclass(slots=True)
@@ -31,7 +33,9 @@ class Assessment:
 
 def assess(snapshot: Snapshot, model: Model, policy: Policy, managed: dict[str, dict[str, Managed]],
            one_shot: bool = False, requested: dict[int, int] | None = None,
-           events: Mapping[int, ListenerEvents] | None = None) -> Assessment:
+           events: Mapping[int, ListenerEvents] | None = None,
+           connections: Mapping[ListenerKey, ConnectionSummary] | None = None,
+           serving: Mapping[int, Iterable[int]] | None = None) -> Assessment:
     """Judge every listener of ``snapshot`` against ``policy`` using ``model``'s history.
 
     ``managed`` maps namespace names to what aqtune changed there; ``requested`` maps socket inodes
@@ -39,6 +43,7 @@ def assess(snapshot: Snapshot, model: Model, policy: Policy, managed: dict[str, 
     a single sample, so "sustained" means "now".
     """
     result = Assessment()
+    groups = reuseport_groups(snapshot.listeners)
     somaxconn = {ns.name: ns.sysctls.get(SOMAXCONN) for ns in snapshot.namespaces}
     for listener in snapshot.listeners:
         key = (listener.netns, listener.cookie)
@@ -67,9 +72,19 @@ def assess(snapshot: Snapshot, model: Model, policy: Policy, managed: dict[str, 
                                  0.0 if one_shot else sustain, history.since, history.worst_burst)
         result.windows[key] = window
         raised = Raised(record.original, record.applied, record.earlier) if record else None
+        causes: list[Finding] = []
+        if window.saturated:
+            # What keeps the queue from draining, where the connections show it: a stuck reuseport
+            # sibling, or workers all held by long or idle connections.
+            group = groups.get((listener.netns, listener.proto, listener.address))
+            stuck = reuseport_stalled(listener, group, policy, serving) if group else None
+            summary = (connections or {}).get(key)
+            held = (held_by_connections(listener, summary, servers.identify(listener.processes), policy)
+                    if summary is not None and stuck is None else None)
+            causes = [f for f in (stuck, held) if f is not None]
         findings = diagnose_listener(listener, window, somaxconn.get(listener.netns),
                                      (requested or {}).get(listener.inode), raised, policy,
-                                     seen, clear_ratio)
+                                     seen, clear_ratio, causes)
         if findings:
             result.listener_findings[key] = findings
     for namespace in snapshot.namespaces:

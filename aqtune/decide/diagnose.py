@@ -140,12 +140,15 @@ def _since(window: ListenerWindow) -> str:
 
 def diagnose_listener(listener: Listener, window: ListenerWindow, somaxconn: int | None,
                       requested: int | None, raised: Raised | None, policy: Policy,
-                      events: ListenerEvents | None = None, clear_ratio: float | None = None) -> list[Finding]:
+                      events: ListenerEvents | None = None, clear_ratio: float | None = None,
+                      causes: list[Finding] | None = None) -> list[Finding]:
     """Findings for one listener: its state, then the one limiting factor with its own remedy.
 
     Only a queue too short for bursts its workers drain gets backlog advice (and only that advice can
     lead to a sysctl change); stalled, busy or slow workers get the server's worker knob. A listener
     still waiting to call listen() again after aqtune raised somaxconn is told so, even when idle.
+    ``causes`` are what the listener's connections show keeps the queue from draining (a stuck
+    reuseport sibling, workers held by long connections): where one holds, it is the limiting factor.
     """
     owner = owner_label(listener.processes)
     server = servers.identify(listener.processes)
@@ -184,6 +187,10 @@ def diagnose_listener(listener: Listener, window: ListenerWindow, somaxconn: int
             {"backlog": listener.backlog, "somaxconn": somaxconn, "raised_from": raised.original},
         ))
     workers = servers.worker_knob_text(server)
+    if window.saturated and factor is not Factor.SNAPSHOT and not relisten and causes:
+        stuck = [f for f in causes if f.id is FindingId.REUSEPORT_STALLED]
+        if stuck or factor is not Factor.BURSTS:
+            return findings + (stuck or causes)
     if factor is Factor.SLOW and (window.saturated or not relisten):
         findings.append(Finding(
             FindingId.QUEUE_WAIT,

@@ -7,7 +7,7 @@ so what the daemon does and what the tests prove are the same code.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from aqtune.decide.assess import Assessment, assess
@@ -15,7 +15,7 @@ from aqtune.decide.findings import Finding, FindingId
 from aqtune.decide.policy import Policy, owner_allowed
 from aqtune.decide.tuning import Change, Managed, NamespaceState, plan
 from aqtune.model.history import ListenerKey, ListenerWindow, Model
-from aqtune.records import ListenerEvents, Snapshot
+from aqtune.records import ConnectionSummary, ListenerEvents, Snapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,15 +48,20 @@ def history_horizon(policy: Policy) -> float:
 
 
 def decide(snapshot: Snapshot, events: Mapping[int, ListenerEvents], model: Model, policy: Policy,
-           managed: Mapping[int, dict[str, Managed]], one_shot: bool = False) -> Decision:
+           managed: Mapping[int, dict[str, Managed]], one_shot: bool = False,
+           connections: Mapping[ListenerKey, ConnectionSummary] | None = None,
+           serving: Mapping[int, Iterable[int]] | None = None) -> Decision:
     """Judge ``snapshot`` against ``policy`` with ``model``'s history (already updated with it).
 
     ``events`` maps socket inodes to what eBPF saw; ``managed`` maps namespace inodes to what aqtune
-    changed there (the ledger). A one-shot decision has one sample, so "sustained" means "now".
+    changed there (the ledger); ``connections`` the summaries of saturated listeners' connections and
+    ``serving`` which pids accept on which listener inode, where they were looked at. A one-shot
+    decision has one sample, so "sustained" means "now".
     """
     by_name = {ns.name: managed.get(ns.inode, {}) for ns in snapshot.namespaces}
     requested = {inode: e.requested_backlog for inode, e in events.items() if e.requested_backlog}
-    assessment = assess(snapshot, model, policy, by_name, one_shot=one_shot, requested=requested, events=events)
+    assessment = assess(snapshot, model, policy, by_name, one_shot=one_shot, requested=requested, events=events,
+                        connections=connections, serving=serving)
     decision = Decision(assessment)
     trusted, untrusted = _by_rights(snapshot, assessment, policy)
     for namespace in snapshot.namespaces:

@@ -17,16 +17,20 @@ from aqtune.act.changes import Applier
 from aqtune.act.ledger import Ledger
 from aqtune.act.log import EventLog
 from aqtune.act.report import DegradedReporter, DropReporter, FindingReporter
-from aqtune.collect import netns, procfs
+from aqtune.collect import connections as conns
+from aqtune.collect import netns, procfs, sockdiag
 from aqtune.collect.ebpf import EMIT_DROPS, Event, EventLayer, Unavailable, unavailable_status
 from aqtune.collect.sweep import sweep
 from aqtune.decide.policy import Policy
 from aqtune.decide.tick import Decision, decide, history_horizon
 from aqtune.messages import MessageId
-from aqtune.model.history import Model
-from aqtune.records import ListenerEvents, Snapshot
+from aqtune.model.history import ListenerKey, Model
+from aqtune.records import ConnectionSummary, ListenerEvents, Snapshot
 from aqtune.surfaces.publish import DaemonFacts, Publisher
 from aqtune.text import cescape
+
+CONNECTIONS_EVERY = 5.0  # seconds between looks at the connections of full listeners (an fd scan each)
+MAX_LOOKED_AT = 20  # full listeners whose connections one look reads: bounded whatever users create
 
 
 @dataclass(slots=True)
@@ -34,6 +38,8 @@ class Observation:
     snapshot: Snapshot
     events: Mapping[int, ListenerEvents]
     cpu_seconds: dict[int, float]
+    connections: Mapping[ListenerKey, ConnectionSummary] = field(default_factory=dict)
+    serving: Mapping[int, set[int]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -44,6 +50,7 @@ class Observer:
     owners: procfs.OwnerCache = field(default_factory=procfs.OwnerCache)
     events: EventLayer | None = None
     ebpf_status: dict[str, Any] = field(default_factory=lambda: unavailable_status("not started"))
+    looked: tuple[float, dict[ListenerKey, ConnectionSummary], dict[int, set[int]]] = (float("-inf"), {}, {})
 
     def start_events(self, log: EventLog, on_event: Any) -> None:
         """Load the eBPF layer, or say why aqtune runs on the sweep alone."""
@@ -61,7 +68,7 @@ class Observer:
             if not how.attached:
                 log.warning(f"eBPF probe {probe} {how}", MessageId.DEGRADED, probe=probe)
 
-    def observe(self) -> Observation:
+    def observe(self, policy: Policy) -> Observation:
         snapshot = sweep(self.select, owner_cache=self.owners)
         pids = {p.pid for listener in snapshot.listeners for p in listener.processes}
         observed: dict[int, ListenerEvents] = {}
@@ -70,7 +77,31 @@ class Observer:
             observed = self.events.read({listener.inode: listener.queue for listener in snapshot.listeners})
             self.ebpf_status = self.events.status()
             self.events.forget_closed(observed.keys(), {listener.inode for listener in snapshot.listeners})
-        return Observation(snapshot, observed, procfs.cpu_seconds(pids))
+        summaries, serving = self._connections(snapshot, policy)
+        return Observation(snapshot, observed, procfs.cpu_seconds(pids), summaries, serving)
+
+    def _connections(self, snapshot: Snapshot,
+                     policy: Policy) -> tuple[dict[ListenerKey, ConnectionSummary], dict[int, set[int]]]:
+        """What holds the workers of full listeners (and which process serves each reuseport sibling):
+        read only for listeners full now, at most MAX_LOOKED_AT, every CONNECTIONS_EVERY seconds."""
+        full = sorted((l for l in snapshot.listeners if l.fill >= policy.saturation.fill_ratio),
+                      key=lambda l: -l.fill)[:MAX_LOOKED_AT]
+        when, summaries, serving = self.looked
+        if not full:
+            self.looked = (when, {}, {})
+            return {}, {}
+        if snapshot.taken_at - when < CONNECTIONS_EVERY:
+            return summaries, serving
+        wanted = conns.with_group_members(full, snapshot.listeners)
+        try:
+            summaries = conns.summarize(snapshot.namespaces, wanted, policy.connections.long_after,
+                                        policy.connections.idle_after,
+                                        accepted_at=self.events.accepted_at if self.events else None)
+            serving = conns.serving(wanted)
+        except (OSError, netns.NamespaceGone, sockdiag.NetlinkError):
+            summaries, serving = {}, {}  # a namespace gone meanwhile: the next look will do
+        self.looked = (snapshot.taken_at, summaries, serving)
+        return summaries, serving
 
     def close(self) -> None:
         if self.events:
@@ -104,13 +135,14 @@ class Runner:
             self.drops.remember_peer(event.inode, event.peer)
 
     def tick(self) -> tuple[Snapshot, Decision]:
-        seen = self.observer.observe()
+        seen = self.observer.observe(self.policy)
         snapshot = seen.snapshot
         self.model.observe(snapshot, seen.cpu_seconds, history_horizon(self.policy), seen.events)
         ledger = self.applier.ledger
         self.applier.follow_ledger(snapshot)
         decision = decide(snapshot, seen.events, self.model, self.policy,
-                          {ns.inode: ledger.managed(ns.inode) for ns in snapshot.namespaces})
+                          {ns.inode: ledger.managed(ns.inode) for ns in snapshot.namespaces},
+                          connections=seen.connections, serving=seen.serving)
         self.model.settle(decision.judged)
         for namespace in snapshot.namespaces:
             if namespace.error and not namespace.error.startswith("vanished"):
