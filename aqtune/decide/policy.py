@@ -75,6 +75,16 @@ class MetricsPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkLimits:
+    """What the daemon does per sweep at most, whatever local users create (namespaces, listeners)."""
+
+    sweep_seconds: float = 2.0  # time budget of one sweep, checked between namespaces
+    namespaces: int = 500  # namespaces read per sweep; the rest are read first in the next one
+    listeners: int = 20_000  # listeners tracked at once; the excess is sampled round-robin
+    published_listeners: int = 2_000  # listed in the state file, worst first; the rest are counted
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerRule:
     port: int | None = None
     address: str | None = None
@@ -96,6 +106,7 @@ class Policy:
     apply: Apply = field(default_factory=Apply)
     journal: JournalPolicy = field(default_factory=JournalPolicy)
     metrics: MetricsPolicy = field(default_factory=MetricsPolicy)
+    limits: WorkLimits = field(default_factory=WorkLimits)
     listeners: tuple[ListenerRule, ...] = ()
     source: str = "built-in defaults"
     apply_refused: str | None = None  # why apply mode was downgraded to recommend, if it was
@@ -177,6 +188,9 @@ SCHEMA: dict[str, Any] = {
     "apply": {"namespaces": _names, "persist": _boolean, "rollback_on_exit": _boolean},
     "journal": {"window": _within(_number, 0, 3600, low_open=True), "max_per_minute": _within(_integer, 1, 100000)},
     "metrics": {"textfile": _path},
+    "limits": {"sweep_seconds": _within(_number, 0, 3600, low_open=True),
+               "namespaces": _within(_integer, 1, 1_000_000), "listeners": _within(_integer, 1, 10_000_000),
+               "published_listeners": _within(_integer, 1, 10_000_000)},
 }
 LISTENER_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "port": _within(_integer, 0, 65535),
@@ -313,6 +327,7 @@ def _build(settings: dict[str, Any], rules: tuple[ListenerRule, ...], path: str)
         apply=Apply(**apply),
         journal=JournalPolicy(**settings.get("journal", {})),
         metrics=MetricsPolicy(**settings.get("metrics", {})),
+        limits=WorkLimits(**settings.get("limits", {})),
         listeners=rules,
         source=path,
     )
