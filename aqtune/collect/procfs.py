@@ -62,16 +62,19 @@ def unit_from_cgroup(text: str) -> str | None:
     return None
 
 
-def _read(path: str) -> str:
+CMDLINE_MAX = 4096  # bytes of a command line kept: any user's argv can be megabytes, on every socket
+
+
+def _read(path: str, limit: int = -1) -> str:
     with open(path, "rb") as f:
-        return f.read().decode("utf-8", "backslashreplace")
+        return f.read(limit).decode("utf-8", "backslashreplace")
 
 
 def describe_process(pid: int, proc: str = "/proc") -> Process | None:
     """comm, cmdline and unit of ``pid``; None if it exited meanwhile."""
     try:
         comm = _read(f"{proc}/{pid}/comm").rstrip("\n")
-        cmdline = _read(f"{proc}/{pid}/cmdline").replace("\0", " ").strip()
+        cmdline = _read(f"{proc}/{pid}/cmdline", CMDLINE_MAX).replace("\0", " ").strip()
         cgroup = _read(f"{proc}/{pid}/cgroup")
     except OSError:
         return None

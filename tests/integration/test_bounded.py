@@ -29,6 +29,7 @@ from typing import Any
 import pytest
 
 from aqtune.collect import netns as aq_netns
+from aqtune.collect import procfs
 from aqtune.collect.sweep import IDLE_REVISIT, MIN_VISITS, Budget, Sweeper
 from aqtune.model.history import Model
 from aqtune.surfaces.publish import CMDLINE_SHOWN
@@ -333,3 +334,18 @@ def test_listeners_over_the_budget_take_turns_and_queued_ones_stay(
         assert queued["cookie"] in cookies
         seen |= cookies
     assert seen == {l["cookie"] for l in listeners}
+
+
+def test_a_command_line_is_read_only_so_far() -> None:
+    padding = "x" * 100_000  # one argument: at most 128 KiB each
+    process = subprocess.Popen([PYTHON, "-c", "import sys; sys.stdin.read()", padding], stdin=subprocess.PIPE)
+    try:
+        wait_until(lambda: len(Path(f"/proc/{process.pid}/cmdline").read_bytes()) > 100_000, "the long command line")
+        described = procfs.describe_process(process.pid)
+        assert described is not None
+        assert described.cmdline.startswith(f"{PYTHON} -c import sys")
+        assert len(described.cmdline.encode()) <= procfs.CMDLINE_MAX
+    finally:
+        assert process.stdin is not None
+        process.stdin.close()
+        process.wait(timeout=10)

@@ -14,6 +14,7 @@ import pytest
 from aqtune.act.ledger import Ledger
 from aqtune.act.log import EventLog
 from aqtune.act.report import DegradedReporter
+from aqtune.act.throttle import PRUNE_AT, Budget, Throttle
 from aqtune.collect.netns import NamespaceRef
 from aqtune.collect.sweep import IDLE_REVISIT, Visit, has_sockets, parse_protocols, plan_visits, select_listeners
 from aqtune.decide.policy import MetricsPolicy, Policy, PolicyError, WorkLimits, parse
@@ -206,3 +207,18 @@ def test_limits_are_policy_keys() -> None:
         parse("[limits]\nnamespaces = 0\n")
     with pytest.raises(PolicyError, match=r"limits\.sweep_seconds: must be in"):
         parse("[limits]\nsweep_seconds = nan\n")
+
+
+def test_throttles_and_budgets_forget_what_users_created_and_left() -> None:
+    # One key per namespace name that ever erred (pid:N names churn), one source per listener that ever
+    # dropped: both come and go with what users create.
+    throttle: Throttle[str] = Throttle(300.0)
+    budget: Budget[str] = Budget(per_minute=30, per_source=5)
+    for step in range(20_000):
+        now = step * 1.0
+        assert throttle.due(f"netns pid:{step}", now)
+        budget.allow([f"pid:{step} 127.0.0.1:80"], now)
+        assert len(throttle.said) <= PRUNE_AT and len(budget.by_source) <= budget.per_minute + 1
+    # What is still within its time is remembered.
+    assert not throttle.due("netns pid:19999", 20_000.0)
+    assert throttle.holds("netns pid:19800", 20_000.0)
