@@ -38,6 +38,7 @@ MAX_NAMESPACES = 5000
 MAX_LISTENERS = 200_000
 FIRST_PORT = 1024
 PORTS = 65536 - FIRST_PORT
+CLIENT_ADDRESS = "127.255.0.1"
 
 _libc = ctypes.CDLL(None, use_errno=True)
 
@@ -113,8 +114,9 @@ def listeners(count: int, life: float, backlog: int, fill: int) -> int:
     """``count`` listeners over as many processes as the file descriptor limit needs (one
     process can hold at most its hard RLIMIT_NOFILE, which only CAP_SYS_RESOURCE raises)."""
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    per_process = max((count if hard == resource.RLIM_INFINITY else hard) - 64, 1)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (min(count, per_process) + 64, hard))
+    limit = count + fill + 64 if hard == resource.RLIM_INFINITY else hard
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    per_process = max(limit - fill - 64, 1)  # the first process also holds the clients
     parent = os.getpid()
     children = []
     try:
@@ -134,6 +136,7 @@ def listeners(count: int, life: float, backlog: int, fill: int) -> int:
         clients = []
         for sock in held[:fill]:
             client = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            client.bind((CLIENT_ADDRESS, 0))  # the listeners hold 127.0.0.1's ports, ephemeral ones too
             client.connect(sock.getsockname())  # loopback: the handshake completes into the queue at once
             clients.append(client)
         # Every child's listeners are open once the namespace counts them all.

@@ -349,3 +349,38 @@ def test_a_command_line_is_read_only_so_far() -> None:
         assert process.stdin is not None
         process.stdin.close()
         process.wait(timeout=10)
+
+
+def test_moving_counters_bring_a_sweep_of_just_their_namespace(
+        netns: Callable[[], TestNamespace], tmp_path: Path) -> None:
+    """Between two sweeps a long interval apart, drops in one namespace bring a sweep of that namespace
+    forward; the others stand in from the last sweep (stale), so the early sweep costs one namespace."""
+    flooded, quiet = netns(), netns()
+    (target,) = flooded.listen("tcp4:2").ready()["listeners"]
+    (other,) = quiet.listen("tcp4:2").ready()["listeners"]
+    state = tmp_path / "state"
+    policy = write_policy(tmp_path / "policy.toml", 'interval = 30\n[saturation]\nsustain = 60\n')
+    daemon = ServiceDaemon(["--config", str(policy), "--state-dir", str(state), "--dry-run", "--no-ebpf"],
+                           tmp_path / "daemon.log", env={"AQTUNE_LOG": "console"})
+    try:
+        first = wait_until(lambda: read_state(state) or daemon.alive(), "the first sweep", timeout=START_TIMEOUT)
+        assert isinstance(first, dict), first
+        # The listen(2) queue holds 3; the rest of the SYNs are dropped, and dropped again as they are resent.
+        flooded.flood([(f"tcp:{target['address']}", 12)], hold=60)
+
+        def early() -> dict[str, Any] | None:
+            document = read_state(state)
+            assert daemon.alive() is None, daemon.alive()
+            if document is None or document["taken_at"] == first["taken_at"]:
+                return None
+            fresh = {ns["name"]: not ns["stale"] for ns in document["namespaces"]}
+            return document if fresh.get(flooded.name) and fresh.get(quiet.name) is False else None
+
+        document = wait_until(early, "a sweep of the flooded namespace alone", timeout=20)
+    finally:
+        daemon.stop()
+    shown = {(l["netns"], l["address"]): l for l in document["listeners"]}
+    assert shown[(flooded.name, target["address"])]["queue"] == 3
+    assert shown[(flooded.name, target["address"])]["stale"] is False
+    assert shown[(quiet.name, other["address"])]["stale"] is True
+    assert document["sweep"]["partial"] is False
