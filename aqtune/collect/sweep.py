@@ -18,11 +18,11 @@ needs no privilege) and each namespace's TCP dump walks the kernel's host-wide l
 
 from __future__ import annotations
 
-import bisect
 import errno
+import heapq
 import socket
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from aqtune.collect import netlink, netns, procfs, sockdiag
@@ -61,9 +61,15 @@ def _socket_counts() -> dict[str, int] | None:
         return None
 
 
-def read_namespace(ref: netns.NamespaceRef) -> tuple[Namespace, list[Listener]]:
-    """Listeners, sysctls and TcpExt counters of one namespace, read from inside it."""
+def read_namespace(ref: netns.NamespaceRef, into: Kept | None = None) -> tuple[Namespace, list[Listener]]:
+    """Listeners, sysctls and TcpExt counters of one namespace, read from inside it.
+
+    With ``into``, the listeners go there as they are decoded (and the list returned is empty), so a
+    namespace of any size costs the memory of what ``into`` keeps.
+    """
     rows: list[Listener] = []
+    drain = into.offer if into is not None else None
+    offered = into.offered if into is not None else 0
     namespace = Namespace(ref.name, ref.inode, path=ref.path, read_at=time.time())
     skipped = 0
     with netns.entered(ref):
@@ -76,25 +82,25 @@ def read_namespace(ref: netns.NamespaceRef) -> tuple[Namespace, list[Listener]]:
                 ifnames = dict(socket.if_nameindex())
                 for family in (socket.AF_INET, socket.AF_INET6):
                     skipped += netlink.dump(sock, sockdiag.inet_listen_request(family), sockdiag.decode_inet,
-                                            ref.name, rows, ifnames)
+                                            ref.name, rows, ifnames, drain)
             if has_sockets(counts, UNIX_PROTOCOLS):
                 try:
                     skipped += netlink.dump(sock, sockdiag.unix_listen_request(), sockdiag.decode_unix,
-                                            ref.name, rows)
+                                            ref.name, rows, drain=drain)
                 except sockdiag.NetlinkError as exc:
                     # unix_diag is a module; without it TCP is still worth reporting.
                     if exc.errno != errno.ENOENT:
                         raise
                     namespace.error = "unix_diag unavailable (modprobe unix_diag): Unix listeners not shown"
-    namespace.listeners = len(rows)
+    namespace.listeners = len(rows) + (into.offered - offered if into is not None else 0)
     namespace.skipped_messages = skipped
     return namespace, rows
 
 
-def _read(ref: netns.NamespaceRef) -> tuple[Namespace, list[Listener]]:
+def _read(ref: netns.NamespaceRef, into: Kept | None = None) -> tuple[Namespace, list[Listener]]:
     """read_namespace, with a namespace that vanished or cannot be read reported in its record."""
     try:
-        return read_namespace(ref)
+        return read_namespace(ref, into)
     except netns.NamespaceGone as exc:
         return Namespace(ref.name, ref.inode, error=f"vanished during the sweep ({exc})"), []
     except PermissionError:
@@ -188,28 +194,58 @@ def _rank(listener: Listener) -> int:
     return 1 if listener.queue > 0 else 2
 
 
+_COOKIES = 1 << 64
+
+
+class Kept:
+    """At most ``limit`` listeners, chosen as they are offered: by rank, and within the rank that does
+    not fit whole, round-robin by socket cookie from just after ``cursor`` (the next sweep resumes
+    after the last one kept). Holds no more than ``limit`` rows whatever is offered."""
+
+    def __init__(self, limit: int, cursor: int) -> None:
+        self.limit = max(limit, 1)
+        self.cursor = cursor
+        self.offered = 0
+        self._rows: list[Listener] = []  # while under the limit, in the order offered
+        # Past it, a heap whose top is the least wanted row kept: (negated priority, tie-break, row).
+        self._heap: list[tuple[tuple[int, int], int, Listener]] = []
+
+    def _priority(self, row: Listener) -> tuple[int, int]:
+        return _rank(row), (row.cookie - self.cursor - 1) % _COOKIES
+
+    def offer(self, rows: Iterable[Listener]) -> None:
+        heap = self._heap
+        for row in rows:
+            self.offered += 1
+            if not heap:
+                if len(self._rows) < self.limit:
+                    self._rows.append(row)
+                    continue
+                heap[:] = [(self._negated(kept), -index, kept) for index, kept in enumerate(self._rows)]
+                heapq.heapify(heap)
+                self._rows = []
+            rank, turn = self._priority(row)
+            least = heap[0][0]
+            if (-rank, -turn) > least:
+                heapq.heapreplace(heap, ((-rank, -turn), -self.offered, row))
+
+    def _negated(self, row: Listener) -> tuple[int, int]:
+        rank, turn = self._priority(row)
+        return -rank, -turn
+
+    def result(self) -> tuple[list[Listener], int]:
+        """The rows kept and the cursor for the next sweep."""
+        if not self._heap:
+            return list(self._rows), self.cursor
+        ordered = sorted(self._heap, key=lambda entry: entry[:2], reverse=True)
+        return [row for _, _, row in ordered], ordered[-1][2].cookie
+
+
 def select_listeners(rows: list[Listener], limit: int, cursor: int) -> tuple[list[Listener], int]:
-    """At most ``limit`` of ``rows`` by rank; within the rank that does not fit whole, round-robin by
-    socket cookie from just after ``cursor``. Returns the rows kept and the cursor for next time (pure)."""
-    if len(rows) <= limit:
-        return rows, cursor
-    ranks: list[list[Listener]] = [[], [], []]
-    for row in rows:
-        ranks[_rank(row)].append(row)
-    kept: list[Listener] = []
-    for group in ranks:
-        room = limit - len(kept)
-        if len(group) <= room:
-            kept += group
-            continue
-        group.sort(key=lambda row: row.cookie)
-        start = bisect.bisect_right([row.cookie for row in group], cursor)
-        chosen = (group[start:] + group[:start])[:room]
-        kept += chosen
-        if chosen:
-            cursor = chosen[-1].cookie
-        break
-    return kept, cursor
+    """At most ``limit`` of ``rows`` as Kept chooses them, and the cursor for next time (pure)."""
+    kept = Kept(limit, cursor)
+    kept.offer(rows)
+    return kept.result()
 
 
 @dataclass(slots=True)
@@ -237,23 +273,23 @@ class Sweeper:
             del self.visits[gone]
         now = self.clock()
         due = plan_visits(refs, self.visits, now, focus)
+        kept = Kept(self.budget.listeners, self.cursor)
         fresh: dict[netns.NamespaceRef, Namespace] = {}
-        rows: dict[netns.NamespaceRef, list[Listener]] = {}
         for index, ref in enumerate(due):
             if index >= MIN_VISITS and (index >= self.budget.namespaces
                                         or time.perf_counter() - clock >= self.budget.seconds):
                 break
             self.progress()
-            namespace, found = _read(ref)
+            namespace, _ = _read(ref, kept)
             fresh[ref] = namespace
             if namespace.error and namespace.error.startswith("vanished"):
                 self.visits.pop(ref, None)
                 continue
-            rows[ref] = found
-            self.visits[ref] = Visit(namespace, found, now)
+            self.visits[ref] = Visit(namespace, [], now)
         self.read = [ref for ref in fresh if ref in self.visits]
         skipped = len(due) - len(fresh)
         namespaces: list[Namespace] = []
+        tracked: list[netns.NamespaceRef] = list(self.read)
         idle = 0
         for ref in refs:
             if ref in fresh:
@@ -265,16 +301,16 @@ class Sweeper:
                 continue
             # Not read this time: its last figures and rows stand in, so its history goes on.
             namespaces.append(replace(visit.namespace, stale=True))
-            rows[ref] = visit.rows
+            kept.offer(visit.rows)
+            tracked.append(ref)
         self.progress()
-        candidates = [row for found in rows.values() for row in found]
-        listeners, self.cursor = select_listeners(candidates, self.budget.listeners, self.cursor)
-        if len(listeners) < len(candidates):
-            # Only the kept rows stand in for a namespace later: what is tracked stays within the budget.
-            kept = {id(row) for row in listeners}
-            for ref, visit in self.visits.items():
-                if ref in rows:
-                    visit.rows = [row for row in rows[ref] if id(row) in kept]
+        listeners, self.cursor = kept.result()
+        # What stands in for a namespace later is what is tracked now: within the budget in all.
+        by_name: dict[str, list[Listener]] = {}
+        for row in listeners:
+            by_name.setdefault(row.netns, []).append(row)
+        for ref in tracked:
+            self.visits[ref].rows = by_name.get(ref.name, [])
         _with_owners(listeners, started, True, owner_cache)
         # Counted against every listener its namespace held when read, so a namespace standing in with the
         # rows it was trimmed to still says how many it has.

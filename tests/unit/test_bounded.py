@@ -16,7 +16,7 @@ from aqtune.act.log import EventLog
 from aqtune.act.report import DegradedReporter
 from aqtune.act.throttle import PRUNE_AT, Budget, Throttle
 from aqtune.collect.netns import NamespaceRef
-from aqtune.collect.sweep import IDLE_REVISIT, Visit, has_sockets, parse_protocols, plan_visits, select_listeners
+from aqtune.collect.sweep import IDLE_REVISIT, Kept, Visit, has_sockets, parse_protocols, plan_visits, select_listeners
 from aqtune.decide.policy import MetricsPolicy, Policy, PolicyError, WorkLimits, parse
 from aqtune.decide.tick import decide
 from aqtune.model.history import Model
@@ -222,3 +222,22 @@ def test_throttles_and_budgets_forget_what_users_created_and_left() -> None:
     # What is still within its time is remembered.
     assert not throttle.due("netns pid:19999", 20_000.0)
     assert throttle.holds("netns pid:19800", 20_000.0)
+
+
+def test_listeners_are_chosen_as_they_are_decoded_the_same_as_all_at_once() -> None:
+    # A dump is handed over chunk by chunk; what is kept must not depend on the chunks, and never more
+    # than the limit is held (a namespace of any size costs the budget's memory).
+    rows = [row(cookie * 7919 % 1000, uid=(0 if cookie % 13 == 0 else 1000), queue=cookie % 5 == 0)
+            for cookie in range(1000)]
+    for cursor in (-1, 0, 500, 999):
+        whole, whole_cursor = select_listeners(rows, 100, cursor)
+        kept = Kept(100, cursor)
+        for start in range(0, len(rows), 37):
+            kept.offer(rows[start:start + 37])
+            assert len(kept.result()[0]) <= 100
+        chunked, chunked_cursor = kept.result()
+        assert [r.cookie for r in chunked] == [r.cookie for r in whole] and chunked_cursor == whole_cursor
+        # By rank, then the cookies just after the cursor.
+        ranked = sorted(rows, key=lambda r: (0 if r.uid == 0 else 1 if r.queue else 2, (r.cookie - cursor - 1) % 2**64))
+        assert [r.cookie for r in whole] == [r.cookie for r in ranked[:100]]
+        assert whole_cursor == whole[-1].cookie
