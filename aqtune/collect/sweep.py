@@ -6,9 +6,9 @@ needs no privilege) and each namespace's TCP dump walks the kernel's host-wide l
 
 - a time budget and a number of namespaces per sweep; what a sweep did not reach is read first in
   the next one (oldest read first), so every namespace is read within a bounded number of sweeps;
-- a namespace where the last read found no listener is read again only every IDLE_REVISIT seconds,
-  and one without any TCP or Unix socket at all (``/proc/net/protocols``, a per-namespace count)
-  costs no dump;
+- a namespace where the last read found no listener is looked at again only every IDLE_REVISIT
+  seconds, and then read only if it holds a TCP or Unix socket (``/proc/net/protocols`` counts them
+  per namespace); a namespace without such sockets costs no dump in any read;
 - a namespace the budget did not reach keeps its last rows in the snapshot, marked stale: the model
   forgets listeners missing from a snapshot, and a namespace merely not read must not lose its
   history;
@@ -95,6 +95,16 @@ def read_namespace(ref: netns.NamespaceRef, into: Kept | None = None) -> tuple[N
     namespace.listeners = len(rows) + (into.offered - offered if into is not None else 0)
     namespace.skipped_messages = skipped
     return namespace, rows
+
+
+def _without_sockets(ref: netns.NamespaceRef) -> bool:
+    """Whether the namespace holds no TCP or Unix socket at all, so no listener (False when unsure)."""
+    try:
+        with netns.entered(ref):
+            counts = _socket_counts()
+    except (netns.NamespaceGone, OSError):
+        return False
+    return counts is not None and not has_sockets(counts, TCP_PROTOCOLS) and not has_sockets(counts, UNIX_PROTOCOLS)
 
 
 def _read(ref: netns.NamespaceRef, into: Kept | None = None) -> tuple[Namespace, list[Listener]]:
@@ -275,11 +285,17 @@ class Sweeper:
         due = plan_visits(refs, self.visits, now, focus)
         kept = Kept(self.budget.listeners, self.cursor)
         fresh: dict[netns.NamespaceRef, Namespace] = {}
+        rechecked = 0
         for index, ref in enumerate(due):
             if index >= MIN_VISITS and (index >= self.budget.namespaces
                                         or time.perf_counter() - clock >= self.budget.seconds):
                 break
             self.progress()
+            visit = self.visits.get(ref)
+            if visit is not None and visit.idle and _without_sockets(ref):
+                visit.at = now  # still nothing there: a setns and one file read, not a whole read
+                rechecked += 1
+                continue
             namespace, _ = _read(ref, kept)
             fresh[ref] = namespace
             if namespace.error and namespace.error.startswith("vanished"):
@@ -287,7 +303,7 @@ class Sweeper:
                 continue
             self.visits[ref] = Visit(namespace, [], now)
         self.read = [ref for ref in fresh if ref in self.visits]
-        skipped = len(due) - len(fresh)
+        skipped = len(due) - len(fresh) - rechecked
         namespaces: list[Namespace] = []
         tracked: list[netns.NamespaceRef] = list(self.read)
         idle = 0

@@ -311,9 +311,18 @@ def test_a_namespace_without_listeners_is_read_again_only_now_and_then(
     assert (second.idle_namespaces, second.partial) == (1, False)
     # Watched between sweeps: only where listeners are.
     assert [ref.name for ref in sweeper.watched()] == [busy.name]
+    # Looked at again after IDLE_REVISIT: still no socket there, so not read (nor listed) again.
     clock.now += IDLE_REVISIT
     third = sweeper.sweep("all")
-    assert {ns.name for ns in third.namespaces if not ns.stale} == {busy.name, idle.name}
+    assert [ns.name for ns in third.namespaces] == [busy.name] and third.idle_namespaces == 1
+    # A listener there is found at the next look.
+    (listener,) = idle.listen("tcp4:4").ready()["listeners"]
+    clock.now += IDLE_REVISIT - 1
+    assert [ns.name for ns in sweeper.sweep("all").namespaces] == [busy.name]
+    clock.now += 1
+    fourth = sweeper.sweep("all")
+    assert {ns.name for ns in fourth.namespaces} == {busy.name, idle.name}
+    assert listener["cookie"] in {l.cookie for l in fourth.listeners}
 
 
 def test_listeners_over_the_budget_take_turns_and_queued_ones_stay(
