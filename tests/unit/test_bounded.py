@@ -13,7 +13,7 @@ import pytest
 
 from aqtune.act.ledger import Ledger
 from aqtune.act.log import EventLog
-from aqtune.act.report import DegradedReporter
+from aqtune.act.report import MAX_PEERS, MAX_PEERS_TOTAL, DegradedReporter, DropReporter
 from aqtune.act.throttle import PRUNE_AT, Budget, Throttle
 from aqtune.collect.netns import NamespaceRef
 from aqtune.collect.sweep import IDLE_REVISIT, Kept, Visit, has_sockets, parse_protocols, plan_visits, select_listeners
@@ -241,3 +241,12 @@ def test_listeners_are_chosen_as_they_are_decoded_the_same_as_all_at_once() -> N
         ranked = sorted(rows, key=lambda r: (0 if r.uid == 0 else 1 if r.queue else 2, (r.cookie - cursor - 1) % 2**64))
         assert [r.cookie for r in whole] == [r.cookie for r in ranked[:100]]
         assert whole_cursor == whole[-1].cookie
+
+
+def test_peers_kept_between_sweeps_are_bounded_in_all() -> None:
+    reporter = DropReporter(silent_publisher().degraded.log)
+    for inode in range(100):
+        for client in range(MAX_PEERS + 10):
+            reporter.remember_peer(inode, f"10.0.{client // 256}.{client % 256}")
+    assert all(len(peers) <= MAX_PEERS for peers in reporter.peers.values())
+    assert sum(len(peers) for peers in reporter.peers.values()) == MAX_PEERS_TOTAL
