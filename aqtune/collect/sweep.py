@@ -150,7 +150,7 @@ def sweep(select: str = "all", owners: bool = True, owner_cache: procfs.OwnerCac
 
 
 @dataclass(frozen=True, slots=True)
-class Budget:
+class SweepBudget:
     """What one sweep may do (the policy's [limits], and the watchdog's period)."""
 
     seconds: float = 2.0
@@ -266,7 +266,7 @@ class Sweeper:
     listener budget in all); a namespace that disappears is forgotten at the next sweep.
     """
 
-    budget: Budget = field(default_factory=Budget)
+    budget: SweepBudget = field(default_factory=SweepBudget)
     progress: Callable[[], None] = lambda: None  # called between namespaces: the daemon feeds its watchdog
     visits: dict[netns.NamespaceRef, Visit] = field(default_factory=dict)
     cursor: int = -1  # socket cookie after which the listener round-robin resumes

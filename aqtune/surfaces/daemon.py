@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from aqtune.collect import netns, procfs
-from aqtune.collect.sweep import Budget
+from aqtune.collect.sweep import SweepBudget
 from aqtune.decide import policy as policies
 from aqtune.messages import MessageId
 from aqtune.surfaces.run import Runner
@@ -73,8 +73,8 @@ class Notifier:
         return wanted if self.watchdog_every is None else min(wanted, self.watchdog_every / 2)
 
 
-def budget(limits: policies.WorkLimits, notifier: Notifier) -> Budget:
-    return Budget(notifier.sweep_seconds(limits.sweep_seconds), limits.namespaces, limits.listeners)
+def budget(limits: policies.WorkLimits, notifier: Notifier) -> SweepBudget:
+    return SweepBudget(notifier.sweep_seconds(limits.sweep_seconds), limits.namespaces, limits.listeners)
 
 
 def listen_counters(counters: Mapping[str, int]) -> tuple[int, ...]:

@@ -30,7 +30,7 @@ import pytest
 
 from aqtune.collect import netns as aq_netns
 from aqtune.collect import procfs
-from aqtune.collect.sweep import IDLE_REVISIT, MIN_VISITS, Budget, Sweeper
+from aqtune.collect.sweep import IDLE_REVISIT, MIN_VISITS, SweepBudget, Sweeper
 from aqtune.model.history import Model
 from aqtune.surfaces.publish import CMDLINE_SHOWN
 from tests.helpers.aqtune_run import write_policy
@@ -253,7 +253,7 @@ def test_a_cut_sweep_carries_the_rest_forward_and_reads_it_next(
     only(spaces)
     names = [ns.name for ns in spaces]
     clock = Clock()
-    sweeper = Sweeper(Budget(seconds=60, namespaces=2, listeners=100), clock=clock)
+    sweeper = Sweeper(SweepBudget(seconds=60, namespaces=2, listeners=100), clock=clock)
     model = Model()
     read: list[list[str]] = []
     for _ in range(4):
@@ -285,7 +285,7 @@ def test_a_sweep_out_of_time_is_cut_between_namespaces(
     clock = Clock()
     fed: list[int] = []
     # No time at all: each sweep still reads MIN_VISITS namespaces (progress), feeding the watchdog before each.
-    sweeper = Sweeper(Budget(seconds=0.0), progress=lambda: fed.append(1), clock=clock)
+    sweeper = Sweeper(SweepBudget(seconds=0.0), progress=lambda: fed.append(1), clock=clock)
     reads: list[set[str]] = []
     for _ in range(3):
         clock.now += 1
@@ -334,7 +334,7 @@ def test_listeners_over_the_budget_take_turns_and_queued_ones_stay(
     ns.flood([(f"tcp:{queued['address']}", 1)], hold=60)
     wait_until(lambda: ns.ss_tcp()[queued["address"]].queue == 1, "one connection queued")
     only([ns])
-    sweeper = Sweeper(Budget(listeners=10))
+    sweeper = Sweeper(SweepBudget(listeners=10))
     seen: set[int] = set()
     for _ in range(4):
         snapshot = sweeper.sweep("all")

@@ -16,13 +16,22 @@ from aqtune.act.log import EventLog
 from aqtune.act.report import MAX_PEERS, MAX_PEERS_TOTAL, DegradedReporter, DropReporter
 from aqtune.act.throttle import PRUNE_AT, Budget, Throttle
 from aqtune.collect.netns import NamespaceRef
-from aqtune.collect.sweep import IDLE_REVISIT, Kept, Visit, has_sockets, parse_protocols, plan_visits, select_listeners
+from aqtune.collect.sweep import (
+    IDLE_REVISIT,
+    Kept,
+    SweepBudget,
+    Visit,
+    has_sockets,
+    parse_protocols,
+    plan_visits,
+    select_listeners,
+)
 from aqtune.decide.policy import MetricsPolicy, Policy, PolicyError, WorkLimits, parse
 from aqtune.decide.tick import decide
 from aqtune.model.history import Model
 from aqtune.records import Listener, Namespace, Process, Snapshot
 from aqtune.surfaces import run
-from aqtune.surfaces.daemon import CounterWatch
+from aqtune.surfaces.daemon import CounterWatch, Notifier, budget
 from aqtune.surfaces.publish import CMDLINE_SHOWN, DaemonFacts, Publisher, published, shown_namespaces, truncated
 from aqtune.surfaces.status import render
 
@@ -250,3 +259,12 @@ def test_peers_kept_between_sweeps_are_bounded_in_all() -> None:
             reporter.remember_peer(inode, f"10.0.{client // 256}.{client % 256}")
     assert all(len(peers) <= MAX_PEERS for peers in reporter.peers.values())
     assert sum(len(peers) for peers in reporter.peers.values()) == MAX_PEERS_TOTAL
+
+
+def test_a_sweep_takes_at_most_a_quarter_of_the_watchdog_period(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    monkeypatch.setenv("WATCHDOG_USEC", "1000000")
+    assert budget(WorkLimits(sweep_seconds=2.0, namespaces=7, listeners=9), Notifier()) == SweepBudget(0.25, 7, 9)
+    assert budget(WorkLimits(sweep_seconds=0.1), Notifier()).seconds == 0.1
+    monkeypatch.delenv("WATCHDOG_USEC")
+    assert budget(WorkLimits(), Notifier()).seconds == WorkLimits().sweep_seconds
