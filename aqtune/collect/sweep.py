@@ -12,8 +12,9 @@ needs no privilege) and each namespace's TCP dump walks the kernel's host-wide l
 - a namespace the budget did not reach keeps its last rows in the snapshot, marked stale: the model
   forgets listeners missing from a snapshot, and a namespace merely not read must not lose its
   history;
-- at most ``listeners`` rows are tracked: services' sockets first, then those with a queue, and the
-  rest taken round-robin by socket cookie, so each is seen now and then.
+- at most ``listeners`` rows are tracked: those with a queue first, then the quiet ones, services'
+  before users' in each, and within the rank that does not fit whole, round-robin by socket cookie,
+  so each is seen now and then.
 """
 
 from __future__ import annotations
@@ -197,11 +198,11 @@ def plan_visits(refs: list[netns.NamespaceRef], visits: Mapping[netns.NamespaceR
 
 
 def _rank(listener: Listener) -> int:
-    """Which listeners the budget keeps first: services' (sockets no user can create), then any with
-    a queue (trouble, or about to be), then the rest."""
-    if listener.uid is None or listener.uid <= SYSTEM_UID_MAX:
-        return 0
-    return 1 if listener.queue > 0 else 2
+    """Which listeners the budget keeps first: any with a queue (trouble, or about to be), then the
+    quiet ones; services' (sockets no user can create) before users' in each, so a user's listeners
+    can crowd out neither a service in trouble nor, while they are quiet, a quiet service."""
+    user = listener.uid is not None and listener.uid > SYSTEM_UID_MAX
+    return (0 if listener.queue > 0 else 2) + user
 
 
 _COOKIES = 1 << 64

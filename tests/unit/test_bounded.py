@@ -82,7 +82,7 @@ def row(cookie: int, uid: int | None = 1000, queue: int = 0) -> Listener:
     return Listener("pid:9", "tcp", f"127.0.0.1:{cookie}", cookie, queue, 16, 0, cookie, cookie, uid)
 
 
-def test_the_listener_budget_keeps_services_then_queues_then_takes_turns() -> None:
+def test_the_listener_budget_keeps_queues_then_services_then_takes_turns() -> None:
     rows = [row(cookie) for cookie in range(1, 21)]
     assert select_listeners(rows, 20, -1) == (rows, -1)
     service, queued = row(100, uid=0), row(101, queue=3)
@@ -95,9 +95,13 @@ def test_the_listener_budget_keeps_services_then_queues_then_takes_turns() -> No
         seen |= cookies
     # Four at a time in turn, wrapping around: all twenty within five sweeps.
     assert seen == {listener.cookie for listener in rows} | {100, 101}
-    # More services than room: services still first, by turns.
-    kept, _ = select_listeners([row(cookie, uid=0) for cookie in range(10)] + [queued], 4, -1)
-    assert [listener.cookie for listener in kept] == [0, 1, 2, 3]
+    # The order of ranks: a service's queue, a user's queue, a quiet service, a quiet user's listener.
+    ranked = [row(1, uid=0, queue=1), row(2, queue=1), row(3, uid=None), row(4)]
+    assert [r.cookie for r in select_listeners(ranked[::-1], 3, -1)[0]] == [1, 2, 3]
+    # More queued users' listeners than room: a service in trouble is still kept, then users' by turns.
+    crowd = [row(cookie, queue=1) for cookie in range(10)]
+    kept, _ = select_listeners([*crowd, row(50, uid=0, queue=1), row(51, uid=0)], 4, -1)
+    assert [listener.cookie for listener in kept] == [50, 0, 1, 2]
 
 
 def test_the_cheap_check_reads_the_host_every_time_and_the_rest_in_turn() -> None:
@@ -247,7 +251,7 @@ def test_listeners_are_chosen_as_they_are_decoded_the_same_as_all_at_once() -> N
         chunked, chunked_cursor = kept.result()
         assert [r.cookie for r in chunked] == [r.cookie for r in whole] and chunked_cursor == whole_cursor
         # By rank, then the cookies just after the cursor.
-        ranked = sorted(rows, key=lambda r: (0 if r.uid == 0 else 1 if r.queue else 2, (r.cookie - cursor - 1) % 2**64))
+        ranked = sorted(rows, key=lambda r: (2 * (not r.queue) + (r.uid != 0), (r.cookie - cursor - 1) % 2**64))
         assert [r.cookie for r in whole] == [r.cookie for r in ranked[:100]]
         assert whole_cursor == whole[-1].cookie
 
