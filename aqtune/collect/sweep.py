@@ -6,9 +6,10 @@ needs no privilege) and each namespace's TCP dump walks the kernel's host-wide l
 
 - a time budget and a number of namespaces per sweep; what a sweep did not reach is read first in
   the next one (oldest read first), so every namespace is read within a bounded number of sweeps;
-- a namespace where the last read found no listener is looked at again only every IDLE_REVISIT
-  seconds, and then read only if it holds a TCP or Unix socket (``/proc/net/protocols`` counts them
-  per namespace); a namespace without such sockets costs no dump in any read;
+- a namespace where the last read found no listener is looked at again at most every IDLE_REVISIT
+  seconds (IDLE_PER_SWEEP of them in every sweep, in turn), and then read only if it holds a TCP
+  or Unix socket (``/proc/net/protocols`` counts them per namespace); a namespace without such
+  sockets costs no dump in any read;
 - a namespace the budget did not reach keeps its last rows in the snapshot, marked stale: the model
   forgets listeners missing from a snapshot, and a namespace merely not read must not lose its
   history;
@@ -29,7 +30,8 @@ from dataclasses import dataclass, field, replace
 from aqtune.collect import netlink, netns, procfs, sockdiag
 from aqtune.records import SYSTEM_UID_MAX, Listener, Namespace, Snapshot
 
-IDLE_REVISIT = 30.0  # seconds between reads of a namespace whose last read found no listener
+IDLE_REVISIT = 30.0  # seconds at most between looks at a namespace whose last read found no listener
+IDLE_PER_SWEEP = 64  # such namespaces looked at in every sweep besides, the longest unchecked first
 MIN_VISITS = 2  # namespaces read per sweep whatever the budget says (the host and the oldest other): progress
 # /proc/net/protocols "sockets" column: sockets of each protocol in the reading thread's namespace.
 # Unix stream sockets are "UNIX-STREAM" since 5.15 and "UNIX" before; seqpacket ones are "UNIX".
@@ -178,17 +180,24 @@ def plan_visits(refs: list[netns.NamespaceRef], visits: Mapping[netns.NamespaceR
     """The namespaces due in this sweep, in the order to read them (pure).
 
     ``focus`` (counters moved there) limits a sweep to those namespaces. Otherwise every namespace
-    is due except an idle one read less than IDLE_REVISIT ago. The host's comes first, then those
-    never read, then the longest unread: a sweep cut short leaves the freshest for later.
+    is due except an idle one looked at less than IDLE_REVISIT ago, of which IDLE_PER_SWEEP are due
+    anyway. The host's comes first, then those never read, then the longest unread: a sweep cut
+    short leaves the freshest for later.
     """
     if focus is not None:
         due = [ref for ref in refs if ref in focus]
     else:
-        due = []
+        due, waiting = [], []
         for ref in refs:
             visit = visits.get(ref)
             if visit is None or not visit.idle or now - visit.at >= IDLE_REVISIT:
                 due.append(ref)
+            else:
+                waiting.append(ref)
+        # A few idle ones every sweep besides: on a host with a handful of namespaces, a listener
+        # opened in an empty one shows at the next sweep, not IDLE_REVISIT later.
+        waiting.sort(key=lambda ref: visits[ref].at)
+        due += waiting[:IDLE_PER_SWEEP]
 
     def order(ref: netns.NamespaceRef) -> tuple[bool, float]:
         visit = visits.get(ref)
@@ -288,7 +297,8 @@ class Sweeper:
         fresh: dict[netns.NamespaceRef, Namespace] = {}
         rechecked = 0
         for index, ref in enumerate(due):
-            if index >= MIN_VISITS and (index >= self.budget.namespaces
+            # A look at an idle namespace is cheap: only the time budget counts it.
+            if index >= MIN_VISITS and (len(fresh) >= self.budget.namespaces
                                         or time.perf_counter() - clock >= self.budget.seconds):
                 break
             self.progress()

@@ -17,6 +17,7 @@ from aqtune.act.report import MAX_PEERS, MAX_PEERS_TOTAL, DegradedReporter, Drop
 from aqtune.act.throttle import PRUNE_AT, Budget, Throttle
 from aqtune.collect.netns import NamespaceRef
 from aqtune.collect.sweep import (
+    IDLE_PER_SWEEP,
     IDLE_REVISIT,
     Kept,
     SweepBudget,
@@ -70,12 +71,22 @@ def test_plan_reads_the_host_then_the_never_read_then_the_longest_unread() -> No
     assert plan_visits([a, b, c, host], visits, 100.0, focus={a, c}) == [c, a]
 
 
-def test_a_namespace_without_listeners_waits_for_its_revisit() -> None:
-    idle, failed, busy = ref("pid:2", 2), ref("pid:3", 3), ref("pid:4", 4)
-    visits = {idle: visit("pid:2", 100.0, listeners=0), failed: visit("pid:3", 100.0, listeners=0, error="EPERM"),
-              busy: visit("pid:4", 100.0)}
-    assert plan_visits([idle, failed, busy], visits, 100.0 + IDLE_REVISIT - 1) == [failed, busy]
-    assert idle in plan_visits([idle, failed, busy], visits, 100.0 + IDLE_REVISIT)
+def test_namespaces_without_listeners_are_looked_at_in_turn_and_now_and_then() -> None:
+    idle = [ref(f"pid:{n}", n) for n in range(10, 110)]
+    failed, busy = ref("pid:3", 3), ref("pid:4", 4)
+    now = 1000.0
+    visits = {r: visit(r.name, now - 1 - r.inode / 1000, listeners=0) for r in idle}
+    visits[failed] = visit("pid:3", now - 1, listeners=0, error="EPERM")
+    visits[busy] = visit("pid:4", now - 1)
+    due = plan_visits([*idle, failed, busy], visits, now)
+    # Namespaces with listeners (or errors) are always due; of the idle ones, the longest unchecked.
+    assert {failed, busy} <= set(due) and len(due) == 2 + IDLE_PER_SWEEP
+    assert set(due) - {failed, busy} == set(idle[-IDLE_PER_SWEEP:])
+    # One unchecked for IDLE_REVISIT is due whatever its turn.
+    visits[idle[0]].at = now - IDLE_REVISIT
+    assert idle[0] in plan_visits([*idle, failed, busy], visits, now)
+    # A host with a few namespaces looks at each of them every sweep.
+    assert plan_visits(idle[:3], visits, now) == sorted(idle[:3], key=lambda r: visits[r].at)
 
 
 def row(cookie: int, uid: int | None = 1000, queue: int = 0) -> Listener:
