@@ -47,6 +47,7 @@ bench: deps
 	$(PYTHON) bench/sweep_bench.py
 	$(PYTHON) bench/probe_overhead.py
 	$(PYTHON) bench/daemon_load.py
+	$(PYTHON) bench/attack_scale.py
 
 # dist/aqtune_<version>_all.deb, built from a staged copy and checked by lintian.
 deb:

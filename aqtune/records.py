@@ -26,6 +26,7 @@ COUNTERS = (
     "SyncookiesFailed",
     "TCPSynRetrans",
 )
+SYSTEM_UID_MAX = 999  # Debian's SYS_UID_MAX: sockets of uids above it are people's, not services'
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +86,10 @@ class Namespace:
     # creator (owner_uid) is root in there. Apply mode leaves such namespaces alone by default.
     user_owned: bool = False
     owner_uid: int | None = None
+    # Figures of an earlier sweep: the budget did not reach it this time (its listeners are that
+    # sweep's rows too), so the model keeps its history instead of forgetting it.
+    stale: bool = False
+    read_at: float = 0.0  # time.time() when it was read
 
 
 @dataclass(slots=True)
@@ -93,6 +98,11 @@ class Snapshot:
     duration: float  # seconds the sweep took
     namespaces: list[Namespace]
     listeners: list[Listener]
+    # What the daemon's budgets left out (aqtune/collect/sweep.py, Sweeper); a one-shot sweep reads all.
+    partial: bool = False  # the time or namespace budget cut this sweep
+    skipped_namespaces: int = 0  # due this sweep, left for the next one (their last rows stand in, stale)
+    skipped_listeners: int = 0  # over the listener budget: not tracked this sweep (sampled round-robin)
+    idle_namespaces: int = 0  # no listener at their last read: not read this sweep, revisited now and then
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ from aqtune.records import Listener, ListenerEvents, Snapshot
 REMIND_AFTER = 300.0  # seconds before a finding that persists is logged again
 SYSTEM_UID_MAX = 999  # Debian's SYS_UID_MAX: uids above it are people's
 MAX_PEERS = 1000  # per listener per sweep: a flood's worth is enough to name the top few
+MAX_PEERS_TOTAL = 20_000  # per sweep, all listeners together: a flood at thousands of listeners is bounded too
 
 
 def pool_of(uid: int | None) -> str:
@@ -109,11 +110,15 @@ class DropReporter:
     pools: Pools = field(default_factory=lambda: Pools(30))
     peers: defaultdict[int, list[str]] = field(default_factory=lambda: defaultdict(list))
     previous_events: Mapping[int, ListenerEvents] = field(default_factory=dict)
+    peers_held: int = 0  # in ``peers``, all listeners together
 
     def remember_peer(self, inode: int, peer: str) -> None:
+        if self.peers_held >= MAX_PEERS_TOTAL:
+            return
         peers = self.peers[inode]
         if len(peers) < MAX_PEERS:
             peers.append(peer)
+            self.peers_held += 1
 
     @property
     def suppressed_total(self) -> int:
@@ -131,6 +136,7 @@ class DropReporter:
                 tracker.observe(key, snapshot.taken_at, drops, listener.queue, listener.backlog,
                                 self.peers.get(listener.inode))
         self.peers.clear()
+        self.peers_held = 0
         self.previous_events = events
         for episode in tracker.close_due(snapshot.taken_at, set(by_key)):
             present = by_key.get(episode.key)

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 K = TypeVar("K", bound=Hashable)
+PRUNE_AT = 4096  # keys a Throttle holds before it forgets the ones whose time has passed
 
 
 @dataclass(slots=True)
@@ -29,8 +30,16 @@ class Throttle(Generic[K]):
         last = self.said.get(key)
         if last is not None and last[1] == value and now - last[0] < self.every:
             return False
+        if last is None and len(self.said) >= PRUNE_AT:
+            self.prune(now)
         self.said[key] = (now, value)
         return True
+
+    def prune(self, now: float) -> None:
+        """Forget keys said ``every`` ago or longer: ``due`` and ``holds`` treat them as never said, and
+        keys come from what users create (namespace names), so they must not pile up."""
+        for key in [key for key, (at, _) in self.said.items() if now - at >= self.every]:
+            del self.said[key]
 
     def holds(self, key: K, now: float) -> bool:
         """True while ``key`` was said less than ``every`` ago (without saying it)."""
@@ -77,6 +86,11 @@ class Budget(Generic[K]):
         self.sent.append(now)
         for key, queue in zip(keys, queues, strict=True):
             (queue if queue is not None else self.by_source.setdefault(key, deque())).append(now)
+        if len(self.by_source) > self.per_minute:
+            # At most per_minute sources can have an entry in the last minute; the rest are spent
+            # (listeners long gone), and would otherwise stay forever.
+            for key in [key for key, queue in self.by_source.items() if not queue or now - queue[-1] >= 60.0]:
+                del self.by_source[key]
         return True
 
 

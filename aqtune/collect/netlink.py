@@ -24,8 +24,13 @@ def open_diag_socket() -> socket.socket:
 
 
 def dump(sock: socket.socket, request: bytes, decoder: Decoder, netns: str,
-         rows: list[Listener], ifnames: dict[int, str] | None = None) -> int:
-    """Send one dump request and decode replies into ``rows``; returns skipped messages."""
+         rows: list[Listener], ifnames: dict[int, str] | None = None,
+         drain: Callable[[list[Listener]], None] | None = None) -> int:
+    """Send one dump request and decode replies into ``rows``; returns skipped messages.
+
+    With ``drain``, each chunk's rows are handed to it and ``rows`` emptied again, so a dump of any size
+    holds one chunk's rows at a time (the daemon keeps only the listeners its budget tracks).
+    """
     progress = DumpProgress(netns, rows, ifnames=ifnames or {})
     sock.sendall(request)
     buf = bytearray(RECV_BUFFER)
@@ -34,6 +39,9 @@ def dump(sock: socket.socket, request: bytes, decoder: Decoder, netns: str,
         if size == 0:
             break
         decoder(progress, buf, size)
+        if drain is not None and rows:
+            drain(rows)
+            rows.clear()
     return progress.skipped
 
 

@@ -101,6 +101,16 @@ class ConnectionsPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class WorkLimits:
+    """What the daemon does per sweep at most, whatever local users create (namespaces, listeners)."""
+
+    sweep_seconds: float = 2.0  # time budget of one sweep, checked between namespaces
+    namespaces: int = 500  # namespaces read per sweep; the rest are read first in the next one
+    listeners: int = 20_000  # listeners tracked at once; the excess is sampled round-robin
+    published_listeners: int = 2_000  # listed in the state file, worst first; the rest are counted
+
+
+@dataclass(frozen=True, slots=True)
 class ListenerRule:
     port: int | None = None
     address: str | None = None
@@ -123,6 +133,7 @@ class Policy:
     journal: JournalPolicy = field(default_factory=JournalPolicy)
     metrics: MetricsPolicy = field(default_factory=MetricsPolicy)
     connections: ConnectionsPolicy = field(default_factory=ConnectionsPolicy)
+    limits: WorkLimits = field(default_factory=WorkLimits)
     listeners: tuple[ListenerRule, ...] = ()
     source: str = "built-in defaults"
     apply_refused: str | None = None  # why apply mode was downgraded to recommend, if it was
@@ -232,6 +243,9 @@ SCHEMA: dict[str, Any] = {
     "metrics": {"textfile": _path},
     "connections": {"long_after": _within(_number, 0, 86400 * 7, low_open=True),
                     "idle_after": _within(_number, 0, 86400 * 7, low_open=True)},
+    "limits": {"sweep_seconds": _within(_number, 0, 3600, low_open=True),
+               "namespaces": _within(_integer, 1, 1_000_000), "listeners": _within(_integer, 1, 10_000_000),
+               "published_listeners": _within(_integer, 1, 10_000_000)},
 }
 LISTENER_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "port": _within(_integer, 0, 65535),
@@ -454,6 +468,7 @@ def _build(settings: dict[str, Any], rules: tuple[ListenerRule, ...], path: str)
         journal=JournalPolicy(**settings.get("journal", {})),
         metrics=MetricsPolicy(**settings.get("metrics", {})),
         connections=ConnectionsPolicy(**settings.get("connections", {})),
+        limits=WorkLimits(**settings.get("limits", {})),
         listeners=rules,
         source=path,
     )

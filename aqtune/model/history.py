@@ -186,7 +186,13 @@ class Model:
                 continue
             present.add(namespace.name)
             counters = self.namespaces.setdefault(namespace.name, deque(maxlen=MAX_SAMPLES))
-            counters.append(CounterSample(snapshot.taken_at, dict(namespace.counters)))
+            counted = CounterSample(snapshot.taken_at, dict(namespace.counters))
+            # As for listeners: a quiet namespace (or one a sweep did not reach, standing in with its
+            # last figures) costs two samples, not one per sweep.
+            if len(counters) >= 2 and counters[-1].counters == counted.counters == counters[-2].counters:
+                counters[-1] = counted
+            else:
+                counters.append(counted)
         for name in self.namespaces.keys() - present:
             del self.namespaces[name]
 

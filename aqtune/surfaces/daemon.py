@@ -1,9 +1,17 @@
 """The service loop around Runner.tick: when to sweep, systemd notifications, reload and stop.
 
-Cost follows trouble: every short tick reads only each namespace's listen-drop counters (a file read
-per namespace); the full sweep runs when they move, or once per policy interval, or while everything
-is quiet (no finding, every queue short) once per QUIET_PERIOD: a queue filling up without drops then
-shows within a few seconds, well inside the policy's sustain window.
+Cost follows trouble: a sweep runs once per policy interval, or while everything is quiet (no
+finding, every queue short) once per QUIET_PERIOD: a queue filling up without drops then shows within
+a few seconds, well inside the policy's sustain window. Between quiet sweeps a short tick reads the
+listen-drop counters of namespaces with listeners (a setns and a file read each, at most
+WATCHED_PER_CHECK of them per tick, in turn); where they moved, a sweep of just those namespaces
+comes early, at most once per TRIGGER_GAP.
+
+Bounded whatever local users create: each sweep has a time and a namespace budget (the policy's
+[limits], and never more than a quarter of the watchdog's period), and the watchdog is fed between
+namespaces, so a slow sweep is cut and reported ("partial sweep" in STATUS and the state), never a
+watchdog restart. A sweep also waits DUTY times as long as the last one took, so sweeps that cost
+much never hold the daemon on a CPU.
 """
 
 from __future__ import annotations
@@ -11,29 +19,85 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from aqtune.act.notify import Notifier
 from aqtune.collect import netns, procfs
+from aqtune.collect.sweep import SweepBudget
 from aqtune.decide import policy as policies
 from aqtune.messages import MessageId
 from aqtune.surfaces.run import Runner
 
 SHORT_TICK = 0.25  # seconds between cheap checks
 QUIET_PERIOD = 5.0  # at most; never more than half the sustain window
+TRIGGER_GAP = 1.0  # seconds at least from one sweep to a sweep that moving counters bring forward
+DUTY = 2.0  # a sweep starts no sooner than DUTY times the last one's duration after it: under half a core
+WATCHED_PER_CHECK = 64  # namespaces whose counters one cheap check reads (the host's always, the rest in turn)
 CHEAP_COUNTERS = ("ListenOverflows", "ListenDrops", "TCPReqQFullDrop")
 
 
-def listen_counters(refs: list[netns.NamespaceRef]) -> dict[int, tuple[int, ...]]:
-    """Each namespace's listen-drop counters: the cheap check that decides on a full sweep."""
-    values = {}
-    for ref in refs:
-        try:
-            with netns.entered(ref):
-                counters = procfs.read_counters()
-        except (OSError, netns.NamespaceGone):
-            continue
-        values[ref.inode] = tuple(counters.get(name, 0) for name in CHEAP_COUNTERS)
-    return values
+def sweep_seconds(wanted: float, notifier: Notifier) -> float:
+    """The policy's sweep time budget, within a quarter of the watchdog's period (pings are half of it)."""
+    return wanted if notifier.watchdog_every is None else min(wanted, notifier.watchdog_every / 2)
+
+
+def budget(limits: policies.WorkLimits, notifier: Notifier) -> SweepBudget:
+    return SweepBudget(sweep_seconds(limits.sweep_seconds, notifier), limits.namespaces, limits.listeners)
+
+
+def listen_counters(counters: Mapping[str, int]) -> tuple[int, ...]:
+    return tuple(counters.get(name, 0) for name in CHEAP_COUNTERS)
+
+
+@dataclass(slots=True)
+class CounterWatch:
+    """The cheap check between sweeps: did the listen-drop counters of a namespace with listeners move?
+
+    Reads at most ``per_check`` namespaces per check: the host's every time, the others in turn, so
+    thousands of users' namespaces cost the same per tick as a few. Remembers one value per watched
+    namespace.
+    """
+
+    per_check: int = WATCHED_PER_CHECK
+    refs: list[netns.NamespaceRef] = field(default_factory=list)
+    values: dict[netns.NamespaceRef, tuple[int, ...]] = field(default_factory=dict)
+    turn: int = 0
+
+    def watch(self, refs: list[netns.NamespaceRef], read: Mapping[netns.NamespaceRef, Mapping[str, int]]) -> None:
+        """Watch ``refs`` from now on; ``read`` holds the counters a sweep just read (no move to report)."""
+        self.refs = refs
+        wanted = set(refs)
+        for gone in self.values.keys() - wanted:
+            del self.values[gone]
+        for ref, counters in read.items():
+            if ref in wanted:
+                self.values[ref] = listen_counters(counters)
+
+    def batch(self) -> list[netns.NamespaceRef]:
+        """The namespaces this check reads."""
+        if len(self.refs) <= self.per_check:
+            return self.refs
+        host = [ref for ref in self.refs if ref.name == "host"]
+        rest = [ref for ref in self.refs if ref.name != "host"]
+        room = max(self.per_check - len(host), 0)
+        start = self.turn % len(rest)
+        self.turn = start + room
+        return host + (rest[start:] + rest[:start])[:room]
+
+    def moved(self) -> set[netns.NamespaceRef]:
+        """The namespaces whose counters changed since they were last read."""
+        moved = set()
+        for ref in self.batch():
+            try:
+                with netns.entered(ref):
+                    value = listen_counters(procfs.read_counters())
+            except (OSError, netns.NamespaceGone):
+                continue
+            if self.values.get(ref, value) != value:
+                moved.add(ref)
+            self.values[ref] = value
+        return moved
 
 
 def serve(runner: Runner, config_path: str, ebpf: bool = True) -> int:
@@ -51,37 +115,37 @@ def serve(runner: Runner, config_path: str, ebpf: bool = True) -> int:
              f"state {runner.publisher.state_dir}", MessageId.LIFECYCLE, mode=mode)
     if runner.policy.apply_refused:
         log.warning(runner.policy.apply_refused, MessageId.LIFECYCLE)
+    sweeper = runner.observer.sweeper
+    # Fed between namespaces too: however long a sweep runs, the loop that runs it still answers.
+    sweeper.progress = lambda: notifier.watchdog(time.monotonic())
+    watch = CounterWatch()
     last_sweep = float("-inf")
     sweep_took = 0.0
-    counters: dict[int, tuple[int, ...]] = {}
-    refs: list[netns.NamespaceRef] = []
     ready = False
     while not stop.is_set():
         now = time.monotonic()
         if reload.is_set():
             reload.clear()
             _reload(runner, config_path)
-        moved = False
-        # Counters moving bring the next sweep forward, but no closer than twice the last sweep's
-        # time: under a flood they move every tick, and back-to-back sweeps would starve the loop.
         period = runner.policy.interval
         if runner.quiet():
             period = max(period, min(QUIET_PERIOD, runner.policy.saturation.sustain / 2))
-        if now - last_sweep < period and now - last_sweep >= 2 * sweep_took:
-            latest = listen_counters(refs)
-            moved = latest != counters
-            counters = latest
-        if moved or now - last_sweep >= period:
+        since, rest = now - last_sweep, DUTY * sweep_took
+        focus: set[netns.NamespaceRef] | None = None
+        # Counters moving bring a sweep of their namespaces forward, but no sooner than TRIGGER_GAP:
+        # under a flood they move every tick, and back-to-back sweeps would starve the loop.
+        if rest <= since < period and since >= min(period, TRIGGER_GAP):
+            focus = watch.moved() or None
+        if focus is not None or since >= max(period, rest):
             last_sweep = now
+            sweeper.budget = budget(runner.policy.limits, notifier)
             try:
-                snapshot = runner.tick()[0]
-                refs = [netns.NamespaceRef(ns.name, ns.inode, ns.path) for ns in snapshot.namespaces
-                        if ns.path and not ns.error]
+                runner.tick(focus)
             except (OSError, LookupError) as exc:
                 log.error(f"sweep failed: {exc}; retrying next interval", MessageId.DEGRADED, component="sweep")
-                refs = []
             sweep_took = time.monotonic() - now
-            counters = listen_counters(refs)
+            watch.watch(sweeper.watched(),
+                        {ref: sweeper.visits[ref].namespace.counters for ref in sweeper.read if ref in sweeper.visits})
             if not ready:
                 notifier.send("READY=1")
                 ready = True

@@ -2,6 +2,11 @@
 
 Both are rewritten every sweep, unless that costs over a tenth of the interval (at 10,000 listeners
 they are megabytes): then when what they show changes, else every PUBLISH_EVERY seconds.
+
+Their size is capped whatever local users create: the worst ``[limits] published_listeners``
+listeners and PUBLISHED_NAMESPACES namespaces are listed, the rest counted in ``left_out``, and each
+command line is cut to CMDLINE_SHOWN characters (one user's 1 MiB command line on 100 sockets would
+otherwise make a 300 MB file every sweep). What the sweep's budgets left out is in ``sweep``.
 """
 
 from __future__ import annotations
@@ -10,17 +15,44 @@ import os
 import time
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from aqtune.act import metrics, state
 from aqtune.act.report import DegradedReporter
 from aqtune.decide.policy import Policy
 from aqtune.decide.tick import Decision
-from aqtune.records import ListenerEvents, Snapshot
+from aqtune.records import ListenerEvents, Namespace, Snapshot
 from aqtune.surfaces import status
 
 PUBLISH_EVERY = 5.0
+PUBLISHED_NAMESPACES = 1000  # listed in the state file; namespaces with listeners, advice or errors first
+CMDLINE_SHOWN = 256  # characters of each owner's command line in the state file
+ELLIPSIS = "\u2026"
+
+
+def shown_namespaces(namespaces: list[Namespace], limit: int, advised: set[str]) -> list[Namespace]:
+    """At most ``limit`` namespaces, the ones worth reading first, in their sweep order (pure)."""
+    if len(namespaces) <= limit:
+        return namespaces
+    ranked = sorted(range(len(namespaces)), key=lambda i: (
+        namespaces[i].name != "host", namespaces[i].name not in advised, namespaces[i].error is None,
+        namespaces[i].listeners == 0, namespaces[i].stale))
+    return [namespaces[i] for i in sorted(ranked[:limit])]
+
+
+def truncated(text: str, limit: int = CMDLINE_SHOWN) -> str:
+    return text if len(text) <= limit else text[:limit - 1] + ELLIPSIS
+
+
+def published(snapshot: Snapshot, listeners: int, advised: set[str]) -> Snapshot:
+    """The part of ``snapshot`` the state file lists: the worst ``listeners`` listeners and the
+    namespaces worth listing (pure; the rows are shared, not copied)."""
+    rows = snapshot.listeners
+    if len(rows) > listeners:
+        rows = status.worst_first(rows)[:listeners]
+    namespaces = shown_namespaces(snapshot.namespaces, PUBLISHED_NAMESPACES, advised)
+    return replace(snapshot, listeners=rows, namespaces=namespaces)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,18 +69,24 @@ class DaemonFacts:
 class Publisher:
     state_dir: str | None
     degraded: DegradedReporter
-    listen_drops: deque[tuple[float, int]] = field(default_factory=deque)  # (when, ListenDrops summed)
+    listen_drops: deque[tuple[float, int]] = field(default_factory=deque)  # (when, ListenDrops added since)
+    listen_drops_seen: dict[str, int] = field(default_factory=dict)  # per namespace in the last snapshot
     published: tuple[float, tuple[int, ...]] = (float("-inf"), ())  # when, and what it showed
     took: float = 0.0  # seconds the last state and metrics write took
     last: dict[str, Any] | None = None  # the last status document
     started: float = field(default_factory=time.time)
 
     def drops_last_minute(self, snapshot: Snapshot) -> int:
-        total = sum(ns.counters.get("ListenDrops", 0) for ns in snapshot.namespaces)
-        self.listen_drops.append((snapshot.taken_at, total))
-        while len(self.listen_drops) > 1 and snapshot.taken_at - self.listen_drops[1][0] >= 60:
+        """ListenDrops added over the last minute, from each namespace's own increase: namespaces come
+        and go from the snapshot (idle ones are read now and then), which a host-wide sum would count."""
+        seen = {ns.name: ns.counters["ListenDrops"] for ns in snapshot.namespaces if "ListenDrops" in ns.counters}
+        before = self.listen_drops_seen
+        added = sum(max(value - before[name], 0) for name, value in seen.items() if name in before)
+        self.listen_drops_seen = seen
+        self.listen_drops.append((snapshot.taken_at, added))
+        while self.listen_drops and snapshot.taken_at - self.listen_drops[0][0] >= 60:
             self.listen_drops.popleft()
-        return max(total - self.listen_drops[0][1], 0)
+        return sum(added for _, added in self.listen_drops)
 
     def publish(self, snapshot: Snapshot, decision: Decision, events: Mapping[int, ListenerEvents],
                 ebpf: dict[str, Any], policy: Policy, facts: DaemonFacts) -> None:
@@ -56,19 +94,34 @@ class Publisher:
         shown = (len(snapshot.listeners), sum(l.queue for l in snapshot.listeners),
                  sum(l.drops or 0 for l in snapshot.listeners), drops_last_minute,
                  len(decision.assessment.listener_findings), len(facts.actions),
-                 sum(events[l.inode].enqueued for l in snapshot.listeners if l.inode in events))
+                 sum(events[l.inode].enqueued for l in snapshot.listeners if l.inode in events),
+                 snapshot.skipped_namespaces, snapshot.skipped_listeners,
+                 hash(tuple(ns.name for ns in snapshot.namespaces if not ns.stale)))
         costly = self.took > 0.1 * policy.interval
         if costly and shown == self.published[1] and snapshot.taken_at - self.published[0] < PUBLISH_EVERY:
             return
         self.published = (snapshot.taken_at, shown)
         started = time.monotonic()
-        document = status.snapshot_json(snapshot, decision.assessment, events, ebpf, source="daemon")
+        advised = set(decision.assessment.namespace_findings) | set(decision.held)
+        listed = published(snapshot, policy.limits.published_listeners, advised)
+        document = status.snapshot_json(listed, decision.assessment, events, ebpf, source="daemon")
         windows = decision.assessment.windows
+        stale = {ns.name for ns in snapshot.namespaces if ns.stale}
         for listener in document["listeners"]:
             window = windows.get((listener["netns"], listener["cookie"]))
             if window is not None:
                 listener["history"] = {"peak_fill": round(window.peak_fill, 4), "saturated": window.saturated,
                                        "high_for": round(window.high_for, 1), "drops_in_window": window.drops}
+            listener["stale"] = listener["netns"] in stale
+            for process in listener["processes"]:
+                process["cmdline"] = truncated(process["cmdline"])
+        for shown_ns, namespace in zip(document["namespaces"], listed.namespaces, strict=True):
+            shown_ns["stale"], shown_ns["read_at"] = namespace.stale, namespace.read_at
+        document["sweep"] = {"partial": snapshot.partial, "skipped_namespaces": snapshot.skipped_namespaces,
+                             "skipped_listeners": snapshot.skipped_listeners,
+                             "idle_namespaces": snapshot.idle_namespaces, "stale_namespaces": len(stale)}
+        document["left_out"] = {"listeners": len(snapshot.listeners) - len(listed.listeners),
+                                "namespaces": len(snapshot.namespaces) - len(listed.namespaces)}
         document["daemon"] = {
             "pid": os.getpid(), "started": self.started, "interval": policy.interval,
             "publish_every": PUBLISH_EVERY, "mode": facts.mode, "policy": policy.source,

@@ -9,7 +9,7 @@ signals, systemd) is in daemon.py.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,7 @@ from aqtune.act.report import DegradedReporter, DropReporter, FindingReporter
 from aqtune.collect import connections as conns
 from aqtune.collect import netns, procfs, sockdiag
 from aqtune.collect.ebpf import EMIT_DROPS, Event, EventLayer, Unavailable, unavailable_status
-from aqtune.collect.sweep import sweep
+from aqtune.collect.sweep import Sweeper
 from aqtune.decide.policy import Policy
 from aqtune.decide.tick import Decision, decide, history_horizon
 from aqtune.messages import MessageId
@@ -44,10 +44,11 @@ class Observation:
 
 @dataclass(slots=True)
 class Observer:
-    """The collect stage: the sweep (with its owner cache) and the eBPF event layer, if loaded."""
+    """The collect stage: the bounded sweeps (with their owner cache) and the eBPF event layer, if loaded."""
 
     select: netns.Selection  # resolved once: a daemon started for pid:N follows that namespace, not the pid
     owners: procfs.OwnerCache = field(default_factory=procfs.OwnerCache)
+    sweeper: Sweeper = field(default_factory=Sweeper)
     events: EventLayer | None = None
     ebpf_status: dict[str, Any] = field(default_factory=lambda: unavailable_status("not started"))
     looked: tuple[float, dict[ListenerKey, ConnectionSummary], dict[int, set[int]]] = (float("-inf"), {}, {})
@@ -68,8 +69,8 @@ class Observer:
             if not how.attached:
                 log.warning(f"eBPF probe {probe} {how}", MessageId.DEGRADED, probe=probe)
 
-    def observe(self, policy: Policy) -> Observation:
-        snapshot = sweep(self.select, owner_cache=self.owners)
+    def observe(self, policy: Policy, focus: Collection[netns.NamespaceRef] | None = None) -> Observation:
+        snapshot = self.sweeper.sweep(self.select, self.owners, focus)
         pids = {p.pid for listener in snapshot.listeners for p in listener.processes}
         observed: dict[int, ListenerEvents] = {}
         if self.events:
@@ -134,8 +135,9 @@ class Runner:
         if event.peer is not None:
             self.drops.remember_peer(event.inode, event.peer)
 
-    def tick(self) -> tuple[Snapshot, Decision]:
-        seen = self.observer.observe(self.policy)
+    def tick(self, focus: Collection[netns.NamespaceRef] | None = None) -> tuple[Snapshot, Decision]:
+        """One tick; ``focus`` limits the sweep to those namespaces (their counters moved)."""
+        seen = self.observer.observe(self.policy, focus)
         snapshot = seen.snapshot
         self.model.observe(snapshot, seen.cpu_seconds, history_horizon(self.policy), seen.events)
         ledger = self.applier.ledger
@@ -178,7 +180,13 @@ class Runner:
         ebpf = document["ebpf"]
         ebpf_text = ("eBPF " + ebpf["mode"].split(":")[0]) if ebpf["active"] else "eBPF off"
         refused = self.log.refused
-        return (f"watching {len(listeners)} listeners in {len(document['namespaces'])} netns; {worst_text}; "
+        sweep, left_out = document["sweep"], document["left_out"]
+        return (f"watching {len(listeners) + left_out['listeners']} listeners in "
+                f"{len(document['namespaces']) + left_out['namespaces']} netns; {worst_text}; "
                 f"{document['daemon']['drops_last_minute']} drops in the last minute; "
                 f"mode {document['daemon']['mode']}; {ebpf_text}"
-                + (f"; {refused} journal entries refused" if refused else ""))
+                + (f"; {refused} journal entries refused" if refused else "")
+                + (f"; partial sweep: {sweep['skipped_namespaces']} namespaces left for the next sweep"
+                   if sweep["partial"] else "")
+                + (f"; {sweep['skipped_listeners']} listeners over the limit, sampled round-robin"
+                   if sweep["skipped_listeners"] else ""))

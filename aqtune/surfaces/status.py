@@ -155,6 +155,21 @@ def _plural(count: int, word: str) -> str:
     return f"{count} {word}{'' if count == 1 else 's'}"
 
 
+def _left_out_lines(document: dict[str, Any]) -> list[str]:
+    """What the daemon's budgets left out of its last sweep and of its state file (daemon state only)."""
+    sweep, left_out = document.get("sweep"), document.get("left_out")
+    lines = []
+    if sweep and sweep["partial"]:
+        lines.append(f"partial sweep: {_plural(sweep['skipped_namespaces'], 'namespace')} left for the next sweep")
+    if sweep and sweep["skipped_listeners"]:
+        lines.append(f"{_plural(sweep['skipped_listeners'], 'listener')} over the [limits] listeners budget, "
+                     "watched in turn")
+    if left_out and (left_out["listeners"] or left_out["namespaces"]):
+        lines.append(f"not listed: {_plural(left_out['listeners'], 'listener')} (the worst are), "
+                     f"{_plural(left_out['namespaces'], 'namespace')}")
+    return lines
+
+
 def render(document: dict[str, Any], previous_drops: dict[int, int] | None = None) -> str:
     """Listeners worst first, the advice, then each namespace's sysctls and counters.
 
@@ -171,6 +186,7 @@ def render(document: dict[str, Any], previous_drops: dict[int, int] | None = Non
         f"aqtune status: {source} at {when} in {document['duration_ms']:.1f} ms, "
         f"{_plural(len(listeners), 'listener')} in {_plural(len(document['namespaces']), 'network namespace')}",
         f"eBPF: {'on' if document['ebpf']['active'] else 'off'}: {cescape(document['ebpf']['mode'])}",
+        *_left_out_lines(document),
         "",
     ]
     rows = [["NETNS", "PROTO", "LISTENER", "QUEUE/BACKLOG", "FILL", "DROPS", "WAIT", "OWNER"]]

@@ -86,11 +86,23 @@ def test_listener_samples_are_bounded_by_count() -> None:
     # Memory must stay bounded even if forget_before is never called (e.g. a huge sustain).
     model = Model()
     for i in range(MAX_SAMPLES + 10):
-        model.update(snapshot(float(i), [listener(1, queue=i)], [Namespace("host", 1, counters={})]), {})
+        model.update(snapshot(float(i), [listener(1, queue=i)], [Namespace("host", 1, counters={"ListenDrops": i})]),
+                     {})
     samples = model.listeners[("host", 1)].samples
     assert len(samples) == MAX_SAMPLES
     assert samples[0].queue == 10 and samples[-1].queue == MAX_SAMPLES + 9
     assert len(model.namespaces["host"]) == MAX_SAMPLES
+
+
+def test_a_quiet_namespace_costs_two_counter_samples() -> None:
+    # A namespace whose counters do not move (or one a sweep did not reach, standing in with its last
+    # figures) keeps the first and the latest sample of the run; the deltas are the same.
+    model = Model()
+    for i in range(100):
+        model.update(snapshot(float(i), [], [Namespace("host", 1, counters={"ListenDrops": 5 if i < 90 else 9})]), {})
+    assert [(s.at, s.counters["ListenDrops"]) for s in model.namespaces["host"]] == [
+        (0.0, 5), (89.0, 5), (90.0, 9), (99.0, 9)]
+    assert counter_deltas(model.namespaces["host"], 30.0)["ListenDrops"] == 4
 
 
 # --- Model.forget_before ---

@@ -44,7 +44,7 @@ class Replay(run.Observer):
         super().__init__("all")
         self.feed: Iterator[Snapshot] = iter(snapshots)
 
-    def observe(self, policy: Policy) -> run.Observation:
+    def observe(self, policy: Policy, focus: object = None) -> run.Observation:
         snapshot = next(self.feed)
         return run.Observation(snapshot, {}, {OWNER.pid: snapshot.taken_at})
 

@@ -419,6 +419,10 @@ SPEC: dict[str, Callable[[Any], bool]] = {
     "listener.ignore": lambda value: isinstance(value, bool),
     "listener.fill_ratio": is_ratio,
     "listener.sustain": is_seconds,
+    "limits.sweep_seconds": lambda value: is_number(value) and 0 < value <= 3600,
+    "limits.namespaces": lambda value: is_integer(value) and 1 <= value <= 1_000_000,
+    **{f"limits.{key}": lambda value: is_integer(value) and 1 <= value <= 10_000_000
+       for key in ("listeners", "published_listeners")},
 }
 
 
