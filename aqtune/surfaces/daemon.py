@@ -17,7 +17,6 @@ much never hold the daemon on a CPU.
 from __future__ import annotations
 
 import signal
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,6 +34,30 @@ TRIGGER_GAP = 1.0  # seconds at least from one sweep to a sweep that moving coun
 DUTY = 2.0  # a sweep starts no sooner than DUTY times the last one's duration after it: under half a core
 WATCHED_PER_CHECK = 64  # namespaces whose counters one cheap check reads (the host's always, the rest in turn)
 CHEAP_COUNTERS = ("ListenOverflows", "ListenDrops", "TCPReqQFullDrop")
+
+
+class Flag:
+    """Set from a signal handler, read by the loop. Not a threading.Event: a handler runs in the main
+    thread between two bytecodes, possibly while that thread holds the Event's own lock (inside wait()),
+    and Event.set() would then wait for it forever. A plain attribute and short sleeps cannot deadlock."""
+
+    def __init__(self) -> None:
+        self.raised = False
+
+    def set(self) -> None:
+        self.raised = True
+
+    def clear(self) -> None:
+        self.raised = False
+
+    def is_set(self) -> bool:
+        return self.raised
+
+    def wait(self, seconds: float) -> None:
+        """Sleep up to ``seconds``, in slices short enough that a stop is seen within 50 ms."""
+        deadline = time.monotonic() + seconds
+        while not self.raised and (left := deadline - time.monotonic()) > 0:
+            time.sleep(min(left, 0.05))
 
 
 def sweep_seconds(wanted: float, notifier: Notifier) -> float:
@@ -102,7 +125,7 @@ class CounterWatch:
 
 def serve(runner: Runner, config_path: str, ebpf: bool = True) -> int:
     """Run until SIGTERM or SIGINT. SIGHUP reloads the policy; a bad one keeps the last good one."""
-    stop, reload = threading.Event(), threading.Event()
+    stop, reload = Flag(), Flag()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: reload.set())
