@@ -151,8 +151,7 @@ def _status(args: argparse.Namespace) -> int:
             _refresh(ledger)
         document = _status_document(args, policy, ledger, said)
         if args.json:
-            print(json.dumps(document, separators=(",", ":") if args.watch else None,
-                             indent=None if args.watch else 2), flush=True)
+            print(_json(document, pretty=False if args.watch else args.pretty), flush=True)
         else:
             text = status.render(document, previous)
             # Home + clear-to-end repaints in place without the flicker of a full clear.
@@ -234,7 +233,7 @@ def _connections(args: argparse.Namespace) -> int:
                                 surface.ages_note(collected.ages, why_not), collected.errors, args.all, now,
                                 selected=args.port is not None or args.listener is not None)
     if args.json:
-        print(json.dumps(document, indent=2))
+        print(_json(document, pretty=args.pretty))
     else:
         print(surface.render(document, args.all))
     return 0
@@ -324,6 +323,16 @@ def _rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _json(document: dict[str, Any], pretty: bool | None) -> str:
+    """Compact JSON, as `ip -j` prints it (the C encoder: 10,000 listeners in a fraction of the time
+    indented output takes), unless asked for pretty output or a person reads it at a terminal."""
+    if pretty is None:
+        pretty = sys.stdout.isatty()
+    if pretty:
+        return json.dumps(document, indent=2)
+    return json.dumps(document, separators=(",", ":"))
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -337,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     status = commands.add_parser("status", help="show every listener's accept queue, worst first")
     status.add_argument("--json", action="store_true", help="print one JSON document (one per line with --watch)")
+    status.add_argument("-p", "--pretty", action="store_const", const=True, default=None,
+                        help="indent the JSON (the default on a terminal; compact otherwise, as `ip -j`)")
     status.add_argument("--netns", default="all", metavar="NAME",
                         help="a name under /run/netns, 'host', 'pid:N' or 'all' (default)")
     status.add_argument("--watch", action="store_true", help="refresh until interrupted")
@@ -355,6 +366,8 @@ def build_parser() -> argparse.ArgumentParser:
     which.add_argument("--listener", metavar="ADDR",
                        help="the listener at this address, as status shows it (127.0.0.1:8080, [::1]:443, a path)")
     connections.add_argument("--json", action="store_true", help="print one JSON document")
+    connections.add_argument("-p", "--pretty", action="store_const", const=True, default=None,
+                             help="indent the JSON (the default on a terminal)")
     connections.add_argument("--all", action="store_true",
                              help="every connection (not only long-held and idle ones) of every listener")
     connections.set_defaults(handler=_connections)
