@@ -111,7 +111,8 @@ def _options(parser: argparse.ArgumentParser, command: str) -> set[str]:
 
 def test_completion_and_man_page_know_the_command_and_its_options() -> None:
     options = _options(build_parser(), "connections")
-    assert options == {"--help", "--netns", "--port", "--listener", "--json", "--all", "--config", "--state-dir"}
+    assert options == {"--help", "--netns", "--port", "--listener", "--json", "--pretty", "--all", "--config",
+                       "--state-dir"}
     completion = (REPO / "packaging/bash-completion/aqtune").read_text()
     listed = re.search(r'connections\) options="([^"]*)"', completion)
     assert listed is not None and set(listed.group(1).split()) == options
