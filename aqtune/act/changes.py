@@ -70,7 +70,7 @@ class Applier:
                                   "new": change.new, "reason": change.reason}
         why_not = refusal(change, policy, self.dry_run)
         if why_not:
-            if self.recommended.due(key, now, change.new):
+            if self.recommended.due_if_grown(key, now, change.new):
                 self.actions.append({**fields, "at": now, "applied": False, "why_not": why_not})
                 self.log.info(f"recommend {change.sysctl}={change.new} in netns {change.netns} "
                               f"(now {change.old}); not applied: {why_not}", MessageId.RECOMMENDATION, **fields)

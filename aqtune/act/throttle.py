@@ -41,6 +41,14 @@ class Throttle(Generic[K]):
         for key in [key for key, (at, _) in self.said.items() if now - at >= self.every]:
             del self.said[key]
 
+    def due_if_grown(self, key: K, now: float, value: int) -> bool:
+        """As ``due``, but a smaller value than the one last said is not news: a recommendation that
+        asked for more a moment ago still stands."""
+        last = self.said.get(key)
+        if last is not None and isinstance(last[1], int) and value < last[1] and now - last[0] < self.every:
+            return False
+        return self.due(key, now, value)
+
     def holds(self, key: K, now: float) -> bool:
         """True while ``key`` was said less than ``every`` ago (without saying it)."""
         last = self.said.get(key)

@@ -349,7 +349,7 @@ def test_a_command_line_is_read_only_so_far() -> None:
         described = procfs.describe_process(process.pid)
         assert described is not None
         assert described.cmdline.startswith(f"{PYTHON} -c import sys")
-        assert len(described.cmdline.encode()) <= procfs.CMDLINE_MAX
+        assert len(described.cmdline.encode()) <= procfs.CMDLINE_MAX + len(procfs.TRUNCATED)
     finally:
         assert process.stdin is not None
         process.stdin.close()

@@ -277,12 +277,17 @@ def test_dry_run_recommends_and_writes_nothing(
     capped_listener(ns, load)
     daemon = start_daemon(ns, write_policy(tmp_path / "policy.toml", policy_text()), "--dry-run")
     daemon.wait_for("aqtune running: mode dry-run")
-    recommended = daemon.wait_for(f"recommend {SOMAXCONN}={RAISED} in netns {ns.name} (now {CAPPED}); "
+    recommended = daemon.wait_for(f"recommend {SOMAXCONN}=", f"in netns {ns.name} (now {CAPPED}); "
                                   "not applied: dry run", timeout=RAISE_TIMEOUT)
-    # The queue stays full, so every sweep wants the change again; it is said once, not every sweep.
+    # The bursts go on, so every sweep wants the change again; it is said once, not every sweep, and
+    # again only for a larger number (a worse burst: on a loaded machine the worker drains late), never
+    # for a smaller one.
     time.sleep(3 * INTERVAL)
     assert daemon.stop() == 0
-    assert daemon.matching("recommend ") == [recommended]
+    said = daemon.matching("recommend ")
+    assert said[0] == recommended
+    numbers = [int(daemon.lines()[i].split(f"{SOMAXCONN}=")[1].split()[0]) for i in said]
+    assert numbers[0] >= RAISED and numbers == sorted(set(numbers)), numbers
     assert daemon.count(f"set {SOMAXCONN}") == 0
     assert somaxconn(ns) == CAPPED
     assert ledger_changes(state) is None

@@ -186,3 +186,12 @@ def test_a_local_users_listener_never_decides_a_sysctl_change() -> None:
         assert decision.changes == []
         held += [f.id for f in decision.held.get("web", [])]
     assert FindingId.OWNER_UNTRUSTED in held
+
+
+def test_a_recommendation_is_repeated_only_for_a_larger_number() -> None:
+    throttle: Throttle[str] = Throttle(300.0)
+    assert throttle.due_if_grown("somaxconn", 0.0, 256)
+    assert not throttle.due_if_grown("somaxconn", 1.0, 256)
+    assert not throttle.due_if_grown("somaxconn", 2.0, 128)
+    assert throttle.due_if_grown("somaxconn", 3.0, 512)
+    assert throttle.due_if_grown("somaxconn", 400.0, 128)  # the period passed: said as it is now
