@@ -1,5 +1,5 @@
 """Command line entry point. Each subcommand imports only what it uses, so `aqtune status` in a
-loop does not pay for bcc, pyroute2 or structlog."""
+loop does not pay for bcc or structlog."""
 
 from __future__ import annotations
 
@@ -340,11 +340,37 @@ def _positive_float(text: str) -> float:
     return value
 
 
+# One table of examples, shown under each subcommand's --help and together under aqtune --help.
+EXAMPLES = {
+    "status": ["aqtune status                      every listener, worst first, with advice",
+               "aqtune status --netns web --watch  one namespace, repainted every 2 s",
+               "aqtune status --json | jq '.listeners[] | select(.fill > 0.9)'"],
+    "connections": ["aqtune connections --port 80       who holds nginx's workers, longest first",
+                    "aqtune connections --netns pid:4242 --listener /run/php/php8.2-fpm.sock"],
+    "check": ["aqtune check --config /etc/aqtune/policy.toml && systemctl reload aqtune"],
+    "run": ["aqtune run --dry-run --config etc/aqtune/policy.toml   the service's loop in the foreground",
+            "aqtune run --netns web --no-ebpf                        sweeps alone, one namespace"],
+    "trace": ["aqtune trace --port 443 --kind syn-overflow,ack-overflow   drops as they happen",
+              "aqtune trace --summary                                     one line per listener per second"],
+    "rollback": ["aqtune rollback                    restore every value aqtune changed, in every namespace"],
+}
+
+
+def _examples(*commands: str) -> str:
+    return "examples:\n" + "\n".join(f"  {line}" for command in commands for line in EXAMPLES[command])
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aqtune", description="Watch accept queues and listen drops.")
+    parser = argparse.ArgumentParser(prog="aqtune", description="Watch accept queues and listen drops.",
+                                     epilog=_examples(*EXAMPLES), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"aqtune {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    status = commands.add_parser("status", help="show every listener's accept queue, worst first")
+
+    def add(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                                   epilog=_examples(name), formatter_class=argparse.RawDescriptionHelpFormatter)
+
+    status = add("status", "show every listener's accept queue, worst first")
     status.add_argument("--json", action="store_true", help="print one JSON document (one per line with --watch)")
     status.add_argument("-p", "--pretty", action="store_const", const=True, default=None,
                         help="indent the JSON (the default on a terminal; compact otherwise, as `ip -j`)")
@@ -357,8 +383,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="refresh period for --watch (default 2)")
     status.set_defaults(handler=_status)
 
-    connections = commands.add_parser(
-        "connections", help="a listener's long-running and idle connections and the workers holding them")
+    connections = add("connections", "a listener's long-running and idle connections and the workers holding them")
     connections.add_argument("--netns", default="all", metavar="NAME",
                              help="a name under /run/netns, 'host', 'pid:N' or 'all' (default)")
     which = connections.add_mutually_exclusive_group()
@@ -372,16 +397,16 @@ def build_parser() -> argparse.ArgumentParser:
                              help="every connection (not only long-held and idle ones) of every listener")
     connections.set_defaults(handler=_connections)
 
-    check = commands.add_parser("check", help="validate a policy file (exit 0 valid, 2 not)")
+    check = add("check", "validate a policy file (exit 0 valid, 2 not)")
     check.set_defaults(handler=_check)
 
-    run = commands.add_parser("run", help="sweep, diagnose and recommend or apply, in the foreground")
+    run = add("run", "sweep, diagnose and recommend or apply, in the foreground")
     run.add_argument("--dry-run", action="store_true", help="compute every change but write none")
     run.add_argument("--netns", default="all", metavar="NAME", help="limit to one namespace (default all)")
     run.add_argument("--no-ebpf", action="store_true", help="run on sock_diag sweeps alone, load no eBPF")
     run.set_defaults(handler=_run)
 
-    trace = commands.add_parser("trace", help="print accept-queue events live (eBPF)")
+    trace = add("trace", "print accept-queue events live (eBPF)")
     trace.add_argument("--netns", default="all", metavar="NAME", help="only this namespace (default all)")
     trace.add_argument("--port", type=int, metavar="PORT", help="only listeners on this port")
     trace.add_argument("--kind", action="append", metavar="KIND",
@@ -391,7 +416,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="one line per listener per second: counts per kind, drops, peak queue, wait p99")
     trace.set_defaults(handler=_trace)
 
-    rollback = commands.add_parser("rollback", help="restore every sysctl aqtune changed")
+    rollback = add("rollback", "restore every sysctl aqtune changed")
     rollback.set_defaults(handler=_rollback)
 
     for command in (status, connections, check, run):
