@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from tests.helpers.aqtune_run import Daemon, aqtune, ledger_changes, write_policy
 from tests.helpers.namespace import HelperProcess, TestNamespace, wait_until
@@ -83,6 +84,14 @@ def wait_for_raise(ns: TestNamespace) -> int:
 
 def set_line(ns: TestNamespace, old: int = CAPPED, new: int = RAISED) -> str:
     return f"set {SOMAXCONN} {old} -> {new} in netns {ns.name}"
+
+
+def logged(key: str, value: str) -> str:
+    """``key=value`` as the daemon's console log writes it. The renderer's quoting differs between
+    structlog versions (25 writes ``subject='netns web'``, 22.3 wrote ``subject=netns web``), so
+    the renderer itself is asked, with the settings aqtune's console output uses."""
+    line: str = structlog.dev.ConsoleRenderer(colors=False, sort_keys=False)(None, "info", {"event": "", key: value})
+    return line[line.index(f"{key}="):].rstrip()
 
 
 def rollback(state: Path) -> list[list[str]]:
@@ -158,7 +167,8 @@ def test_raises_somaxconn_once_in_its_namespace_and_rollback_restores_it(
     assert host_somaxconn() == host_before
     changed = daemon.wait_for(set_line(ns))
     # The listener keeps its backlog of 64 until it calls listen() again, and aqtune says so.
-    daemon.wait_for("finding=relisten-needed", f"subject={ns.name} {listener['address']}", after=changed)
+    daemon.wait_for(logged("finding", "relisten-needed"), logged("subject", f"{ns.name} {listener['address']}"),
+                    after=changed)
     # The queue stays full for a few more sweeps; a second change now would ignore the cooldown.
     time.sleep(3 * INTERVAL)
     assert daemon.stop() == 0
@@ -184,7 +194,7 @@ def test_relisten_picks_up_the_raise_and_the_cooldown_holds_the_next_one(
     daemon = start_daemon(ns, policy)
     assert wait_for_raise(ns) == RAISED
     # The positive controls for the checks after the re-listen: both the daemon and status see the stale backlog.
-    daemon.wait_for("finding=relisten-needed", f"subject={ns.name} {address}")
+    daemon.wait_for(logged("finding", "relisten-needed"), logged("subject", f"{ns.name} {address}"))
     assert "relisten-needed" in advice_ids(ns, address, policy, state)
 
     helper.request(f"relisten {listener['index']} {ASKED}")
@@ -195,7 +205,7 @@ def test_relisten_picks_up_the_raise_and_the_cooldown_holds_the_next_one(
     # Fill the longer queue too: capped by somaxconn again, so aqtune wants more, but the cooldown holds it.
     ns.flood([(flood_target(listener), RAISED)])
     wait_for_queues(ns, {address: RAISED + 1})
-    daemon.wait_for("finding=cooldown", f"subject=netns {ns.name}", f"sysctl={SOMAXCONN}")
+    daemon.wait_for(logged("finding", "cooldown"), logged("subject", f"netns {ns.name}"), logged("sysctl", SOMAXCONN))
     assert daemon.stop() == 0
     assert daemon.count(f"set {SOMAXCONN}") == 1
     assert somaxconn(ns) == RAISED
@@ -224,7 +234,7 @@ def test_app_capped_listener_is_advised_and_never_tuned(
         backlog, default)
 
     daemon = start_daemon(ns, policy)
-    daemon.wait_for("finding=capped-by-app", f"subject={ns.name} {listener['address']}")
+    daemon.wait_for(logged("finding", "capped-by-app"), logged("subject", f"{ns.name} {listener['address']}"))
     # SIGTERM lets the sweep that found it finish, including its plan and apply step.
     assert daemon.stop() == 0
     assert daemon.count(f"set {SOMAXCONN}") == 0 and daemon.count("recommend ") == 0
@@ -336,7 +346,8 @@ def cooldown_recorded_before_restart(ns: TestNamespace, tmp_path: Path, state: P
     write_ledger(state, [{"netns": ns.name, "netns_inode": ns.inode, "sysctl": SOMAXCONN, "original": CAPPED // 2,
                           "applied": CAPPED, "pending": None, "changed_at": time.time()}])
     daemon = start_daemon(ns, write_policy(tmp_path / "policy.toml", policy_text()))
-    daemon.wait_for("finding=cooldown", f"subject=netns {ns.name}", f"sysctl={SOMAXCONN}", timeout=RAISE_TIMEOUT)
+    daemon.wait_for(logged("finding", "cooldown"), logged("subject", f"netns {ns.name}"), logged("sysctl", SOMAXCONN),
+                    timeout=RAISE_TIMEOUT)
     return daemon
 
 
@@ -357,7 +368,7 @@ def test_cooldown_is_logged_once_not_every_sweep(
     daemon = cooldown_recorded_before_restart(ns, tmp_path, state, start_daemon)
     time.sleep(4 * INTERVAL)  # several more sweeps with the same change held back
     assert daemon.stop() == 0
-    assert daemon.count("finding=cooldown", f"subject=netns {ns.name}") == 1
+    assert daemon.count(logged("finding", "cooldown"), logged("subject", f"netns {ns.name}")) == 1
 
 
 def test_drops_from_before_a_relisten_do_not_call_for_another_raise(
@@ -368,7 +379,7 @@ def test_drops_from_before_a_relisten_do_not_call_for_another_raise(
     # A window long enough to still hold the drops of the first seconds; no cooldown to mask a second change.
     daemon = start_daemon(ns, write_policy(tmp_path / "policy.toml", policy_text(sustain=5, cooldown=0)))
     assert wait_for_raise(ns) == RAISED
-    daemon.wait_for("finding=relisten-needed", f"subject={ns.name} {address}")
+    daemon.wait_for(logged("finding", "relisten-needed"), logged("subject", f"{ns.name} {address}"))
     helper.request(f"relisten {listener['index']} {ASKED}")
     daemon.wait_for(f"{ns.name} {address}: relisten-needed cleared")
     time.sleep(4 * INTERVAL)  # a few sweeps over the re-listened queue
