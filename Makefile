@@ -5,7 +5,7 @@ VENV := .venv
 APT := apt-get -o DPkg::Lock::Timeout=600 -y -q --no-install-recommends
 
 RUNTIME_DEBS := python3-pyroute2 python3-structlog python3-sdnotify python3-bpfcc python3-venv iproute2 procps
-DEB_DEBS := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian
+DEB_DEBS := build-essential debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian
 TEST_DEBS := python3-pytest python3-hypothesis nftables python3-seccomp prometheus-node-exporter \
 	python3-prometheus-client systemd-container mmdebstrap $(DEB_DEBS)
 
