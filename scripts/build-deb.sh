@@ -15,7 +15,7 @@
 # warning other than initial-upload-closes-no-bugs, which a first upload without an ITP bug gets.
 set -euo pipefail
 
-# pybuild must run Debian's python3.11; pyenv shims first on PATH give "No module named build".
+# pybuild must run Debian's python3 (3.11 or 3.13); pyenv shims first on PATH give "No module named build".
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 unset PYTHONPATH VIRTUAL_ENV PYTHONHOME
 export LC_ALL=C.UTF-8
