@@ -25,8 +25,9 @@ test-deps: deps
 run: deps
 	$(PYTHON) -m aqtune run --dry-run --config etc/aqtune/policy.toml
 
-# The whole suite: linters, unit + integration + system (.deb in nspawn) tests on this kernel,
-# then the kprobe/fentry tests on Debian's stock kernel under qemu.
+# The whole suite, on Debian 12 or 13: linters, unit + integration + system (.deb in bookworm and
+# trixie nspawn containers) tests on this kernel, then the kprobe/fentry tests under qemu on
+# Debian 12's stock 6.1 and Debian 13's stock 6.12 kernels.
 test: lint pytest kernel-tier
 
 lint: test-deps
