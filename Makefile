@@ -4,9 +4,9 @@ PYTHON := /usr/bin/python3
 VENV := .venv
 APT := apt-get -o DPkg::Lock::Timeout=600 -y -q --no-install-recommends
 
-RUNTIME_DEBS := python3-pyroute2 python3-structlog python3-bpfcc python3-venv iproute2 procps
-DEB_DEBS := debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian
-TEST_DEBS := python3-pytest python3-hypothesis nftables python3-seccomp prometheus-node-exporter \
+RUNTIME_DEBS := python3-structlog python3-bpfcc python3-venv iproute2 procps
+DEB_DEBS := build-essential debhelper dh-python pybuild-plugin-pyproject python3-all python3-setuptools lintian
+TEST_DEBS := python3-pyroute2 python3-pytest python3-hypothesis nftables python3-seccomp prometheus-node-exporter \
 	python3-prometheus-client systemd-container mmdebstrap $(DEB_DEBS) \
 	nginx apache2 php-fpm haproxy redis-server gunicorn uwsgi-core uwsgi-plugin-python3 postgresql nodejs tmux
 
@@ -26,8 +26,9 @@ test-deps: deps
 run: deps
 	$(PYTHON) -m aqtune run --dry-run --config etc/aqtune/policy.toml
 
-# The whole suite: linters, unit + integration + system (.deb in nspawn) tests on this kernel,
-# then the kprobe/fentry tests on Debian's stock kernel under qemu.
+# The whole suite, on Debian 12 or 13: linters, unit + integration + system (.deb in bookworm and
+# trixie nspawn containers) tests on this kernel, then the kprobe/fentry tests under qemu on
+# Debian 12's stock 6.1 and Debian 13's stock 6.12 kernels.
 test: lint pytest kernel-tier
 
 lint: test-deps
@@ -43,7 +44,7 @@ unit: test-deps
 kernel-tier: test-deps
 	bash tests/qemu/run-kernel-tier.sh
 
-bench: deps
+bench: test-deps
 	$(PYTHON) bench/sweep_bench.py
 	$(PYTHON) bench/probe_overhead.py
 	$(PYTHON) bench/daemon_load.py

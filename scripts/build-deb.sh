@@ -1,9 +1,11 @@
 #!/bin/bash
 # Build the Debian package from a staged copy of the work tree and check it with lintian.
 #
-#   scripts/build-deb.sh [OUTDIR]      (default: dist/)
+#   scripts/build-deb.sh [OUTDIR] [--with-source]      (default: dist/)
 #
-# Writes OUTDIR/aqtune_<version>_all.deb and nothing else into the checkout: dpkg-buildpackage
+# Writes OUTDIR/aqtune_<version>_all.deb (with --with-source also the .changes and every file it
+# lists: source package, .buildinfo; for running another release's lintian on the same upload)
+# and nothing else into the checkout: dpkg-buildpackage
 # wants ./debian and writes build junk (.pybuild, *.egg-info, debian/.debhelper) and its results to
 # the parent directory, so all of that happens in a temporary copy, with packaging/debian copied
 # to debian/. The staged copy holds what git tracks plus untracked files that are not ignored,
@@ -13,13 +15,22 @@
 # warning other than initial-upload-closes-no-bugs, which a first upload without an ITP bug gets.
 set -euo pipefail
 
-# pybuild must run Debian's python3.11; pyenv shims first on PATH give "No module named build".
+# pybuild must run Debian's python3 (3.11 or 3.13); pyenv shims first on PATH give "No module named build".
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 unset PYTHONPATH VIRTUAL_ENV PYTHONHOME
 export LC_ALL=C.UTF-8
 
 SRC=$(cd "$(dirname "$0")/.." && pwd)
-OUT=$(realpath -m "${1:-$SRC/dist}")
+OUT=$SRC/dist
+WITH_SOURCE=0
+for arg in "$@"; do
+    case "$arg" in
+        --with-source) WITH_SOURCE=1 ;;
+        -*) echo "build-deb: unknown option $arg (usage: build-deb.sh [OUTDIR] [--with-source])" >&2; exit 2 ;;
+        *) OUT=$arg ;;
+    esac
+done
+OUT=$(realpath -m "$OUT")
 ALLOWED_WARNINGS=(initial-upload-closes-no-bugs)
 
 changelog=$SRC/packaging/debian/changelog
@@ -40,8 +51,10 @@ mkdir -p "$tree" "$OUT"
 SECONDS=0
 if git -C "$SRC" rev-parse --is-inside-work-tree >/dev/null 2>&1 \
         && [ "$(git -C "$SRC" rev-parse --show-toplevel)" = "$SRC" ]; then
-    # Files deleted in the work tree but still in the index are skipped.
+    # Files deleted in the work tree but still in the index are skipped, and so is a .venv that is
+    # a symlink (.gitignore's ".venv/" matches only a directory).
     git -C "$SRC" ls-files -z --cached --others --exclude-standard \
+        | grep -zvE '^\.venv(/|$)' \
         | (cd "$SRC" && while IFS= read -r -d '' f; do [ -e "$f" ] && printf '%s\0' "$f"; done) \
         | tar -C "$SRC" --null -T - -cf - | tar -C "$tree" -xf -
 else
@@ -80,4 +93,11 @@ fi
 
 deb=${pkg}_${version}_all.deb
 cp "$STAGE/$deb" "$OUT/$deb"
+if [ "$WITH_SOURCE" = 1 ]; then
+    # The files section of the .changes: "md5 size section priority name".
+    cp "$changes" "$OUT/"
+    sed -n '/^Files:/,/^[^ ]/s/^ [0-9a-f]\{32\} [0-9]* [^ ]* [^ ]* //p' "$changes" \
+        | while read -r f; do cp "$STAGE/$f" "$OUT/"; done
+    echo "build-deb: $OUT/$(basename "$changes") and the files it lists"
+fi
 echo "build-deb: $OUT/$deb"

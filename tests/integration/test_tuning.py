@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from aqtune.act.ledger import FORMAT_VERSION
 from aqtune.collect.netns import cookie_of
@@ -90,6 +91,14 @@ def wait_for_raise(ns: TestNamespace) -> int:
 
 def set_line(ns: TestNamespace, old: int = CAPPED, new: int = RAISED) -> str:
     return f"set {SOMAXCONN} {old} -> {new} in netns {ns.name}"
+
+
+def logged(key: str, value: str) -> str:
+    """``key=value`` as the daemon's console log writes it. The renderer's quoting differs between
+    structlog versions (25 writes ``subject='netns web'``, 22.3 wrote ``subject=netns web``), so
+    the renderer itself is asked, with the settings aqtune's console output uses."""
+    line: str = structlog.dev.ConsoleRenderer(colors=False, sort_keys=False)(None, "info", {"event": "", key: value})
+    return line[line.index(f"{key}="):].rstrip()
 
 
 def rollback(state: Path) -> list[list[str]]:
@@ -177,7 +186,8 @@ def test_raises_somaxconn_once_in_its_namespace_and_rollback_restores_it(
     assert host_somaxconn() == host_before
     changed = daemon.wait_for(set_line(ns))
     # The listener keeps its backlog of 64 until it calls listen() again, and aqtune says so.
-    daemon.wait_for("finding=relisten-needed", f"subject={ns.name} {listener['address']}", after=changed)
+    daemon.wait_for(logged("finding", "relisten-needed"), logged("subject", f"{ns.name} {listener['address']}"),
+                    after=changed)
     # The queue stays full for a few more sweeps; a second change now would ignore the cooldown.
     time.sleep(3 * INTERVAL)
     assert daemon.stop() == 0
@@ -204,7 +214,7 @@ def test_relisten_picks_up_the_raise_and_the_cooldown_holds_the_next_one(
     daemon = start_daemon(ns, policy)
     assert wait_for_raise(ns) == RAISED
     # The positive controls for the checks after the re-listen: both the daemon and status see the stale backlog.
-    daemon.wait_for("finding=relisten-needed", f"subject={ns.name} {address}")
+    daemon.wait_for(logged("finding", "relisten-needed"), logged("subject", f"{ns.name} {address}"))
     assert "relisten-needed" in advice_ids(ns, address, policy, state)
 
     helper.request(f"relisten {listener['index']} {ASKED}")
@@ -215,7 +225,8 @@ def test_relisten_picks_up_the_raise_and_the_cooldown_holds_the_next_one(
     # Bursts larger than the longer queue too: capped by somaxconn again (eBPF saw it ask for 1024), so
     # aqtune wants more, but the cooldown holds it.
     load.enter_context(bursts(ns, listener, RAISED + FLOOD + 24, every=BURST_EVERY))  # 400: flood.py allows 500
-    daemon.wait_for("finding=cooldown", f"subject=netns {ns.name}", f"sysctl={SOMAXCONN}", timeout=RAISE_TIMEOUT)
+    daemon.wait_for(logged("finding", "cooldown"), logged("subject", f"netns {ns.name}"), logged("sysctl", SOMAXCONN),
+                    timeout=RAISE_TIMEOUT)
     assert daemon.stop() == 0
     assert daemon.count(f"set {SOMAXCONN}") == 1
     assert somaxconn(ns) == RAISED
@@ -234,7 +245,8 @@ def test_app_capped_listener_is_advised_and_never_tuned(
     daemon = start_daemon(ns, policy)
     daemon.wait_for("aqtune running")
     load.enter_context(bursts(ns, listener, 3 * backlog, every=BURST_EVERY))
-    daemon.wait_for("finding=capped-by-app", f"subject={ns.name} {listener['address']}", timeout=RAISE_TIMEOUT)
+    daemon.wait_for(logged("finding", "capped-by-app"), logged("subject", f"{ns.name} {listener['address']}"),
+                    timeout=RAISE_TIMEOUT)
 
     done = aqtune("status", "--json", "--netns", ns.name, "--config", str(policy), "--state-dir", str(state))
     assert done.returncode == 0, done.stderr
@@ -242,7 +254,7 @@ def test_app_capped_listener_is_advised_and_never_tuned(
     if seen["advice"]:  # the daemon's live state: its latest sweep may fall between bursts
         advice = {entry["id"]: entry for entry in seen["advice"]}
         assert "capped-by-somaxconn" not in advice, advice
-    line = daemon.lines()[daemon.wait_for("finding=capped-by-app")]
+    line = daemon.lines()[daemon.wait_for(logged("finding", "capped-by-app"))]
     assert f"aqt-listen (pid {helper.ready()['pid']})" in line and f"backlog {backlog} is below somaxconn" in line
     # SIGTERM lets the sweep that found it finish, including its plan and apply step.
     assert daemon.stop() == 0
@@ -262,10 +274,11 @@ def test_a_stalled_listener_gets_no_backlog_advice_and_no_raise(
     daemon.wait_for("aqtune running")
     ns.flood([(flood_target(listener), FLOOD)])
     wait_for_queues(ns, {listener["address"]: CAPPED + 1})
-    daemon.wait_for("finding=stalled-workers", f"subject={ns.name} {listener['address']}", timeout=RAISE_TIMEOUT)
+    daemon.wait_for(logged("finding", "stalled-workers"), logged("subject", f"{ns.name} {listener['address']}"),
+                    timeout=RAISE_TIMEOUT)
     time.sleep(3 * INTERVAL)
     assert daemon.stop() == 0
-    assert daemon.count("finding=capped-by") == 0 and daemon.count(f"set {SOMAXCONN}") == 0
+    assert daemon.count(logged("finding", "capped-by")) == 0 and daemon.count(f"set {SOMAXCONN}") == 0
     assert somaxconn(ns) == CAPPED and ledger_changes(state) is None
 
 
@@ -381,7 +394,8 @@ def cooldown_recorded_before_restart(ns: TestNamespace, tmp_path: Path, state: P
     write_ledger(state, [{"netns": ns.name, "netns_inode": ns.inode, "sysctl": SOMAXCONN, "original": CAPPED // 2,
                           "applied": CAPPED, "pending": None, "changed_at": time.time()}])
     daemon = start_daemon(ns, write_policy(tmp_path / "policy.toml", policy_text()))
-    daemon.wait_for("finding=cooldown", f"subject=netns {ns.name}", f"sysctl={SOMAXCONN}", timeout=RAISE_TIMEOUT)
+    daemon.wait_for(logged("finding", "cooldown"), logged("subject", f"netns {ns.name}"), logged("sysctl", SOMAXCONN),
+                    timeout=RAISE_TIMEOUT)
     return daemon
 
 
@@ -404,7 +418,7 @@ def test_cooldown_is_logged_once_not_every_sweep(
     daemon = cooldown_recorded_before_restart(ns, tmp_path, state, load, start_daemon)
     time.sleep(4 * INTERVAL)  # several more sweeps with the same change held back
     assert daemon.stop() == 0
-    assert daemon.count("finding=cooldown", f"subject=netns {ns.name}") == 1
+    assert daemon.count(logged("finding", "cooldown"), logged("subject", f"netns {ns.name}")) == 1
 
 
 def test_drops_from_before_a_relisten_do_not_call_for_another_raise(
@@ -416,7 +430,7 @@ def test_drops_from_before_a_relisten_do_not_call_for_another_raise(
     # A window long enough to still hold the drops of the first seconds; no cooldown to mask a second change.
     daemon = start_daemon(ns, write_policy(tmp_path / "policy.toml", policy_text(sustain=5, cooldown=0)))
     assert wait_for_raise(ns) == RAISED
-    daemon.wait_for("finding=relisten-needed", f"subject={ns.name} {address}")
+    daemon.wait_for(logged("finding", "relisten-needed"), logged("subject", f"{ns.name} {address}"))
     helper.request(f"relisten {listener['index']} {ASKED}")
     daemon.wait_for(f"{ns.name} {address}: relisten-needed cleared")
     time.sleep(4 * INTERVAL)  # a few sweeps over the re-listened queue

@@ -2,9 +2,10 @@
 
 They need kprobes and fentry (BPF trampolines), which some kernels lack: this project's own dev
 and CI VMs have no CONFIG_KPROBES and refuse fentry. There a test marked ``kernel`` skips with the
-precise reason, and the qemu tier (tests/qemu/run-kernel-tier.sh) runs it on Debian's stock 6.1
-kernel instead. Inside that tier (AQTUNE_KERNEL_TIER=1, set by the guest's init) the same reason
-fails the test: the tier exists to run these tests, so it must never pass by skipping them.
+precise reason, and the qemu tier (tests/qemu/run-kernel-tier.sh) runs it on Debian's stock
+kernels instead (6.1 with Debian 12's userland, 6.12 with Debian 13's). Inside that tier
+(AQTUNE_KERNEL_TIER=1, set by the guest's init) the same reason fails the test: the tier exists to
+run these tests, so it must never pass by skipping them.
 """
 
 from __future__ import annotations

@@ -1,9 +1,11 @@
 """aqtune's own eBPF layer on a stock kernel: the kprobe/fentry paths that this project's VMs lack.
 
-On Debian's 6.1 (the qemu tier) there is no sock:sk_data_ready tracepoint and skb:kfree_skb has no
-listener, so the layer must choose functions instead: tcp_conn_request for SYN-stage drops (with
-the client's address), tcp_v4_syn_recv_sock for ACK-stage drops (fentry cannot attach there on
-6.1.0-54 and later: 7 arguments; the kprobe fallback must), inet_csk_complete_hashdance for arrivals.
+The qemu tier runs these on Debian's 6.1 and 6.12. Neither shows SYN-stage drops to a tracepoint,
+and skb:kfree_skb names no listener for ACK-stage drops, so the layer must choose functions:
+tcp_conn_request for SYN-stage drops (with the client's address), tcp_v4_syn_recv_sock for
+ACK-stage drops. On 6.1 fentry cannot attach to the latter from 6.1.0-54 on (7 arguments, 6.1's
+trampolines take 6), so the kprobe fallback must; 6.12 takes fentry there. 6.1 also lacks the
+sock:sk_data_ready tracepoint (6.6+): arrivals come from inet_csk_complete_hashdance.
 The layer is compiled once for the module: under TCG one bcc compile takes about a minute.
 """
 

@@ -2,8 +2,9 @@
 
 The proof that the stock-kernel tier works end to end: where the host kernel has neither (this
 project's VMs), these tests skip, and tests/qemu/run-kernel-tier.sh runs them on Debian's stock
-6.1 kernel. One BPF program carries both probes and is compiled once for the module, because
-under qemu's TCG a bcc compile against the kernel headers takes about 45 s.
+kernels, 6.1 (Debian 12, bcc 0.26) and 6.12 (Debian 13, bcc 0.31). One BPF program carries both
+probes and is compiled once for the module, because under qemu's TCG a bcc compile against the
+kernel headers takes about 45 s.
 """
 
 from __future__ import annotations
@@ -91,6 +92,19 @@ class Probes:
                 for key, count in self.bpf[b"seen"].items() if key.probe == PROBE_IDS[probe]}
 
 
+def kfunc_program(bpf: Any, function: str) -> bytes:
+    """The name bcc gave ``KFUNC_PROBE(function)``: ``kfunc__<function>`` in bcc 0.26 (Debian 12),
+    ``kfunc__vmlinux__<function>`` in 0.31 (Debian 13), which names the BTF module too. attach_kfunc
+    only prefixes ``kfunc__``, so it is given the full name."""
+    from bcc import libbcc
+
+    names = [libbcc.lib.bpf_function_name(bpf.module, i) for i in range(libbcc.lib.bpf_num_functions(bpf.module))]
+    wanted = {f"kfunc__{function}".encode(), f"kfunc__vmlinux__{function}".encode()}
+    found = [name for name in names if name in wanted]
+    assert len(found) == 1, f"no single fentry program for {function} among {names}"
+    return bytes(found[0])
+
+
 def _attach(probes: Probes, probe: str, attach: Callable[[], object]) -> None:
     try:
         attach()
@@ -113,7 +127,7 @@ def probes() -> Iterator[Probes]:
     bpf = ExplicitBPF(text=text.encode())  # bcc 0.26 warns about str arguments
     loaded = Probes(bpf)
     _attach(loaded, "kprobe", lambda: bpf.attach_kprobe(event=b"tcp_conn_request", fn_name=b"conn_request_kprobe"))
-    _attach(loaded, "fentry", lambda: bpf.attach_kfunc(fn_name=b"tcp_conn_request"))
+    _attach(loaded, "fentry", lambda: bpf.attach_kfunc(fn_name=kfunc_program(bpf, "tcp_conn_request")))
     try:
         yield loaded
     finally:

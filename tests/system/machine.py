@@ -1,4 +1,5 @@
-"""A real systemd machine for the package tests: a cached bookworm rootfs booted with systemd-nspawn.
+"""A real systemd machine for the package tests: a cached Debian rootfs (bookworm or trixie) booted
+with systemd-nspawn.
 
 The host's PID 1 is not systemd, which shapes everything here (see the packaging research notes):
 nspawn runs with ``--register=no --keep-unit`` (there is no machined or system bus to register
@@ -23,20 +24,41 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 CLEAN_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
-SUITE = "bookworm"
-# The host's own sources (Debian's registry is the only one reachable): updates and security
-# fixes too, so the container runs what a current bookworm machine runs.
-SOURCES = (
-    "deb http://deb.debian.org/debian bookworm main",
-    "deb http://deb.debian.org/debian bookworm-updates main",
-    "deb http://deb.debian.org/debian-security bookworm-security main",
-)
+REPO = Path(__file__).resolve().parents[2]
+MIRROR = "http://deb.debian.org/debian"
+SECURITY_MIRROR = "http://deb.debian.org/debian-security"
+
+
+@dataclass(frozen=True)
+class Release:
+    """A Debian release the package is tested on."""
+
+    suite: str
+    version: str
+
+    @property
+    def sources(self) -> tuple[str, ...]:
+        """The release with its updates and security fixes, as a current machine of it runs."""
+        return (f"deb {MIRROR} {self.suite} main", f"deb {MIRROR} {self.suite}-updates main",
+                f"deb {SECURITY_MIRROR} {self.suite}-security main")
+
+
+# Debian 12 (oldstable) and Debian 13 (stable since 2025-08): systemd 252 and 257, Python 3.11 and
+# 3.13, bcc 0.26 and 0.31, lintian 2.116 and 2.122.
+RELEASES = {release.suite: release for release in (Release("bookworm", "12"), Release("trixie", "13"))}
 # What a Debian server has besides the package's own dependencies: systemd as PID 1, D-Bus for
-# systemctl and systemd-analyze. apt and dpkg come with minbase.
-BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus")
+# systemctl and systemd-analyze. apt and dpkg come with minbase. lintian is the release's own, for
+# checking the package the way that release's archive would.
+BASE_PACKAGES = ("systemd", "systemd-sysv", "dbus", "lintian")
+# Kernel headers the release's bcc compiles, installed in the rootfs by the project's own script
+# (see _headers_hooks): the host's headers may be a release the container's bcc cannot compile
+# (Debian 12's bcc 0.26 fails on 6.12's).
+HEADERS_SCRIPT = REPO / "scripts" / "kernel-headers.sh"
+STALE_ROOTFS_SECONDS = 86400
 CGROUP_HIERARCHIES = ("/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified", "/sys/fs/cgroup")
 CGROUP_PARENT = "aqtune-ci"
 PR_SET_PDEATHSIG = 1
@@ -64,20 +86,35 @@ def deb_dependencies(deb: Path) -> list[str]:
     return sorted(set(names))
 
 
-def rootfs_key(packages: Sequence[str]) -> str:
-    text = "\n".join([SUITE, *SOURCES, *sorted(packages)])
+def rootfs_key(release: Release, packages: Sequence[str]) -> str:
+    """What a cached rootfs holds: the release, its sources, the packages and the kernel headers
+    (made for the running kernel by the script, so its text and the kernel release count too)."""
+    text = "\n".join([release.suite, *release.sources, *sorted(packages), os.uname().release,
+                      hashlib.sha256(HEADERS_SCRIPT.read_bytes()).hexdigest()])
     return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
-def build_rootfs(target: Path, packages: Sequence[str], log: Path) -> None:
-    """mmdebstrap a minbase rootfs with ``packages``; removes a half-built tree on failure."""
+def _headers_hooks() -> list[str]:
+    """mmdebstrap hooks that run scripts/kernel-headers.sh in the new tree, as `make deps` would on
+    a machine of that release: /lib/modules/$(uname -r)/build then leads to headers the release's
+    bcc compiles (this kernel's own package where the release has it, else the release's cloud
+    kernel's headers, never an image)."""
+    script = "/tmp/aqtune-kernel-headers.sh"
+    return [f'--customize-hook=cp {HEADERS_SCRIPT} "$1{script}"',
+            f'--customize-hook=chroot "$1" bash {script}',
+            f'--customize-hook=rm -f "$1{script}"']
+
+
+def build_rootfs(target: Path, release: Release, packages: Sequence[str], log: Path) -> None:
+    """mmdebstrap a minbase rootfs with ``packages`` and kernel headers; removes a half-built tree
+    on failure."""
     partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
     shutil.rmtree(partial, ignore_errors=True)
     try:
         with open(log, "w") as out:
-            subprocess.run(["mmdebstrap", "--variant=minbase", f"--include={','.join(packages)}", SUITE,
-                            str(partial), *SOURCES], stdout=out, stderr=subprocess.STDOUT, check=True,
-                           env=clean_env(), timeout=900)
+            subprocess.run(["mmdebstrap", "--variant=minbase", f"--include={','.join(packages)}", *_headers_hooks(),
+                            release.suite, str(partial), *release.sources], stdout=out, stderr=subprocess.STDOUT,
+                           check=True, env=clean_env(), timeout=900)
         partial.rename(target)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -85,26 +122,29 @@ def build_rootfs(target: Path, packages: Sequence[str], log: Path) -> None:
 
 
 @contextlib.contextmanager
-def cached_rootfs(cache_dir: Path | None, packages: Sequence[str], log: Path) -> Iterator[Path]:
-    """The rootfs for ``packages``: from ``cache_dir`` (keyed by the package list, built once, other
-    keys pruned), or, without a cache, built in a temporary directory removed afterwards."""
+def cached_rootfs(cache_dir: Path | None, release: Release, packages: Sequence[str], log: Path) -> Iterator[Path]:
+    """The rootfs of ``release`` with ``packages``: from ``cache_dir`` (keyed by release, package
+    list and headers, built once; the release's other keys pruned once unused for a day, since a
+    session of another checkout may be using one), or, without a cache, built in a temporary
+    directory removed afterwards."""
     if cache_dir is None:
         scratch = Path(tempfile.mkdtemp(prefix="aqtune-rootfs-", dir="/var/tmp"))
         try:
-            build_rootfs(scratch / "rootfs", packages, log)
+            build_rootfs(scratch / "rootfs", release, packages, log)
             yield scratch / "rootfs"
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
         return
     cache_dir.mkdir(parents=True, exist_ok=True)
-    target = cache_dir / f"{SUITE}-{rootfs_key(packages)}"
+    target = cache_dir / f"{release.suite}-{rootfs_key(release, packages)}"
     # One builder at a time; a second session waits and then finds the tree ready.
     with open(cache_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not target.is_dir():
-            build_rootfs(target, packages, log)
-        for stale in cache_dir.glob(f"{SUITE}-*"):
-            if stale != target:
+            build_rootfs(target, release, packages, log)
+        os.utime(target)  # last used now
+        for stale in cache_dir.glob(f"{release.suite}-*"):
+            if stale != target and time.time() - stale.stat().st_mtime > STALE_ROOTFS_SECONDS:
                 shutil.rmtree(stale, ignore_errors=True)
     yield target
 

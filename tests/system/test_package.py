@@ -1,8 +1,9 @@
 """The Debian package on a real systemd: build, lintian, install, run, reload, watchdog, upgrade, purge.
 
 Host-side tests look at the .deb and its unit without installing anything on the host. The
-container tests run in file order on one booted bookworm container (see conftest.py): each step
-starts from the state the previous one left, as an administrator's session would.
+container tests run in file order on one booted container per Debian release, bookworm then trixie
+(see conftest.py): each step starts from the state the previous one left, as an administrator's
+session would.
 """
 
 from __future__ import annotations
@@ -17,14 +18,23 @@ from typing import Any, TypeVar
 
 import pytest
 
-from tests.system.conftest import NOTES, UPGRADE_POLICY_LINE, UPGRADE_VERSION_SUFFIX, Package
-from tests.system.machine import Container, clean_env
+from tests.system.conftest import (
+    NOTES,
+    OLD_LAYOUT_VERSION_SUFFIX,
+    OLD_UNIT_PATH,
+    UNIT_PATH,
+    UPGRADE_POLICY_LINE,
+    UPGRADE_VERSION_SUFFIX,
+    Package,
+)
+from tests.system.machine import Container, Release, clean_env
 
 pytestmark = pytest.mark.system
 
 T = TypeVar("T")
 
 UNIT = "aqtune.service"
+UNIT_FILE = "/" + UNIT_PATH
 POLICY = "/etc/aqtune/policy.toml"
 MAX_EXPOSURE = 3.0  # the daemon issue's target for `systemd-analyze security`
 ALLOWED_LINTIAN_WARNINGS = {"initial-upload-closes-no-bugs"}
@@ -62,7 +72,7 @@ FLOOD = textwrap.dedent(f"""
 """)
 PACKAGE_PATHS = (
     "/usr/bin/aqtune",
-    "/lib/systemd/system/aqtune.service",
+    UNIT_FILE,
     "/etc/aqtune/policy.toml",
     "/usr/lib/systemd/catalog/aqtune.catalog",
     "/usr/share/man/man8/aqtune.8.gz",
@@ -71,6 +81,11 @@ PACKAGE_PATHS = (
     "/usr/share/aqtune/bpf/aqtune.c",
     "/usr/lib/python3/dist-packages/aqtune/cli.py",
 )
+
+
+# A probe's state in `aqtune status --json`: how it attached, or why it did not.
+PROBE_STATE = re.compile(r"^(attached \(.+\)|not attached: .+)$")
+LINTIAN_COMMAND = ("lintian", "--pedantic", "--display-info", "--tag-display-limit", "0")
 
 
 def wait_for(what: str, probe: Callable[[], T | None], timeout: float = 30.0, every: float = 0.5) -> T:
@@ -126,6 +141,33 @@ def exposure(output: str) -> float:
     return float(match.group(1))
 
 
+def lintian_problems(lines: list[str]) -> list[str]:
+    """Errors, and warnings other than the allowed ones, in lintian's output."""
+    return [line for line in lines
+            if line.startswith("E:") or (line.startswith("W:") and line.split()[2] not in ALLOWED_LINTIAN_WARNINGS)]
+
+
+def assert_purged(machine: Container) -> None:
+    """Nothing of the package is left: no dpkg record, unit, files, state or process."""
+    assert machine.run("dpkg-query", "-W", "aqtune", check=False).returncode != 0
+    assert show(machine, "LoadState")["LoadState"] == "not-found"
+    found = machine.run("find", "/", "(", "-path", "/proc", "-o", "-path", "/sys", "-o", "-path", "/dev", "-o",
+                        "-path", "/mnt", ")", "-prune", "-o", "-name", "*aqtune*", "-print", check=False).stdout
+    assert found.split() == []
+    for path in ("/etc/aqtune", "/var/lib/aqtune"):
+        assert machine.run("test", "-e", path, check=False).returncode != 0, path
+    assert MESSAGE_IDS["drops"] not in machine.run("journalctl", "--list-catalog").stdout
+    assert not _aqtune_processes(machine)
+
+
+def purge(machine: Container) -> None:
+    """apt-get purge, which must not warn (a package owning /lib/systemd/system on a merged-/usr
+    system makes dpkg warn that it cannot remove the directory)."""
+    result = machine.run("apt-get", "purge", "-y", "aqtune", timeout=300)
+    warnings = [line for line in (result.stdout + result.stderr).splitlines() if "warning" in line.lower()]
+    assert not warnings, result.stdout + result.stderr
+
+
 def edit_policy(machine: Container, old: str, new: str) -> str:
     text = machine.read(POLICY)
     assert old in text, f"{old!r} not in {POLICY}"
@@ -138,14 +180,14 @@ def edit_policy(machine: Container, old: str, new: str) -> str:
 
 
 def test_lintian_has_no_errors_and_only_the_allowed_warning(package: Package) -> None:
-    problems = [line for line in package.lintian
-                if line.startswith("E:") or (line.startswith("W:") and line.split()[2] not in ALLOWED_LINTIAN_WARNINGS)]
-    assert not problems, "\n".join(package.lintian)
+    assert not lintian_problems(package.lintian), "\n".join(package.lintian)
 
 
 def test_package_ships_what_the_issue_lists(package: Package) -> None:
     missing = [path for path in PACKAGE_PATHS if not (package.root / path.lstrip("/")).exists()]
     assert not missing
+    # /lib is an alias of /usr/lib on merged-/usr systems: Debian 13's lintian rejects files under it.
+    assert sorted(p.name for p in package.root.iterdir()) == ["etc", "usr"]
     fields = {name: subprocess.run(["dpkg-deb", "-f", str(package.deb), name], capture_output=True, text=True,
                                    check=True, env=clean_env()).stdout.strip()
               for name in ("Architecture", "Depends", "Recommends")}
@@ -164,17 +206,15 @@ def test_unit_verifies_on_the_host(package: Package) -> None:
     package's /usr laid over the host's in a private mount namespace: the host is not touched.
     It exits 0 on unknown keys and bad values, so its output must be empty."""
     usr = package.root / "usr"
-    # Debian 12 has merged /usr: dpkg unpacks the package's /lib through the /lib -> usr/lib link.
-    subprocess.run(["cp", "-a", f"{package.root}/lib/.", f"{usr}/lib/"], check=True)
     script = ('mount -t overlay overlay -o "lowerdir=$1:/usr" /usr && mount -t tmpfs tmpfs /run/systemd '
-              f"&& exec systemd-analyze verify /lib/systemd/system/{UNIT}")
+              f"&& exec systemd-analyze verify {UNIT_FILE}")
     result = subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(usr)],
                             capture_output=True, text=True, env=clean_env(), timeout=60)
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
 
 
 def test_unit_security_offline_meets_the_target(package: Package) -> None:
-    unit = package.root / "lib" / "systemd" / "system" / UNIT
+    unit = package.root / UNIT_PATH
     result = subprocess.run(["systemd-analyze", "security", "--offline=true", "--no-pager",
                              f"--threshold={int(MAX_EXPOSURE * 10)}", str(unit)],
                             capture_output=True, text=True, env=clean_env(), timeout=60)
@@ -186,18 +226,29 @@ def test_unit_security_offline_meets_the_target(package: Package) -> None:
 # --- in the container, in order ---
 
 
-def test_install_enables_and_starts_the_service(machine: Container, package: Package) -> None:
+def test_lintian_of_the_release_passes_the_upload(machine: Container, release: Release, package: Package) -> None:
+    """The release's own lintian on the upload the host built (package and source): whichever
+    release built it, both releases' lintian must pass it."""
+    result = machine.run(*LINTIAN_COMMAND, f"/mnt/debs/{package.changes.name}", check=False, timeout=300)
+    lines = [line for line in (result.stdout + result.stderr).splitlines()
+             if line and "running with root privileges" not in line]
+    version = machine.run("dpkg-query", "-W", "-f=${Version}", "lintian").stdout
+    NOTES[f"{release.suite}: lintian {version}"] = "; ".join(lines)
+    assert result.returncode == 0 and not lintian_problems(lines), "\n".join(lines)
+
+
+def test_install_enables_and_starts_the_service(machine: Container, release: Release, package: Package) -> None:
     started = time.monotonic()
     machine.run("apt-get", "install", "-y", f"/mnt/debs/{package.deb.name}", timeout=300)
-    NOTES["apt-get install in the container"] = f"{time.monotonic() - started:.1f} s"
+    NOTES[f"{release.suite}: apt-get install in the container"] = f"{time.monotonic() - started:.1f} s"
     assert machine.run("systemctl", "is-enabled", UNIT).stdout.strip() == "enabled"
     props = wait_running(machine)
-    NOTES["status line"] = props["StatusText"]
+    NOTES[f"{release.suite}: status line"] = props["StatusText"]
     # It says whether eBPF runs, and why not when it does not; either way it runs.
     entries = journal(machine)
     ebpf = [e["MESSAGE"] for e in entries if str(e.get("MESSAGE", "")).startswith(("eBPF: ", "eBPF unavailable"))]
     assert ebpf, [e.get("MESSAGE") for e in entries]
-    NOTES["eBPF in the container"] = ebpf[0].split("\n")[0]
+    NOTES[f"{release.suite}: eBPF in the container"] = ebpf[0].split("\n")[0]
     if ebpf[0].startswith("eBPF unavailable"):
         degraded = [e for e in entries if e.get("MESSAGE_ID") == MESSAGE_IDS["degraded"]]
         assert degraded and degraded[0]["AQTUNE_EBPF"] == "unavailable"
@@ -205,7 +256,8 @@ def test_install_enables_and_starts_the_service(machine: Container, package: Pac
 
 def test_unit_verifies_where_it_is_installed(machine: Container) -> None:
     # No man(1) in a minbase system: the man pages are checked on the host.
-    result = machine.run("systemd-analyze", "verify", "--man=no", f"/lib/systemd/system/{UNIT}", check=False)
+    assert machine.run("dpkg-query", "-L", "aqtune").stdout.split().count(UNIT_FILE) == 1
+    result = machine.run("systemd-analyze", "verify", "--man=no", UNIT_FILE, check=False)
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
 
 
@@ -226,7 +278,21 @@ def test_status_shows_the_running_daemon(machine: Container) -> None:
     assert [ns["name"] for ns in document["namespaces"]] == ["host"]
 
 
-def test_flood_against_a_full_queue_is_journaled(machine: Container) -> None:
+def test_status_says_which_probes_attached_how(machine: Container, release: Release) -> None:
+    """On the host's kernel (6.18 on this project's machines: tracepoints, no kprobes, fentry
+    refused) with the release's bcc and headers: every probe is listed with how it attached or why
+    not, and the table's eBPF line agrees."""
+    ebpf = status_json(machine)["ebpf"]
+    kernel = machine.run("uname", "-r").stdout.strip()
+    NOTES[f"{release.suite}: probes on {kernel}"] = "; ".join(f"{k}: {v}" for k, v in ebpf["probes"].items())
+    assert ebpf["active"], f"eBPF is off in the {release.suite} container: {ebpf['mode']}"
+    assert ebpf["probes"], ebpf
+    assert all(PROBE_STATE.match(state) for state in ebpf["probes"].values()), ebpf["probes"]
+    assert any(state.startswith("attached") for state in ebpf["probes"].values()), ebpf["probes"]
+    assert f"eBPF: on: {ebpf['mode']}" in machine.run("aqtune", "status").stdout
+
+
+def test_flood_against_a_full_queue_is_journaled(machine: Container, release: Release) -> None:
     machine.run("systemd-run", f"--unit={LISTENER_UNIT}", "--property=Type=exec", "python3", "-c", LISTENER)
     try:
         address = f"127.0.0.1:{LISTENER_PORT}"
@@ -253,7 +319,7 @@ def test_flood_against_a_full_queue_is_journaled(machine: Container) -> None:
         assert int(entry["AQTUNE_BACKLOG"]) == 1
         assert int(entry["AQTUNE_QUEUE"]) >= 1
         assert f"{address} ({LISTENER_UNIT}) dropped" in entry["MESSAGE"]
-        NOTES["drop entry"] = entry["MESSAGE"]
+        NOTES[f"{release.suite}: drop entry"] = entry["MESSAGE"]
     finally:
         machine.run("systemctl", "stop", LISTENER_UNIT, check=False)
 
@@ -287,7 +353,7 @@ def test_reload_applies_an_edited_policy_and_refuses_a_broken_one(machine: Conta
         machine.run("systemctl", "reload", UNIT)
 
 
-def test_watchdog_restarts_a_hung_daemon(machine: Container) -> None:
+def test_watchdog_restarts_a_hung_daemon(machine: Container, release: Release) -> None:
     dropin = "/etc/systemd/system/aqtune.service.d"
     machine.run("mkdir", "-p", dropin)
     # TimeoutAbortSec bounds the wait should SIGABRT not end it.
@@ -311,7 +377,7 @@ def test_watchdog_restarts_a_hung_daemon(machine: Container) -> None:
             return None
 
         restarted = wait_for("a restart by the watchdog", restarted_by_watchdog, timeout=40)
-        NOTES["watchdog"] = f"restarted {time.monotonic() - started:.1f} s after SIGSTOP"
+        NOTES[f"{release.suite}: watchdog"] = f"restarted {time.monotonic() - started:.1f} s after SIGSTOP"
         assert int(restarted["NRestarts"]) == int(props["NRestarts"]) + 1
         messages = [str(e.get("MESSAGE")) for e in journal(machine)]
         assert any(m.startswith(f"{UNIT}: Watchdog timeout (limit 3s)") for m in messages), messages[-20:]
@@ -323,11 +389,11 @@ def test_watchdog_restarts_a_hung_daemon(machine: Container) -> None:
     wait_running(machine)
 
 
-def test_security_exposure_in_the_container(machine: Container) -> None:
+def test_security_exposure_in_the_container(machine: Container, release: Release) -> None:
     result = machine.run("systemd-analyze", "security", "--no-pager", f"--threshold={int(MAX_EXPOSURE * 10)}", UNIT,
                          check=False)
     score = exposure(result.stdout)
-    NOTES["exposure in the container"] = str(score)
+    NOTES[f"{release.suite}: exposure in the container"] = str(score)
     assert result.returncode == 0 and score <= MAX_EXPOSURE, result.stdout[-3000:]
 
 
@@ -357,16 +423,37 @@ def test_remove_stops_the_service_and_keeps_the_config(machine: Container) -> No
 
 
 def test_purge_leaves_nothing_behind(machine: Container) -> None:
-    machine.run("apt-get", "purge", "-y", "aqtune", timeout=300)
-    assert machine.run("dpkg-query", "-W", "aqtune", check=False).returncode != 0
-    assert show(machine, "LoadState")["LoadState"] == "not-found"
-    found = machine.run("find", "/", "(", "-path", "/proc", "-o", "-path", "/sys", "-o", "-path", "/dev", "-o",
-                        "-path", "/mnt", ")", "-prune", "-o", "-name", "*aqtune*", "-print", check=False).stdout
-    assert found.split() == []
-    for path in ("/etc/aqtune", "/var/lib/aqtune"):
-        assert machine.run("test", "-e", path, check=False).returncode != 0, path
-    assert MESSAGE_IDS["drops"] not in machine.run("journalctl", "--list-catalog").stdout
-    assert not _aqtune_processes(machine)
+    purge(machine)
+    assert_purged(machine)
+
+
+def test_upgrade_from_the_lib_layout_keeps_the_unit_and_the_edited_policy(machine: Container,
+                                                                          package: Package) -> None:
+    """From the package as it was laid out before (unit in /lib/systemd/system) to this one: on a
+    merged-/usr system both paths are the same file, which dpkg must not delete as the old
+    package's leftover. The unit stays enabled and running, and the edited policy is kept."""
+    machine.run("apt-get", "install", "-y", f"/mnt/debs/{package.old_layout.name}", timeout=300)
+    installed = machine.run("dpkg-query", "-W", "-f=${Version}", "aqtune").stdout
+    assert installed == package.version + OLD_LAYOUT_VERSION_SUFFIX
+    assert "/" + OLD_UNIT_PATH in machine.run("dpkg-query", "-L", "aqtune").stdout.split()
+    before = wait_running(machine)
+    edited = edit_policy(machine, "\ninterval = 1.0\n", "\ninterval = 1.0\n# edited before the layout change\n")
+    machine.run("apt-get", "install", "-y", "-o", "Dpkg::Options::=--force-confdef",
+                "-o", "Dpkg::Options::=--force-confold", f"/mnt/debs/{package.deb.name}", timeout=300)
+    assert machine.run("dpkg-query", "-W", "-f=${Version}", "aqtune").stdout == package.version
+    listed = machine.run("dpkg-query", "-L", "aqtune").stdout.split()
+    assert UNIT_FILE in listed and "/" + OLD_UNIT_PATH not in listed
+    machine.run("test", "-f", UNIT_FILE)
+    assert machine.run("systemctl", "is-enabled", UNIT).stdout.strip() == "enabled"
+    assert machine.read(POLICY) == edited
+    after = wait_running(machine)
+    assert after["MainPID"] != before["MainPID"]
+    machine.run("systemd-analyze", "verify", "--man=no", UNIT_FILE)
+
+
+def test_purge_after_the_layout_upgrade_leaves_nothing_behind(machine: Container) -> None:
+    purge(machine)
+    assert_purged(machine)
 
 
 def _aqtune_processes(machine: Container) -> list[str]:
