@@ -134,7 +134,7 @@ def serve(runner: Runner, config_path: str, ebpf: bool = True) -> int:
     if ebpf:
         runner.start_events()
     mode = runner.mode
-    log.info(f"aqtune running: mode {mode}, policy {runner.policy.source}, netns {runner.observer.select}, "
+    log.info(f"aqtune running: mode {mode}, policy {runner.policy.source}, netns {runner.observer.select.wanted}, "
              f"state {runner.publisher.state_dir}", MessageId.LIFECYCLE, mode=mode)
     if runner.policy.apply_refused:
         log.warning(runner.policy.apply_refused, MessageId.LIFECYCLE)
