@@ -108,22 +108,27 @@ def _refresh(ledger: Ledger) -> None:
         ledger.refresh()
 
 
+def _policy_to_read(args: argparse.Namespace) -> Policy:
+    """The policy for a command that only reads (status, connections). The installed policy being
+    mid-edit must not blind them (the daemon keeps its last good policy too): they follow the built-in
+    defaults then, and say so; a --config given explicitly must be valid."""
+    try:
+        return _policy(args.config, required=args.config != DEFAULT_CONFIG)
+    except ConfigError as exc:
+        if args.config != DEFAULT_CONFIG:
+            raise
+        from aqtune.decide.policy import Policy
+
+        print(f"aqtune {args.command}: {printable(str(exc.problems[0]))}; advice uses the built-in defaults "
+              f"(`aqtune check` lists every problem)", file=sys.stderr)
+        return Policy()
+
+
 def _status(args: argparse.Namespace) -> int:
     from aqtune.surfaces import status
 
     _require_root("it enters every network namespace and reads other processes' file descriptors")
-    try:
-        policy = _policy(args.config, required=args.config != DEFAULT_CONFIG)
-    except ConfigError as exc:
-        if args.config != DEFAULT_CONFIG:
-            raise
-        # The installed policy being mid-edit must not blind status: the daemon keeps its last
-        # good policy too. The advice then follows the built-in defaults, and says so here.
-        from aqtune.decide.policy import Policy
-
-        print(f"aqtune status: {printable(str(exc.problems[0]))}; advice uses the built-in defaults "
-              f"(`aqtune check` lists every problem)", file=sys.stderr)
-        policy = Policy()
+    policy = _policy_to_read(args)
     try:
         ledger = _ledger(args.state_dir)
     except CommandError as exc:
@@ -184,15 +189,7 @@ def _connections(args: argparse.Namespace) -> int:
     from aqtune.surfaces import connections as surface
 
     _require_root("it enters network namespaces and reads other processes' file descriptors")
-    try:
-        policy = _policy(args.config, required=args.config != DEFAULT_CONFIG)
-    except ConfigError as exc:
-        if args.config != DEFAULT_CONFIG:
-            raise
-        from aqtune.decide.policy import Policy
-
-        print(f"aqtune connections: {exc.problems[0]}; using the built-in defaults", file=sys.stderr)
-        policy = Policy()
+    policy = _policy_to_read(args)
     try:
         refs = netns.select_namespaces(netns.list_namespaces(), args.netns)
         snapshot = sweep(args.netns, owners=False)

@@ -31,18 +31,13 @@ def dump(sock: socket.socket, request: bytes, decoder: Decoder, netns: str,
     With ``drain``, each chunk's rows are handed to it and ``rows`` emptied again, so a dump of any size
     holds one chunk's rows at a time (the daemon keeps only the listeners its budget tracks).
     """
-    progress = DumpProgress(netns, rows, ifnames=ifnames or {})
-    sock.sendall(request)
-    buf = bytearray(RECV_BUFFER)
-    while not progress.done:
-        size = sock.recv_into(buf)
-        if size == 0:
-            break
+    def decode(progress: DumpProgress, buf: bytearray, size: int) -> None:
         decoder(progress, buf, size)
         if drain is not None and rows:
             drain(rows)
             rows.clear()
-    return progress.skipped
+
+    return dump_into(sock, request, DumpProgress(netns, rows, ifnames=ifnames or {}), decode).skipped
 
 
 class _Progress(Protocol):
