@@ -258,7 +258,11 @@ class Container:
         assert self.leader is not None, "container is not running"
         env = ["PATH=" + CLEAN_PATH, "LANG=C.UTF-8", "HOME=/root", "TERM=dumb", "DEBIAN_FRONTEND=noninteractive",
                "SYSTEMD_PAGER=cat", "PAGER=cat", "SYSTEMD_COLORS=0"]
-        result = subprocess.run(["nsenter", "-t", str(self.leader), "-a", "env", "-i", *env, *command],
+        # --root and --wd: the container's root is its PID 1's, which need not be its mount
+        # namespace's root (seen with Debian 13's systemd-nspawn 257 started from a chroot: entering
+        # the namespace alone lands on the host's root).
+        enter = ["nsenter", "-t", str(self.leader), "-a", "--root", "--wd"]
+        result = subprocess.run([*enter, "env", "-i", *env, *command],
                                 capture_output=True, text=True, timeout=timeout, input=input,
                                 stdin=None if input is not None else subprocess.DEVNULL, env=clean_env())
         if check and result.returncode != 0:
