@@ -25,7 +25,7 @@ import pytest
 from tests.helpers import servers
 from tests.helpers.aqtune_run import Daemon, write_policy
 from tests.helpers.lineproto import HelperProcess, stop_all
-from tests.helpers.namespace import TestNamespace
+from tests.helpers.namespace import TestNamespace, wait_until
 from tests.integration.expect import wait_for_queues
 
 pytestmark = pytest.mark.integration
@@ -292,3 +292,55 @@ def test_php_fpm_with_every_child_busy_is_told_its_children_not_its_backlog(
     for finding in BACKLOG_FINDINGS:
         assert daemon.count(finding) == 0, log
     assert daemon.count("recommend ") == 0 and daemon.count("listen.backlog") == 0, log
+
+
+@pytest.mark.parametrize(("kind", "workers", "knob"), [
+    ("gunicorn", {"workers": "1"}, "gunicorn: workers x threads requests at once (a sync worker serves one): "
+                                   "`--workers` (default 1)"),
+    ("uwsgi", {"processes": "1"}, "uWSGI: processes x threads requests at once: `--processes` (default 1)"),
+], ids=["gunicorn", "uwsgi"])
+def test_a_single_sync_worker_held_by_a_slow_app_is_told_its_workers(
+        netns: Callable[[], TestNamespace], start_daemon: Callable[..., Daemon], load: contextlib.ExitStack,
+        kind: str, workers: dict[str, str], knob: str) -> None:
+    # One sync worker serving a 30 s request: the requests behind it wait in a queue far below its backlog.
+    ns = netns()
+    server = load.enter_context(servers.start(ns, kind, None, **workers))
+    daemon = start_daemon(ns, policy_text(), "--dry-run")
+    daemon.wait_for("aqtune running", timeout=VERDICT_TIMEOUT)
+    load.enter_context(clients(ns, f"http://{server.address}/slow?30", 6, 40))
+    wait_for_queues(ns, {server.address: 5})
+    line = finding_line(daemon, "queue-wait", ns, server.address)
+    assert knob in line, line
+    assert daemon.stop() == 0
+    log = "\n".join(daemon.lines())
+    for finding in BACKLOG_FINDINGS:
+        assert daemon.count(finding) == 0, log
+    assert daemon.count("recommend ") == 0, log
+    if kind == "uwsgi":  # issue 14: its command line names gunicorn, but it is uWSGI
+        assert daemon.count("gunicorn") == 0, log
+
+
+def test_haproxy_at_its_maxconn_is_told_maxconn(
+        netns: Callable[[], TestNamespace], start_daemon: Callable[..., Daemon], load: contextlib.ExitStack) -> None:
+    # A frontend with maxconn 5 (and so a backlog of 5) holding 5 silent clients: HAProxy accepts no more
+    # until its client timeout (5 s) frees them; the rest wait in, or are dropped at, the queue.
+    ns = netns()
+    server = load.enter_context(servers.start(ns, "haproxy", maxconn="5"))
+    daemon = start_daemon(ns, policy_text(), "--dry-run")
+    daemon.wait_for("aqtune running", timeout=VERDICT_TIMEOUT)
+    # maxconn's worth first, so the queue behind them fills at once and stays full (not a burst it drains).
+    held = ns.flood([(f"tcp:{server.address}", 5)], hold=20)
+    load.callback(held.stop)
+    wait_until(lambda: len(ns.run("ss", "-Htn", "state", "established", f"( sport = :{servers.PORT} )")
+                          .splitlines()) == 5, "HAProxy holding 5 connections")
+    waiting = ns.flood([(f"tcp:{server.address}", 15)], hold=20)
+    load.callback(waiting.stop)
+    wait_for_queues(ns, {server.address: 6})
+    found = daemon.wait_for(f"subject={ns.name} {server.address}", "`maxconn`", timeout=VERDICT_TIMEOUT)
+    line = daemon.lines()[found]
+    assert re.search(r"finding=(stalled-workers|workers-saturated|queue-wait) ", line), line
+    assert "HAProxy: maxconn connections at once (global, and per frontend)" in line, line
+    assert daemon.stop() == 0
+    log = "\n".join(daemon.lines())
+    for finding in BACKLOG_FINDINGS:
+        assert daemon.count(finding) == 0, log
