@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import servers
-from tests.helpers.aqtune_run import Daemon, write_policy
+from tests.helpers.aqtune_run import Daemon, ledger_changes, write_policy
 from tests.helpers.lineproto import HelperProcess, stop_all
 from tests.helpers.namespace import TestNamespace, wait_until
 from tests.integration.expect import wait_for_queues
@@ -67,6 +67,11 @@ def load() -> Iterator[contextlib.ExitStack]:
         yield stack
 
 
+def state_dir(tmp_path: Path, ns: TestNamespace) -> Path:
+    """Each namespace's daemon records its changes in a directory of its own."""
+    return tmp_path / f"state-{ns.name}"
+
+
 @pytest.fixture
 def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
     """Starts `aqtune run --config POLICY --netns NS --state-dir STATE [EXTRA...]` (dry run unless told
@@ -75,7 +80,7 @@ def start_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
 
     def start(ns: TestNamespace, policy: str, *extra: str) -> Daemon:
         path = write_policy(tmp_path / f"policy-{len(started)}.toml", policy)
-        daemon = Daemon(["--config", str(path), "--netns", ns.name, "--state-dir", str(tmp_path / "state"),
+        daemon = Daemon(["--config", str(path), "--netns", ns.name, "--state-dir", str(state_dir(tmp_path, ns)),
                          *extra], tmp_path / f"run-{len(started)}.log")
         started.append(daemon)
         return daemon
@@ -344,3 +349,55 @@ def test_haproxy_at_its_maxconn_is_told_maxconn(
     log = "\n".join(daemon.lines())
     for finding in BACKLOG_FINDINGS:
         assert daemon.count(finding) == 0, log
+
+
+SOMAXCONN = "net.core.somaxconn"
+CAPPED = 64  # the namespace's somaxconn: nginx's default listen(511) gets 64
+BURST = 300  # connects landing at once: 65 queue, the rest are dropped; under flood.py's 500
+
+
+def test_apply_raises_somaxconn_to_the_advised_number_and_the_replayed_burst_drops_nothing(
+        netns: Callable[[], TestNamespace], start_daemon: Callable[..., Daemon], load: contextlib.ExitStack,
+        tmp_path: Path) -> None:
+    # Issue 14's burst case end to end, in apply mode: nginx asks for 511, the namespace's somaxconn caps it
+    # at 64, and bursts larger than that land on it. Beside it, in a namespace of its own, the same nginx
+    # stopped with its queue full: stalled, and nothing is raised there.
+    ns, stalled_ns = netns(), netns()
+    for namespace in (ns, stalled_ns):
+        namespace.set_sysctl(SOMAXCONN, CAPPED)
+    stalled = load.enter_context(servers.start(stalled_ns, "nginx"))
+    assert stalled_ns.ss_tcp()[stalled.address].backlog == CAPPED
+    bystander = start_daemon(stalled_ns, policy_text(mode="apply"))
+    load.enter_context(stopped(stalled))
+    flood = stalled_ns.flood([(f"tcp:{stalled.address}", 2 * CAPPED)], hold=VERDICT_TIMEOUT + 10)
+    load.callback(flood.stop)
+
+    with servers.start(ns, "nginx") as server:
+        assert ns.ss_tcp()[server.address].backlog == CAPPED
+        daemon = start_daemon(ns, policy_text(mode="apply"))
+        daemon.wait_for("aqtune running", timeout=VERDICT_TIMEOUT)
+        with landing_at_once(ns, server, BURST):
+            line = finding_line(daemon, "capped-by-somaxconn", ns, server.address)
+            number = assert_sized(line, "raise somaxconn there to {n} (", CAPPED)
+            assert f"nginx (pid {server.pid}" in line and "must call listen() again: restart nginx" in line, line
+            daemon.wait_for(f"set {SOMAXCONN} {CAPPED} -> {number} in netns {ns.name}", timeout=VERDICT_TIMEOUT)
+        assert ns.sysctls(SOMAXCONN)[SOMAXCONN] == number
+        assert ns.ss_tcp()[server.address].backlog == CAPPED, "somaxconn reaches a listener only on listen()"
+    assert number > BURST, f"{number} would not hold the burst of {BURST}"
+
+    # The re-listen the advice asks for: nginx restarted, now granted min(511, the new somaxconn).
+    with servers.start(ns, "nginx") as server:
+        assert ns.ss_tcp()[server.address].backlog == min(511, number)
+        before = ns.nstat()["TcpExtListenDrops"]
+        with landing_at_once(ns, server, BURST, waves=1):
+            wait_for_queues(ns, {server.address: 0}, timeout=10)
+        assert ns.nstat()["TcpExtListenDrops"] == before, "the replayed burst was dropped in part"
+
+    bystander.wait_for("finding=stalled-workers", f"subject={stalled_ns.name} {stalled.address}",
+                       timeout=VERDICT_TIMEOUT)
+    assert daemon.stop() == 0 and bystander.stop() == 0
+    assert daemon.count(f"set {SOMAXCONN}") == 1, "\n".join(daemon.lines())
+    log = "\n".join(bystander.lines())
+    assert bystander.count("finding=capped-by") == 0 and bystander.count(f"set {SOMAXCONN}") == 0, log
+    assert stalled_ns.sysctls(SOMAXCONN)[SOMAXCONN] == CAPPED
+    assert ledger_changes(state_dir(tmp_path, stalled_ns)) is None
