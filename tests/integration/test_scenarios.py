@@ -192,6 +192,7 @@ class Burst:
     kind: str  # tests/helpers/servers.py's name for the server
     knob: str  # its backlog knob as the advice must write it, with {n} for the number
     relisten: tuple[str, ...]  # what the advice must say about making it listen again
+    backlog: int | None = 16  # None: the server's own (PostgreSQL has no setting)
     options: dict[str, str] = field(default_factory=dict)
 
 
@@ -203,6 +204,17 @@ BURSTS = [
     Burst("haproxy", "set `backlog {n}` in the frontend",
           ("restart HAProxy (pid ", "a reload (SIGUSR2, `systemctl reload`) hands the open listeners")),
     Burst("node", "`server.listen({{port, backlog: {n}}})`", ("restart Node.js (pid ",)),
+    Burst("apache", "set `ListenBacklog {n}` in the Apache configuration",
+          ("restart Apache (prefork MPM) (pid ", "`apachectl -k stop`, then start Apache again",
+           "a graceful restart (`apachectl -k graceful`, `systemctl reload`) keeps the open listeners"),
+          options={"mpm": "prefork", "children": "4"}),
+    Burst("gunicorn", "start gunicorn with `--backlog {n}`", ("restart gunicorn (pid ", "HUP replaces the workers")),
+    Burst("uwsgi", "start uWSGI with `--listen {n}`", ("restart uWSGI (pid ", "(SIGHUP) keeps the listening socket")),
+    # 2 x MaxBackends (54 with max_connections 5, up to PostgreSQL 16): no knob takes the number, so the
+    # advice names what sets it.
+    Burst("postgresql", "PostgreSQL has no backlog setting: it asks listen() for 2 x MaxBackends",
+          ("raise max_connections or put a connection pooler in front", "restart PostgreSQL (pid ",
+           "`pg_ctl restart -D DATADIR`"), backlog=None, options={"max_connections": "5"}),
 ]
 
 
@@ -211,8 +223,9 @@ def test_a_fast_server_with_a_short_backlog_hit_by_bursts_is_told_its_backlog_wi
         netns: Callable[[], TestNamespace], start_daemon: Callable[..., Daemon], load: contextlib.ExitStack,
         case: Burst) -> None:
     ns = netns()
-    backlog = 16
-    server = load.enter_context(servers.start(ns, case.kind, backlog=backlog, **case.options))
+    server = load.enter_context(servers.start(ns, case.kind, case.backlog, **case.options))
+    backlog = ns.ss_tcp()[server.address].backlog
+    assert case.backlog in (None, backlog)
     daemon = start_daemon(ns, policy_text(), "--dry-run")
     daemon.wait_for("aqtune running", timeout=VERDICT_TIMEOUT)
     load.enter_context(landing_at_once(ns, server, 120))
@@ -220,6 +233,8 @@ def test_a_fast_server_with_a_short_backlog_hit_by_bursts_is_told_its_backlog_wi
     assert_sized(line, case.knob, backlog)
     for phrase in case.relisten:
         assert phrase in line, line
+    if case.kind == "uwsgi":  # issue 14: its command line names gunicorn, but it is uWSGI
+        assert "gunicorn" not in line, line
     assert daemon.stop() == 0
     for finding in WORKER_FINDINGS:
         assert daemon.count(finding) == 0, "\n".join(daemon.lines())
