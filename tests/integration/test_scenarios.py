@@ -12,6 +12,7 @@ tests wait for the daemon's log lines, with timeouts.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import signal
 import subprocess
@@ -23,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import servers
-from tests.helpers.aqtune_run import Daemon, ledger_changes, write_policy
+from tests.helpers.aqtune_run import Daemon, aqtune, ledger_changes, write_policy
 from tests.helpers.lineproto import HelperProcess, stop_all
 from tests.helpers.namespace import TestNamespace, wait_until
 from tests.integration.expect import wait_for_queues
@@ -416,3 +417,34 @@ def test_apply_raises_somaxconn_to_the_advised_number_and_the_replayed_burst_dro
     assert bystander.count("finding=capped-by") == 0 and bystander.count(f"set {SOMAXCONN}") == 0, log
     assert stalled_ns.sysctls(SOMAXCONN)[SOMAXCONN] == CAPPED
     assert ledger_changes(state_dir(tmp_path, stalled_ns)) is None
+
+
+def owners_known(daemon_policy: Path, state: Path, ns: TestNamespace, address: str) -> bool:
+    """Whether the running daemon's state names the processes holding ``address`` (it looks up the owners
+    of a new listener at most every few seconds)."""
+    done = aqtune("status", "--json", "--netns", ns.name, "--config", str(daemon_policy), "--state-dir", str(state))
+    assert done.returncode == 0, done.stderr
+    listeners = json.loads(done.stdout)["listeners"]
+    return any(entry["address"] == address and entry["processes"] for entry in listeners)
+
+
+def test_php_fpm_capped_by_somaxconn_needs_no_change_of_its_own(
+        netns: Callable[[], TestNamespace], start_daemon: Callable[..., Daemon], load: contextlib.ExitStack,
+        tmp_path: Path) -> None:
+    # php-fpm's default listen.backlog asks listen() for INT_MAX: "as much as allowed". Started after the
+    # daemon, so eBPF sees what it asked for; capped at 64 by the namespace's somaxconn, hit by bursts.
+    ns = netns()
+    ns.set_sysctl(SOMAXCONN, CAPPED)
+    daemon = start_daemon(ns, policy_text(), "--dry-run")
+    daemon.wait_for("aqtune running", timeout=VERDICT_TIMEOUT)
+    fpm = load.enter_context(servers.start(ns, "php-fpm", children="2", tcp="yes"))
+    assert ns.ss_tcp()[fpm.address].backlog == CAPPED
+    wait_until(lambda: owners_known(tmp_path / "policy-0.toml", state_dir(tmp_path, ns), ns, fpm.address),
+               "the daemon knowing php-fpm's processes", timeout=VERDICT_TIMEOUT, interval=0.5)
+    load.enter_context(landing_at_once(ns, fpm, 120))
+    line = finding_line(daemon, "capped-by-somaxconn", ns, fpm.address)
+    assert "it asks listen() for 2147483647, i.e. as much as somaxconn allows, so it needs no change of its own" \
+        in line, line
+    assert "listen.backlog" not in line and "must ask for" not in line, line
+    assert_sized(line, "raise somaxconn there to {n} (", CAPPED)
+    assert "restart php-fpm (pid " in line and "stop the php-fpm master and start it again" in line, line
