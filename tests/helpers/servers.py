@@ -206,7 +206,7 @@ http {{
                   f"127.0.0.1:{PORT}", holders)
 
 
-def _php_fpm_conf(workdir: Path, backlog: int | None, children: int, socket_path: Path) -> Path:
+def _php_fpm_conf(workdir: Path, backlog: int | None, children: int, socket_path: Path | str) -> Path:
     backlog_line = f"listen.backlog = {backlog}\n" if backlog is not None else ""
     conf = workdir / "php-fpm.conf"
     conf.write_text(f"""\
@@ -233,12 +233,14 @@ def _php_fpm(workdir: Path, backlog: int | None, options: dict[str, str]) -> Lau
     php_fpm = _need("/usr/sbin/php-fpm*", "php-fpm")
     _user(WEB_USER)
     children = int(options.get("children", "2"))
+    tcp = options.get("tcp") == "yes"  # listen on 127.0.0.1:PORT instead of a Unix socket
     socket_path = workdir / "php.sock"
-    conf = _php_fpm_conf(workdir, backlog, children, socket_path)
+    address = f"127.0.0.1:{PORT}" if tcp else str(socket_path)
+    conf = _php_fpm_conf(workdir, backlog, children, address)
     (workdir / "www").mkdir(exist_ok=True)
     (workdir / "www" / "slow.php").write_text(SLOW_PHP)
-    return Launch([php_fpm, "--nodaemonize", "--fpm-config", str(conf), "-n"], str(socket_path), 1 + children,
-                  stop_signal=signal.SIGQUIT, unix=True)
+    return Launch([php_fpm, "--nodaemonize", "--fpm-config", str(conf), "-n"], address, 1 + children,
+                  stop_signal=signal.SIGQUIT, unix=not tcp)
 
 
 def _apache(workdir: Path, backlog: int | None, options: dict[str, str]) -> Launch:
