@@ -66,10 +66,12 @@ def _power_of_two(n: float) -> int:
     return 1 << max(math.ceil(math.log2(max(n, 1.0))), 0)
 
 
-def recommended_backlog(listener: Listener, window: ListenerWindow, policy: Policy) -> Sizing:
+def recommended_backlog(listener: Listener, window: ListenerWindow, policy: Policy) -> Sizing | None:
     """The worst burst seen (peak queue plus the SYNs dropped in the sweep that saw the most), with
-    headroom, rounded up to a power of two; bounded by what the measured accept rate drains within
-    ``max_queue_wait_ms``, and by the policy's max. Always more than the backlog now."""
+    headroom, rounded up to a power of two; bounded by what the workers drain at their fastest measured
+    accept rate within ``max_queue_wait_ms``, and by the policy's max. Always more than the backlog
+    now; None when the workers cannot drain even the queue they have within that time (then they,
+    not the queue, are the limit)."""
     peak = max(window.peak_queue, listener.queue)
     dropped = window.burst_drops or 0
     burst = peak + dropped
@@ -80,13 +82,15 @@ def recommended_backlog(listener: Listener, window: ListenerWindow, policy: Poli
         basis = f"the worst burst seen: {peak} queued + {dropped} dropped in one sweep = {burst}"
     number = _power_of_two(burst * HEADROOM)
     basis += f", +{(HEADROOM - 1) * 100:.0f}% headroom, rounded up to a power of two"
-    rate = window.accept_rate
+    rate = window.peak_accept_rate
     if rate is not None and rate > 0:
         drains = rate * policy.saturation.max_queue_wait_ms / 1000
+        if drains <= listener.backlog:
+            return None  # the workers cannot drain even today's queue in time: a longer one only waits
         if number > drains:
             number = max(_power_of_two(drains + 1) // 2, listener.backlog + 1)  # the power of two <= drains
-            basis += (f"; bounded by what {rate:.0f} accepts/s drain within max_queue_wait_ms "
-                      f"({policy.saturation.max_queue_wait_ms:g} ms)")
+            basis += (f"; bounded by what the workers drain at their fastest ({rate:.0f} accepts/s) within "
+                      f"max_queue_wait_ms ({policy.saturation.max_queue_wait_ms:g} ms)")
     number = max(number, listener.backlog + 1)
     if number > policy.somaxconn.max:
         number = policy.somaxconn.max
@@ -227,6 +231,17 @@ def diagnose_listener(listener: Listener, window: ListenerWindow, somaxconn: int
         ))
         return findings
     sizing = recommended_backlog(listener, window, policy)
+    if sizing is None:
+        rate = window.peak_accept_rate or 0.0
+        findings.append(Finding(
+            FindingId.WORKERS_SATURATED,
+            f"{listener.address}: bursts overflow the queue, but {owner} drains at most {rate:.0f} connections/s, "
+            f"fewer than its backlog of {listener.backlog} within max_queue_wait_ms "
+            f"({policy.saturation.max_queue_wait_ms:g} ms): a longer queue would only hold connections longer; "
+            f"add capacity ({workers})",
+            {"accept_rate": round(rate, 1), "backlog": listener.backlog},
+        ))
+        return findings
     target = sizing.number
     if somaxconn is not None and listener.backlog == somaxconn and (requested is None or requested > somaxconn):
         if follows_somaxconn(requested, policy):
@@ -239,7 +254,8 @@ def diagnose_listener(listener: Listener, window: ListenerWindow, somaxconn: int
             # The first raise reaches what the listener asked for, if the bursts call for more.
             wanted = min(max(target, requested or 0, policy.somaxconn.min), policy.somaxconn.max)
             asked = (f"the application asked for {requested}" if requested is not None
-                     else "the backlog the application asked for is unknown without eBPF")
+                     else "the backlog the application asked for is unknown without eBPF" if events is None
+                     else "it called listen() before aqtune started watching, so what it asked for is unknown")
             app = f"; {owner} must ask for that much too ({app_knob(listener.processes, wanted)})"
         findings.append(Finding(
             FindingId.CAPPED_BY_SOMAXCONN,

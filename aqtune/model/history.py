@@ -58,6 +58,8 @@ class ListenerWindow:
     since: float | None = None  # when this saturation began
     worst_burst: int = 0  # the largest burst (queued + dropped in one sweep) since the saturation began
 
+    peak_accept_rate: float | None = None  # accepts/s of the busiest sweep interval in the window (eBPF)
+
     @property
     def accept_rate(self) -> float | None:
         return self.accepts / self.span if self.accepts is not None and self.span > 0 else None
@@ -113,6 +115,11 @@ def listener_window(samples: deque[Sample] | list[Sample], was_saturated: bool, 
     accepts = None
     if last.accepts is not None and base.accepts is not None:
         accepts = max(last.accepts - base.accepts, 0)
+    # How fast the workers can drain: the busiest interval, not the average (bursty arrivals leave
+    # them idle between bursts, which says nothing of what they can do).
+    rates = [(b.accepts - a.accepts) / (b.at - a.at) for a, b in zip([base, *window], window, strict=False)
+             if a.accepts is not None and b.accepts is not None and b.at > a.at and b.accepts >= a.accepts]
+    peak_accept_rate = max(rates) if rates else None
     onset = None
     if saturated:
         first_drop = next((b.at for a, b in zip([base, *window], window, strict=False)
@@ -132,7 +139,7 @@ def listener_window(samples: deque[Sample] | list[Sample], was_saturated: bool, 
         fill=last.fill, peak_fill=max(s.fill for s in window), high_for=high_for, drops=drops,
         cpu_share=cpu_share, saturated=saturated, span=last.at - base.at,
         min_fill=min(s.fill for s in window[trouble:]), peak_queue=peak_queue,
-        burst_drops=burst_drops, accepts=accepts, since=onset,
+        burst_drops=burst_drops, accepts=accepts, since=onset, peak_accept_rate=peak_accept_rate,
         worst_burst=max(burst, worst_burst if was_saturated else 0) if saturated else 0,
     )
 

@@ -165,7 +165,8 @@ def assert_sized(line: str, knob: str, backlog: int) -> int:
     assert found is not None, line
     burst = int(found.group("sum") or found.group("worst"))
     expected = power_of_two_at_least(burst * 1.25)
-    bound = re.search(r"bounded by what (\d+) accepts/s drain within max_queue_wait_ms \((\d+) ms\)", line)
+    bound = re.search(r"bounded by what the workers drain at their fastest \((\d+) accepts/s\) within "
+                      r"max_queue_wait_ms \((\d+) ms\)", line)
     if bound is None:
         assert number == max(expected, backlog + 1), line
     else:

@@ -29,11 +29,11 @@ def listener(queue: int = 129, backlog: int = 128, processes: tuple[Process, ...
 
 def window(saturated: bool = True, cpu_share: float | None = None, drops: int | None = 0,
            span: float = 10.0, min_fill: float = 0.0, accepts: int | None = None, peak_queue: int = 0,
-           burst_drops: int | None = None) -> ListenerWindow:
+           burst_drops: int | None = None, peak_accept_rate: float | None = None) -> ListenerWindow:
     """A judged window; by default a bursty one (the queue drained at some sweep in it)."""
     return ListenerWindow(fill=1.0, peak_fill=1.0, high_for=span, drops=drops, cpu_share=cpu_share,
                           saturated=saturated, span=span, min_fill=min_fill, peak_queue=peak_queue,
-                          burst_drops=burst_drops, accepts=accepts)
+                          burst_drops=burst_drops, accepts=accepts, peak_accept_rate=peak_accept_rate)
 
 
 def ids(findings: list[Finding]) -> list[str]:
@@ -302,12 +302,22 @@ def test_bursts_get_one_measured_number_with_its_basis() -> None:
 
 
 def test_the_number_is_bounded_by_what_the_accept_rate_drains_in_max_queue_wait() -> None:
-    # 100 accepts/s drain 100 connections within the default 1,000 ms: a longer queue only waits.
+    # At their fastest the workers drain 100 connections/s, so 100 within the default 1,000 ms.
     findings = diagnose_listener(listener(queue=3, backlog=64), window(min_fill=0.0, peak_queue=65, burst_drops=500,
-                                                                      accepts=1000), 4096, None, None, POLICY)
+                                                                      accepts=300, peak_accept_rate=100.0),
+                                 4096, None, None, POLICY)
     capped = by_id(findings, "capped-by-app")
     assert capped.evidence["target"] == 65  # the power of two below 100, but more than the backlog now
-    assert "bounded by what 100 accepts/s drain within max_queue_wait_ms" in capped.text
+    assert "bounded by what the workers drain at their fastest (100 accepts/s)" in capped.text
+
+
+def test_workers_that_cannot_drain_their_queue_in_time_are_the_limit_not_the_queue() -> None:
+    # 13 connections/s at best against a backlog of 64: a longer queue would only make them wait longer.
+    findings = diagnose_listener(listener(queue=3, backlog=64), window(min_fill=0.0, peak_queue=65, burst_drops=20,
+                                                                      accepts=40, peak_accept_rate=13.0),
+                                 64, 2147483647, None, POLICY)
+    assert ids(findings) == ["saturated", "workers-saturated"]
+    assert "drains at most 13 connections/s" in findings[1].text
 
 
 @pytest.mark.parametrize("cpu_share", [STALLED_CPU_SHARE, 0.5, 3.0, None])
