@@ -66,12 +66,14 @@ def _power_of_two(n: float) -> int:
     return 1 << max(math.ceil(math.log2(max(n, 1.0))), 0)
 
 
-def recommended_backlog(listener: Listener, window: ListenerWindow, policy: Policy) -> Sizing | None:
+def recommended_backlog(listener: Listener, window: ListenerWindow, policy: Policy,
+                        wait_ms: float | None = None) -> Sizing | None:
     """The worst burst seen (peak queue plus the SYNs dropped in the sweep that saw the most), with
     headroom, rounded up to a power of two; bounded by what the workers drain at their fastest measured
     accept rate within ``max_queue_wait_ms``, and by the policy's max. Always more than the backlog
     now; None when the workers cannot drain even the queue they have within that time (then they,
-    not the queue, are the limit)."""
+    not the queue, are the limit). Where the measured waits are short (under a tenth of
+    ``max_queue_wait_ms``) the workers drain faster than arrivals came, so the rate seen is no bound."""
     peak = max(window.peak_queue, listener.queue)
     dropped = window.burst_drops or 0
     burst = peak + dropped
@@ -83,7 +85,8 @@ def recommended_backlog(listener: Listener, window: ListenerWindow, policy: Poli
     number = _power_of_two(burst * HEADROOM)
     basis += f", +{(HEADROOM - 1) * 100:.0f}% headroom, rounded up to a power of two"
     rate = window.peak_accept_rate
-    if rate is not None and rate > 0:
+    drains_quickly = wait_ms is not None and wait_ms <= policy.saturation.max_queue_wait_ms / 10
+    if rate is not None and rate > 0 and not drains_quickly:
         drains = rate * policy.saturation.max_queue_wait_ms / 1000
         if drains <= listener.backlog:
             return None  # the workers cannot drain even today's queue in time: a longer one only waits
@@ -230,7 +233,7 @@ def diagnose_listener(listener: Listener, window: ListenerWindow, somaxconn: int
              "cpu_share": None if window.cpu_share is None else round(window.cpu_share, 4)},
         ))
         return findings
-    sizing = recommended_backlog(listener, window, policy)
+    sizing = recommended_backlog(listener, window, policy, wait_ms)
     if sizing is None:
         rate = window.peak_accept_rate or 0.0
         findings.append(Finding(

@@ -404,3 +404,15 @@ def test_cpu_share_is_measured_over_the_time_the_queue_has_been_full() -> None:
     history += [Sample(float(t), 101, 100, 0, 0.93 * (t - 19)) for t in range(20, 31)]
     judged = listener_window(history, False, 0.9, 0.5, 10.0)
     assert judged.saturated and judged.cpu_share is not None and judged.cpu_share > 0.9
+
+
+def test_short_measured_waits_mean_the_accept_rate_seen_is_no_bound() -> None:
+    # 100 accepts/s were all the bursts brought; connections waited 4 ms at most: the workers keep up.
+    events = ListenerEvents(enqueued=300, peak_queue=65, ack_overflow=0, syn_overflow=None, synack_retransmits=0,
+                            accepts=300, queue_wait_ms={"p50": 1.0, "p99": 4.0}, requested_backlog=None,
+                            oldest_queued_ms=0.0)
+    findings = diagnose_listener(listener(queue=3, backlog=64), window(min_fill=0.0, peak_queue=65, burst_drops=500,
+                                                                      accepts=300, peak_accept_rate=100.0),
+                                 4096, None, None, POLICY, events)
+    capped = by_id(findings, "capped-by-app")
+    assert capped.evidence["target"] == 1024 and "bounded" not in capped.text  # (65 + 500) x 1.25 -> 1024
