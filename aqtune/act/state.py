@@ -116,8 +116,10 @@ def live_state(state_dir: str, now: float | None = None) -> tuple[dict[str, Any]
     max_age = 3 * min(max(interval, publish_every, 0.0), 3600.0) + 2.0
     if now - taken_at > max_age:
         return None, None
-    boot = daemon.get("boot_id")
-    if _start_time(pid) != started or (boot is not None and boot != _boot_id()):
+    # The pid's start time (and the freshness above, which a state from before a reboot fails) tell a
+    # live daemon from a reused pid; boot_id is only recorded: a sandboxed daemon and a shell in the
+    # same container can read different ones (nspawn substitutes its own for the shell's).
+    if _start_time(pid) != started:
         return None, None  # that daemon is gone (its pid may be another process's now)
     if not _is_aqtune_run(pid):
         return None, f"{ignored}: pid {pid} is not an `aqtune run` process"

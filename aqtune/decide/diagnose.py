@@ -72,8 +72,8 @@ def recommended_backlog(listener: Listener, window: ListenerWindow, policy: Poli
     headroom, rounded up to a power of two; bounded by what the workers drain at their fastest measured
     accept rate within ``max_queue_wait_ms``, and by the policy's max. Always more than the backlog
     now; None when the workers cannot drain even the queue they have within that time (then they,
-    not the queue, are the limit). Where the measured waits are short (under a tenth of
-    ``max_queue_wait_ms``) the workers drain faster than arrivals came, so the rate seen is no bound."""
+    not the queue, are the limit). The drain rate is the busiest sweep's accepts or, where eBPF timed
+    the waits, the peak queue over the longest wait, whichever is higher."""
     peak = max(window.peak_queue, listener.queue)
     dropped = window.burst_drops or 0
     burst = peak + dropped
@@ -85,8 +85,11 @@ def recommended_backlog(listener: Listener, window: ListenerWindow, policy: Poli
     number = _power_of_two(burst * HEADROOM)
     basis += f", +{(HEADROOM - 1) * 100:.0f}% headroom, rounded up to a power of two"
     rate = window.peak_accept_rate
-    drains_quickly = wait_ms is not None and wait_ms <= policy.saturation.max_queue_wait_ms / 10
-    if rate is not None and rate > 0 and not drains_quickly:
+    if wait_ms is not None and wait_ms > 0 and peak > 0:
+        # A full queue emptied within the wait its last connection saw: a drain rate arrivals do not
+        # limit, unlike the accepts counted (bursty load leaves the workers idle in between).
+        rate = max(rate or 0.0, peak / (wait_ms / 1000))
+    if rate is not None and rate > 0:
         drains = rate * policy.saturation.max_queue_wait_ms / 1000
         if drains <= listener.backlog:
             return None  # the workers cannot drain even today's queue in time: a longer one only waits

@@ -108,3 +108,13 @@ class Daemon:
     def kill(self) -> None:
         """SIGKILL and reap; safe to call more than once and after it exited."""
         kill_process(self.popen)
+
+
+def logged(key: str, value: str) -> str:
+    """``key=value`` as the daemon's console log writes it. The renderer's quoting differs between
+    structlog versions (25 writes ``subject='netns web'``, 22.3 wrote ``subject=netns web``), so
+    the renderer itself is asked, with the settings aqtune's console output uses."""
+    import structlog
+
+    line: str = structlog.dev.ConsoleRenderer(colors=False, sort_keys=False)(None, "info", {"event": "", key: value})
+    return line[line.index(f"{key}="):].rstrip()

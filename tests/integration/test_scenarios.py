@@ -36,7 +36,7 @@ from pathlib import Path
 import pytest
 
 from tests.helpers import servers
-from tests.helpers.aqtune_run import Daemon, aqtune, ledger_changes, write_policy
+from tests.helpers.aqtune_run import Daemon, aqtune, ledger_changes, logged, write_policy
 from tests.helpers.lineproto import HelperProcess, stop_all
 from tests.helpers.namespace import TestNamespace, wait_until
 from tests.integration.expect import wait_for_queues
@@ -107,7 +107,7 @@ def finding_line(daemon: Daemon, finding: str, ns: TestNamespace, address: str,
                  timeout: float = VERDICT_TIMEOUT) -> str:
     """The daemon's first log line with ``finding`` for the listener at ``address`` in ``ns``."""
     try:
-        index = daemon.wait_for(f"finding={finding}", f"subject={ns.name} {address}", timeout=timeout)
+        index = daemon.wait_for(f"finding={finding}", logged("subject", f"{ns.name} {address}"), timeout=timeout)
     except AssertionError as exc:  # what the kernel saw, to tell a load that did not bite from a wrong verdict
         counters = {k: v for k, v in ns.nstat().items() if "Listen" in k}
         raise AssertionError(f"{exc}\nss: {ns.ss_all().get(address)}\nnstat: {counters}") from None
@@ -344,7 +344,7 @@ def test_haproxy_at_its_maxconn_is_told_maxconn(
     waiting = ns.flood([(f"tcp:{server.address}", 15)], hold=20)
     load.callback(waiting.stop)
     wait_for_queues(ns, {server.address: 6})
-    found = daemon.wait_for(f"subject={ns.name} {server.address}", "`maxconn`", timeout=VERDICT_TIMEOUT)
+    found = daemon.wait_for(logged("subject", f"{ns.name} {server.address}"), "`maxconn`", timeout=VERDICT_TIMEOUT)
     line = daemon.lines()[found]
     assert re.search(r"finding=(stalled-workers|workers-saturated|queue-wait) ", line), line
     assert "HAProxy: maxconn connections at once (global, and per frontend)" in line, line
@@ -396,7 +396,7 @@ def test_apply_raises_somaxconn_to_the_advised_number_and_the_replayed_burst_dro
             wait_for_queues(ns, {server.address: 0}, timeout=10)
         assert ns.nstat()["TcpExtListenDrops"] == before, "the replayed burst was dropped in part"
 
-    bystander.wait_for("finding=stalled-workers", f"subject={stalled_ns.name} {stalled.address}",
+    bystander.wait_for("finding=stalled-workers", logged("subject", f"{stalled_ns.name} {stalled.address}"),
                        timeout=VERDICT_TIMEOUT)
     assert daemon.stop() == 0 and bystander.stop() == 0
     assert daemon.count(f"set {SOMAXCONN}") == 1, "\n".join(daemon.lines())

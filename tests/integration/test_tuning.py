@@ -16,11 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
 from aqtune.act.ledger import FORMAT_VERSION
 from aqtune.collect.netns import cookie_of
-from tests.helpers.aqtune_run import Daemon, aqtune, ledger_changes, write_policy
+from tests.helpers.aqtune_run import Daemon, aqtune, ledger_changes, logged, write_policy
 from tests.helpers.namespace import HelperProcess, TestNamespace, wait_until
 from tests.integration.expect import bursts, draining_listener, flood_target, wait_for_queues
 
@@ -91,14 +90,6 @@ def wait_for_raise(ns: TestNamespace) -> int:
 
 def set_line(ns: TestNamespace, old: int = CAPPED, new: int = RAISED) -> str:
     return f"set {SOMAXCONN} {old} -> {new} in netns {ns.name}"
-
-
-def logged(key: str, value: str) -> str:
-    """``key=value`` as the daemon's console log writes it. The renderer's quoting differs between
-    structlog versions (25 writes ``subject='netns web'``, 22.3 wrote ``subject=netns web``), so
-    the renderer itself is asked, with the settings aqtune's console output uses."""
-    line: str = structlog.dev.ConsoleRenderer(colors=False, sort_keys=False)(None, "info", {"event": "", key: value})
-    return line[line.index(f"{key}="):].rstrip()
 
 
 def rollback(state: Path) -> list[list[str]]:
