@@ -60,28 +60,34 @@ class FindingReporter:
     log: EventLog
     logged: Throttle[tuple[str, FindingId]] = field(default_factory=lambda: Throttle(REMIND_AFTER))
     pools: Pools = field(default_factory=lambda: Pools(60))
+    # Whose each subject is: its "cleared" entry is charged to the same pool as its findings were.
+    owners: dict[str, int | None] = field(default_factory=dict)
 
     def report(self, snapshot: Snapshot, decision: Decision, policy: JournalPolicy) -> None:
         """Log findings as they appear (and again every REMIND_AFTER), and say when they clear."""
         now = snapshot.taken_at
         self.pools.per_minute = 2 * policy.max_per_minute
         active: set[tuple[str, FindingId]] = set()
-        uids: dict[str, int | None] = {}
         for listener in snapshot.listeners:
             findings = decision.assessment.listener_findings.get((listener.netns, listener.cookie))
             if findings:
                 subject = f"{listener.netns} {listener.address}"
-                uids[subject] = listener.uid
                 active |= {(subject, f.id) for f in findings}
                 self._say(subject, listener.uid, findings, now)
+        # A namespace a user namespace owns is that user's: its findings come out of the users' pool.
+        namespace_owner = {ns.name: ns.owner_uid if ns.user_owned else None for ns in snapshot.namespaces}
         for name in {*decision.assessment.namespace_findings, *decision.held}:
             findings = decision.namespace_findings(name)
             active |= {(f"netns {name}", f.id) for f in findings}
-            self._say(f"netns {name}", None, findings, now)
+            self._say(f"netns {name}", namespace_owner.get(name), findings, now)
         for subject, finding_id in self.logged.keys() - active:
             self.logged.forget((subject, finding_id))
-            if not SPECS[finding_id].held_back and self.pools.allow(uids.get(subject), subject, now)[0]:
+            uid = self.owners.get(subject)
+            if not SPECS[finding_id].held_back and self.pools.allow(uid, subject, now)[0]:
                 self.log.info(f"{subject}: {finding_id} cleared", MessageId.FINDING, finding=finding_id)
+        still = {subject for subject, _ in self.logged.said}
+        for subject in self.owners.keys() - still:
+            del self.owners[subject]
 
     def _say(self, subject: str, uid: int | None, findings: list[Finding], now: float) -> None:
         for finding in findings:
@@ -89,6 +95,7 @@ class FindingReporter:
             if self.logged.holds(key, now) or not self.pools.allow(uid, subject, now)[0]:
                 continue  # said lately, or over budget: due again at the next sweep
             self.logged.due(key, now)
+            self.owners[subject] = uid
             spec = finding.spec
             fields = {k: v for k, v in finding.evidence.items()}
             if spec.level is Level.INFO:

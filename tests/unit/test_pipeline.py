@@ -195,3 +195,23 @@ def test_a_recommendation_is_repeated_only_for_a_larger_number() -> None:
     assert not throttle.due_if_grown("somaxconn", 2.0, 128)
     assert throttle.due_if_grown("somaxconn", 3.0, 512)
     assert throttle.due_if_grown("somaxconn", 400.0, 128)  # the period passed: said as it is now
+
+
+def test_a_users_cleared_findings_are_charged_to_the_users_pool() -> None:
+    from aqtune.act.report import FindingReporter
+    from aqtune.decide.policy import JournalPolicy
+
+    reporter = FindingReporter(Silent())
+    policy = Policy(saturation=Saturation(sustain=0.0))
+    cleared = 0
+    for snapshot in recorded():
+        for listener in snapshot.listeners:
+            listener.uid = 1000
+        model = Model()
+        model.update(snapshot, {})
+        reporter.report(snapshot, decide(snapshot, {}, model, policy, {}), JournalPolicy())
+        cleared += sum("cleared" in line for line in reporter.log.lines)  # type: ignore[attr-defined]
+        reporter.log.lines.clear()  # type: ignore[attr-defined]
+    assert cleared > 0, "the run must clear findings for this to test anything"
+    assert reporter.owners == {}, "forgotten once nothing of theirs is logged"
+    assert reporter.pools.budgets["users"].sent and "system" not in reporter.pools.budgets
