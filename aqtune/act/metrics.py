@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from aqtune.act.state import write_atomically
-from aqtune.records import Listener, ListenerEvents, Namespace, Snapshot
+from aqtune.records import Listener, ListenerEvents, Namespace, Process, Snapshot
 
 # Listeners whose series are written, the worst first: with eBPF, 13 series each, 2,000 listeners make
 # up to ~5 MB for node_exporter to parse every scrape, and more than 2,000 listeners worth a look at
@@ -200,6 +200,11 @@ class _Samples:
         if value is not None:
             self.lines[family.name].append(f"{family.name}{labels} {_number(value)}")
 
+    def extend(self, lines: Iterable[tuple[str, str]]) -> None:
+        """Add (family name, sample line) pairs made earlier."""
+        for name, line in lines:
+            self.lines[name].append(line)
+
     def text(self) -> str:
         out = []
         for family in FAMILIES:
@@ -207,6 +212,36 @@ class _Samples:
                 out += [f"# HELP {family.name} {family.help}", f"# TYPE {family.name} {family.kind}",
                         *self.lines[family.name]]
         return "\n".join(out) + "\n"
+
+
+# What a listener's series are made of: the rows below decide every label and value it writes.
+_LineKey = tuple[str, str, str, int, int, int, int | None, tuple[Process, ...], ListenerEvents | None]
+
+
+class LineCache:
+    """Each listener's sample lines from the last render, by socket cookie.
+
+    A quiet listener writes the same lines sweep after sweep, and escaping its labels and formatting
+    its values was most of what a quiet sweep cost the daemon; they are made again only when one of
+    the figures or names behind them changed. Holds the listeners of the last render only.
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[int, tuple[_LineKey, list[tuple[str, str]]]] = {}
+
+    def lines(self, listener: Listener, events: ListenerEvents | None) -> list[tuple[str, str]]:
+        key: _LineKey = (listener.netns, listener.proto, listener.address, listener.cookie, listener.queue,
+                         listener.backlog, listener.drops, listener.processes, events)
+        cached = self.entries.get(listener.cookie)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        made = _listener_lines(listener, events)
+        self.entries[listener.cookie] = (key, made)
+        return made
+
+    def keep_only(self, cookies: set[int]) -> None:
+        if len(self.entries) > len(cookies):
+            self.entries = {cookie: entry for cookie, entry in self.entries.items() if cookie in cookies}
 
 
 def worst_listeners(listeners: Iterable[Listener], limit: int) -> tuple[list[Listener], int]:
@@ -229,22 +264,30 @@ def _units(listener: Listener) -> str:
     return ",".join(sorted({process.unit for process in listener.processes if process.unit}))
 
 
-def _listener_samples(samples: _Samples, listener: Listener, events: ListenerEvents | None) -> None:
+def _listener_lines(listener: Listener, events: ListenerEvents | None) -> list[tuple[str, str]]:
+    """(family name, sample line) for each of one listener's series."""
+    lines: list[tuple[str, str]] = []
+
+    def add(family: Family, labels: str, value: Value) -> None:
+        if value is not None:
+            lines.append((family.name, f"{family.name}{labels} {_number(value)}"))
+
     pairs = [("netns", listener.netns), ("proto", listener.proto), ("address", listener.address),
              ("socket", str(listener.cookie)), ("unit", _units(listener))]
     labels = _labels(pairs)
     for family, value in LISTENER_METRICS:
-        samples.add(family, labels, value(listener))
+        add(family, labels, value(listener))
     if events is None:
-        return
+        return lines
     for family, seen in EVENT_METRICS:
-        samples.add(family, labels, seen(events))
+        add(family, labels, seen(events))
     waits = events.queue_wait_ms or {}
     for key, quantile in QUANTILES:
         if waits.get(key) is not None:
-            samples.add(QUEUE_WAIT, _labels([*pairs, ("quantile", quantile)]), waits[key] / 1000)
+            add(QUEUE_WAIT, _labels([*pairs, ("quantile", quantile)]), waits[key] / 1000)
     if events.oldest_queued_ms is not None:
-        samples.add(OLDEST_QUEUED, labels, events.oldest_queued_ms / 1000)
+        add(OLDEST_QUEUED, labels, events.oldest_queued_ms / 1000)
+    return lines
 
 
 def _namespace_samples(samples: _Samples, namespace: Namespace, name: str) -> None:
@@ -272,16 +315,20 @@ def _netns_names(namespaces: list[Namespace]) -> list[str]:
 
 
 def render(snapshot: Snapshot, events: Mapping[int, ListenerEvents], figures: DaemonFigures,
-           max_listeners: int = MAX_LISTENERS, max_namespaces: int = MAX_NAMESPACES) -> str:
+           max_listeners: int = MAX_LISTENERS, max_namespaces: int = MAX_NAMESPACES,
+           cache: LineCache | None = None) -> str:
     """The textfile for one sweep; ``events`` maps socket inodes to what eBPF saw (empty without it).
 
     At most ``max_listeners`` listeners' and ``max_namespaces`` namespaces' series are written.
+    ``cache`` keeps listeners' lines from one render to the next (the daemon's).
     """
     samples = _Samples()
     listeners, listeners_omitted = worst_listeners(snapshot.listeners, max_listeners)
     unseen = NO_EVENTS if figures.ebpf_active else None
+    lines = cache or LineCache()
     for listener in listeners:
-        _listener_samples(samples, listener, events.get(listener.inode, unseen))
+        samples.extend(lines.lines(listener, events.get(listener.inode, unseen)))
+    lines.keep_only({listener.cookie for listener in listeners})
     namespaces, namespaces_omitted = worst_namespaces(snapshot.namespaces, max_namespaces)
     for namespace, name in zip(namespaces, _netns_names(namespaces), strict=True):
         _namespace_samples(samples, namespace, name)
@@ -295,6 +342,7 @@ def render(snapshot: Snapshot, events: Mapping[int, ListenerEvents], figures: Da
 
 
 def write(path: str, snapshot: Snapshot, events: Mapping[int, ListenerEvents], figures: DaemonFigures,
-          max_listeners: int = MAX_LISTENERS, max_namespaces: int = MAX_NAMESPACES) -> None:
+          max_listeners: int = MAX_LISTENERS, max_namespaces: int = MAX_NAMESPACES,
+          cache: LineCache | None = None) -> None:
     """Replace the file at ``path`` atomically: node_exporter never reads half of one."""
-    write_atomically(path, render(snapshot, events, figures, max_listeners, max_namespaces))
+    write_atomically(path, render(snapshot, events, figures, max_listeners, max_namespaces, cache))

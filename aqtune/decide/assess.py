@@ -43,7 +43,7 @@ def assess(snapshot: Snapshot, model: Model, policy: Policy, managed: dict[str, 
     a single sample, so "sustained" means "now".
     """
     result = Assessment()
-    groups = reuseport_groups(snapshot.listeners)
+    groups: dict[tuple[str, str, str], list[Listener]] | None = None  # made when a listener is saturated
     somaxconn = {ns.name: ns.sysctls.get(SOMAXCONN) for ns in snapshot.namespaces}
     for listener in snapshot.listeners:
         key = (listener.netns, listener.cookie)
@@ -76,6 +76,8 @@ def assess(snapshot: Snapshot, model: Model, policy: Policy, managed: dict[str, 
         if window.saturated:
             # What keeps the queue from draining, where the connections show it: a stuck reuseport
             # sibling, or workers all held by long or idle connections.
+            if groups is None:
+                groups = reuseport_groups(snapshot.listeners)
             group = groups.get((listener.netns, listener.proto, listener.address))
             stuck = reuseport_stalled(listener, group, policy, serving) if group else None
             summary = (connections or {}).get(key)

@@ -108,6 +108,9 @@ class WorkLimits:
     namespaces: int = 500  # namespaces read per sweep; the rest are read first in the next one
     listeners: int = 20_000  # listeners tracked at once; the excess is sampled round-robin
     published_listeners: int = 2_000  # listed in the state file, worst first; the rest are counted
+    # The daemon's own CPU, in % of one core: a sweep that cost c CPU seconds is followed by the next
+    # no sooner than c * 100 / max_cpu_percent seconds after it began, whatever the interval asks.
+    max_cpu_percent: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -245,7 +248,8 @@ SCHEMA: dict[str, Any] = {
                     "idle_after": _within(_number, 0, 86400 * 7, low_open=True)},
     "limits": {"sweep_seconds": _within(_number, 0, 3600, low_open=True),
                "namespaces": _within(_integer, 1, 1_000_000), "listeners": _within(_integer, 1, 10_000_000),
-               "published_listeners": _within(_integer, 1, 10_000_000)},
+               "published_listeners": _within(_integer, 1, 10_000_000),
+               "max_cpu_percent": _within(_number, 1, 100)},
 }
 LISTENER_SCHEMA: dict[str, Callable[[Any], Any]] = {
     "port": _within(_integer, 0, 65535),

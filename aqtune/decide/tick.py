@@ -8,14 +8,14 @@ so what the daemon does and what the tests prove are the same code.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from aqtune.decide.assess import Assessment, assess
 from aqtune.decide.findings import Finding, FindingId
 from aqtune.decide.policy import Policy, owner_allowed
 from aqtune.decide.tuning import Change, Managed, NamespaceState, plan
 from aqtune.model.history import ListenerKey, ListenerWindow, Model
-from aqtune.records import ConnectionSummary, ListenerEvents, Snapshot
+from aqtune.records import ConnectionSummary, Listener, ListenerEvents, Snapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,5 +103,18 @@ def one_shot(snapshot: Snapshot, policy: Policy, managed: Mapping[int, dict[str,
              events: Mapping[int, ListenerEvents] | None = None) -> Decision:
     """What a single snapshot supports: fill now rather than sustained, no drop or counter rates."""
     model = Model()
-    model.update(snapshot, {}, events)
+    model.update(replace(snapshot, listeners=may_be_judged(snapshot, policy, managed, events)), {}, events)
     return decide(snapshot, events or {}, model, policy, managed, one_shot=True)
+
+
+def may_be_judged(snapshot: Snapshot, policy: Policy, managed: Mapping[int, dict[str, Managed]],
+                  events: Mapping[int, ListenerEvents] | None = None) -> list[Listener]:
+    """The listeners a single sample can give a finding: filled to the lowest threshold any rule sets,
+    in a namespace where aqtune changed a sysctl, or seen by eBPF. assess passes over every other
+    one (one sample shows no drops), so `aqtune status` builds no history for them: on a host with
+    10,000 quiet listeners that was most of its time."""
+    lowest = min([policy.saturation.fill_ratio, *(r.fill_ratio for r in policy.listeners if r.fill_ratio is not None)])
+    changed = {ns.name for ns in snapshot.namespaces if managed.get(ns.inode)}
+    seen = events or {}
+    return [listener for listener in snapshot.listeners
+            if listener.fill >= lowest or listener.netns in changed or listener.inode in seen]

@@ -169,6 +169,7 @@ class Model:
         """Fold in one sweep; ``cpu_seconds`` maps owner pids to their CPU time so far, ``events``
         socket inodes to what eBPF saw."""
         seen: set[ListenerKey] = set()
+        found = events or {}
         for listener in snapshot.listeners:
             key = (listener.netns, listener.cookie)
             seen.add(key)
@@ -177,7 +178,7 @@ class Model:
             # (drops, a full queue) says nothing about the new queue, so its history restarts.
             if history is None or (history.samples and history.samples[-1].backlog != listener.backlog):
                 history = self.listeners[key] = ListenerHistory()
-            sample = _sample(snapshot.taken_at, listener, cpu_seconds, (events or {}).get(listener.inode))
+            sample = _sample(snapshot.taken_at, listener, cpu_seconds, found.get(listener.inode))
             samples = history.samples
             # A run of identical samples keeps its first and its latest: the windows see the same
             # thing, and a quiet listener costs two samples, not one per sweep.
@@ -238,12 +239,21 @@ def _same(a: Sample, b: Sample) -> bool:
             and a.peak == b.peak)
 
 
+def _owners_cpu(listener: Listener, cpu_seconds: dict[int, float]) -> float | None:
+    """The CPU seconds of all the listener's owners together; None when any is unknown."""
+    if not listener.processes or not cpu_seconds:
+        return None
+    total = 0.0
+    for process in listener.processes:
+        used = cpu_seconds.get(process.pid)
+        if used is None:
+            return None
+        total += used
+    return total
+
+
 def _sample(at: float, listener: Listener, cpu_seconds: dict[int, float], events: ListenerEvents | None) -> Sample:
-    cpu = None
-    if listener.processes:
-        times = [cpu_seconds.get(p.pid) for p in listener.processes]
-        if all(t is not None for t in times):
-            cpu = sum(t for t in times if t is not None)
+    cpu = _owners_cpu(listener, cpu_seconds)
     if events is None:
         return Sample(at, listener.queue, listener.backlog, listener.drops, cpu)
     return Sample(at, listener.queue, listener.backlog, listener.drops, cpu, events.accepts, events.peak_queue)

@@ -10,8 +10,9 @@ comes early, at most once per TRIGGER_GAP.
 Bounded whatever local users create: each sweep has a time and a namespace budget (the policy's
 [limits], and never more than a quarter of the watchdog's period), and the watchdog is fed between
 namespaces, so a slow sweep is cut and reported ("partial sweep" in STATUS and the state), never a
-watchdog restart. A sweep also waits DUTY times as long as the last one took, so sweeps that cost
-much never hold the daemon on a CPU.
+watchdog restart. The next sweep also waits until the last one's CPU time is within the policy's
+``[limits] max_cpu_percent`` of one core (and DUTY times its wall time), so sweeps that cost much
+(a flood, listener churn) come less often instead of taking the CPU from the workload.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from aqtune.decide import policy as policies
 from aqtune.messages import MessageId
 from aqtune.surfaces.run import Runner
 
-SHORT_TICK = 0.25  # seconds between cheap checks
+SHORT_TICK = 0.25  # seconds between looks at the stop flag and the watchdog
+CHECK_EVERY = 0.5  # seconds between cheap counter checks: each is a setns and a file read per namespace
 QUIET_PERIOD = 5.0  # at most; never more than half the sustain window
 TRIGGER_GAP = 1.0  # seconds at least from one sweep to a sweep that moving counters bring forward
 DUTY = 2.0  # a sweep starts no sooner than DUTY times the last one's duration after it: under half a core
@@ -67,6 +69,13 @@ def sweep_seconds(wanted: float, notifier: Notifier) -> float:
 
 def budget(limits: policies.WorkLimits, notifier: Notifier) -> SweepBudget:
     return SweepBudget(sweep_seconds(limits.sweep_seconds, notifier), limits.namespaces, limits.listeners)
+
+
+def sweep_gap(wall: float, cpu: float, max_cpu_percent: float) -> float:
+    """Seconds from the start of a sweep that took ``wall`` seconds and ``cpu`` CPU seconds to the
+    earliest next one: its CPU stays within ``max_cpu_percent`` of one core, and its wall time within
+    1 / (1 + DUTY) of the time (a sweep waiting on the kernel still holds namespaces and locks)."""
+    return max(DUTY * wall, cpu * 100.0 / max_cpu_percent)
 
 
 def listen_counters(counters: Mapping[str, int]) -> tuple[int, ...]:
@@ -142,8 +151,8 @@ def serve(runner: Runner, config_path: str, ebpf: bool = True) -> int:
     # Fed between namespaces too: however long a sweep runs, the loop that runs it still answers.
     sweeper.progress = lambda: notifier.watchdog(time.monotonic())
     watch = CounterWatch()
-    last_sweep = float("-inf")
-    sweep_took = 0.0
+    last_sweep = last_check = float("-inf")
+    rest = 0.0  # seconds from the last sweep's start before the next may begin (sweep_gap)
     ready = False
     while not stop.is_set():
         now = time.monotonic()
@@ -153,20 +162,23 @@ def serve(runner: Runner, config_path: str, ebpf: bool = True) -> int:
         period = runner.policy.interval
         if runner.quiet():
             period = max(period, min(QUIET_PERIOD, runner.policy.saturation.sustain / 2))
-        since, rest = now - last_sweep, DUTY * sweep_took
+        since = now - last_sweep
         focus: set[netns.NamespaceRef] | None = None
         # Counters moving bring a sweep of their namespaces forward, but no sooner than TRIGGER_GAP:
         # under a flood they move every tick, and back-to-back sweeps would starve the loop.
-        if rest <= since < period and since >= min(period, TRIGGER_GAP):
+        if rest <= since < period and since >= min(period, TRIGGER_GAP) and now - last_check >= CHECK_EVERY:
+            last_check = now
             focus = watch.moved() or None
         if focus is not None or since >= max(period, rest):
             last_sweep = now
+            cpu_before = time.process_time()
             sweeper.budget = budget(runner.policy.limits, notifier)
             try:
                 runner.tick(focus)
             except (OSError, LookupError) as exc:
                 log.error(f"sweep failed: {exc}; retrying next interval", MessageId.DEGRADED, component="sweep")
-            sweep_took = time.monotonic() - now
+            rest = sweep_gap(time.monotonic() - now, time.process_time() - cpu_before,
+                             runner.policy.limits.max_cpu_percent)
             watch.watch(sweeper.watched(),
                         {ref: sweeper.visits[ref].namespace.counters for ref in sweeper.read if ref in sweeper.visits})
             if not ready:

@@ -74,6 +74,7 @@ class Publisher:
     published: tuple[float, tuple[int, ...]] = (float("-inf"), ())  # when, and what it showed
     took: float = 0.0  # seconds the last state and metrics write took
     last: dict[str, Any] | None = None  # the last status document
+    metric_lines: metrics.LineCache = field(default_factory=metrics.LineCache)  # quiet listeners' series
     started: float = field(default_factory=time.time)
 
     def drops_last_minute(self, snapshot: Snapshot) -> int:
@@ -142,7 +143,7 @@ class Publisher:
                 metrics.write(textfile, snapshot, events, metrics.DaemonFigures(
                     sweep_seconds=snapshot.duration, last_sweep=snapshot.taken_at,
                     ebpf_active=bool(ebpf.get("active")), journal_suppressed=facts.suppressed,
-                    journal_refused=facts.refused))
+                    journal_refused=facts.refused), cache=self.metric_lines)
             except FileNotFoundError:
                 # No node_exporter textfile directory: nothing collects the file, which is a choice,
                 # not a fault.

@@ -32,7 +32,7 @@ from aqtune.decide.tick import decide
 from aqtune.model.history import Model
 from aqtune.records import Listener, Namespace, Process, Snapshot
 from aqtune.surfaces import run
-from aqtune.surfaces.daemon import CounterWatch, Notifier, budget
+from aqtune.surfaces.daemon import CounterWatch, Notifier, budget, sweep_gap
 from aqtune.surfaces.publish import CMDLINE_SHOWN, DaemonFacts, Publisher, published, shown_namespaces, truncated
 from aqtune.surfaces.status import render
 
@@ -283,3 +283,17 @@ def test_a_sweep_takes_at_most_a_quarter_of_the_watchdog_period(monkeypatch: pyt
     assert budget(WorkLimits(sweep_seconds=0.1), Notifier()).seconds == 0.1
     monkeypatch.delenv("WATCHDOG_USEC")
     assert budget(WorkLimits(), Notifier()).seconds == WorkLimits().sweep_seconds
+
+
+def test_the_daemons_cpu_is_bounded_by_the_policys_budget() -> None:
+    """A sweep that cost c CPU seconds is followed by the next no sooner than c * 100 / max_cpu_percent
+    seconds after it began: the daemon's share of one core stays within the budget under any load."""
+    assert parse("[limits]\nmax_cpu_percent = 5\n").limits.max_cpu_percent == 5
+    assert Policy().limits.max_cpu_percent == 10
+    for wrong in ("0", "101", "nan", '"10"'):
+        with pytest.raises(PolicyError, match=r"limits\.max_cpu_percent"):
+            parse(f"[limits]\nmax_cpu_percent = {wrong}\n")
+    assert sweep_gap(wall=0.2, cpu=0.135, max_cpu_percent=10) == pytest.approx(1.35)
+    assert 0.135 / sweep_gap(0.2, 0.135, 10) == pytest.approx(0.10)
+    # A sweep that mostly waited on the kernel is spaced by its wall time instead.
+    assert sweep_gap(wall=0.5, cpu=0.01, max_cpu_percent=10) == pytest.approx(1.0)

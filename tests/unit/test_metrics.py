@@ -305,3 +305,24 @@ def test_any_names_and_sockets_give_a_parseable_file_without_duplicates(
     assert sum(name == "aqtune_netns_somaxconn" for name, _ in values) == min(len(netns_names), max_namespaces)
     for _, labels in values:
         assert all(len(value) <= metrics.MAX_LABEL for _, value in labels)
+
+
+def test_line_cache_reuses_a_quiet_listeners_lines_and_remakes_a_changed_ones() -> None:
+    cache = metrics.LineCache()
+    quiet, busy = listener("127.0.0.1:80", cookie=1), listener("127.0.0.1:81", queue=2, cookie=2)
+    first = render(snapshot([quiet, busy]), {}, FIGURES, cache=cache)
+    kept = cache.entries[1][1]
+    # The next sweep's records are new objects with the same figures: the same lines, not remade.
+    quiet_again, busy_now = listener("127.0.0.1:80", cookie=1), listener("127.0.0.1:81", queue=7, cookie=2)
+    second = render(snapshot([quiet_again, busy_now]), {}, FIGURES, cache=cache)
+    assert cache.entries[1][1] is kept
+    assert samples(second) == {**samples(first), **{
+        ("aqtune_listener_queue", (("address", "127.0.0.1:81"), ("netns", "host"), ("proto", "tcp"),
+                                   ("socket", "2"), ("unit", ""))): 7.0,
+        ("aqtune_listener_fill_ratio", (("address", "127.0.0.1:81"), ("netns", "host"), ("proto", "tcp"),
+                                        ("socket", "2"), ("unit", ""))): 7 / 8}}
+    # What renders with the cache is what renders without it, and a closed listener is forgotten.
+    assert second == render(snapshot([quiet_again, busy_now]), {}, FIGURES)
+    owned = listener("127.0.0.1:80", cookie=1, processes=(Process(7, "nginx", "nginx", "nginx.service"),))
+    assert 'unit="nginx.service"' in render(snapshot([owned]), {}, FIGURES, cache=cache)
+    assert set(cache.entries) == {1}

@@ -11,9 +11,11 @@ from pathlib import Path
 from aqtune.act.ledger import Ledger
 from aqtune.act.log import EventLog
 from aqtune.act.throttle import Budget, Throttle
+from aqtune.decide import tick as tick_module
 from aqtune.decide.findings import TABLE, FindingId, advice_table
-from aqtune.decide.policy import Policy, Saturation
+from aqtune.decide.policy import ListenerRule, Policy, Saturation
 from aqtune.decide.tick import decide, history_horizon, one_shot
+from aqtune.decide.tuning import Managed
 from aqtune.model.history import Model
 from aqtune.records import Listener, Namespace, Process, Snapshot
 from aqtune.surfaces import run, status
@@ -215,3 +217,25 @@ def test_a_users_cleared_findings_are_charged_to_the_users_pool() -> None:
     assert cleared > 0, "the run must clear findings for this to test anything"
     assert reporter.owners == {}, "forgotten once nothing of theirs is logged"
     assert reporter.pools.budgets["users"].sent and "system" not in reporter.pools.budgets
+
+
+def test_one_shot_judges_only_listeners_a_single_sample_can_give_a_finding() -> None:
+    """`aqtune status` builds no history for quiet listeners, and its advice is what judging them all gives."""
+    def row(address: str, queue: int, cookie: int, netns: str = "web") -> Listener:
+        return Listener(netns, "tcp", address, 80, queue, 64, 0, cookie, cookie + 100, 33, (OWNER,))
+
+    namespaces = [Namespace(name, inode, {"net.core.somaxconn": 64}, {}) for name, inode in (("web", NS_INODE),
+                                                                                              ("db", NS_INODE + 1))]
+    rows = [row("0.0.0.0:80", 0, 1), row("0.0.0.0:81", 64, 2), row("0.0.0.0:82", 40, 3), row("0.0.0.0:83", 1, 4, "db")]
+    snapshot = Snapshot(1_700_000_000.0, 0.01, namespaces, rows)
+    policy = Policy()
+    assert [l.cookie for l in tick_module.may_be_judged(snapshot, policy, {})] == [2]
+    # A rule's lower threshold, a namespace aqtune changed and eBPF's view widen the set.
+    lowered = Policy(listeners=(ListenerRule(port=80, fill_ratio=0.5),))
+    assert [l.cookie for l in tick_module.may_be_judged(snapshot, lowered, {})] == [2, 3]
+    changed = {NS_INODE + 1: {"net.core.somaxconn": Managed(64, 128, 1_700_000_000.0)}}
+    assert [l.cookie for l in tick_module.may_be_judged(snapshot, policy, changed)] == [2, 4]
+    model = Model()
+    model.update(snapshot, {})
+    everyone = decide(snapshot, {}, model, policy, {}, one_shot=True).assessment
+    assert one_shot(snapshot, policy, {}).assessment.listener_findings == everyone.listener_findings
