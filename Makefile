@@ -49,6 +49,7 @@ bench: test-deps
 	$(PYTHON) bench/probe_overhead.py
 	$(PYTHON) bench/daemon_load.py
 	$(PYTHON) bench/attack_scale.py
+	$(PYTHON) bench/compile_child.py
 
 # dist/aqtune_<version>_all.deb, built from a staged copy and checked by lintian.
 deb:
