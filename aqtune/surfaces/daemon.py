@@ -17,6 +17,9 @@ watchdog restart. The next sweep also waits until the last one's CPU time is wit
 
 from __future__ import annotations
 
+import contextlib
+import os
+import select
 import signal
 import time
 from collections.abc import Mapping
@@ -29,7 +32,7 @@ from aqtune.decide import policy as policies
 from aqtune.messages import MessageId
 from aqtune.surfaces.run import Runner
 
-SHORT_TICK = 0.25  # seconds between looks at the stop flag and the watchdog
+TICK = 0.5  # seconds the loop sleeps at most (a signal or the watchdog's due time wakes it sooner)
 CHECK_EVERY = 0.5  # seconds between cheap counter checks: each is a setns and a file read per namespace
 QUIET_PERIOD = 5.0  # at most; never more than half the sustain window
 TRIGGER_GAP = 1.0  # seconds at least from one sweep to a sweep that moving counters bring forward
@@ -60,6 +63,33 @@ class Flag:
         deadline = time.monotonic() + seconds
         while not self.raised and (left := deadline - time.monotonic()) > 0:
             time.sleep(min(left, 0.05))
+
+
+class Wakeup:
+    """Sleeps until a timeout or a signal, whichever comes first.
+
+    Python's C-level signal handler writes the signal's number to a pipe (signal.set_wakeup_fd),
+    so the loop can sleep whole ticks in select() and still stop at once: polling a flag every
+    50 ms instead cost an idle daemon 0.12% of a core, more than half its budget. Main thread only.
+    """
+
+    def __init__(self) -> None:
+        self.read_end, self.write_end = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self.previous = signal.set_wakeup_fd(self.write_end, warn_on_full_buffer=False)
+
+    def sleep(self, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        ready, _, _ = select.select([self.read_end], [], [], seconds)
+        if ready:
+            with contextlib.suppress(BlockingIOError):
+                while os.read(self.read_end, 512):
+                    pass
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(self.previous)
+        os.close(self.read_end)
+        os.close(self.write_end)
 
 
 def sweep_seconds(wanted: float, notifier: Notifier) -> float:
@@ -138,6 +168,14 @@ def serve(runner: Runner, config_path: str, ebpf: bool = True) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, lambda *_: reload.set())
+    wakeup = Wakeup()
+    try:
+        return _loop(runner, config_path, ebpf, stop, reload, wakeup)
+    finally:
+        wakeup.close()
+
+
+def _loop(runner: Runner, config_path: str, ebpf: bool, stop: Flag, reload: Flag, wakeup: Wakeup) -> int:
     notifier = Notifier()
     log = runner.log
     if ebpf:
@@ -187,7 +225,8 @@ def serve(runner: Runner, config_path: str, ebpf: bool = True) -> int:
             notifier.send(f"STATUS={runner.summary()}")
         # After the sweep, not before: a slow sweep must not stretch the gap between pings.
         notifier.watchdog(time.monotonic())
-        stop.wait(min(SHORT_TICK, notifier.until_due(time.monotonic())))
+        if not stop.is_set():
+            wakeup.sleep(min(TICK, notifier.until_due(time.monotonic())))
     notifier.send("STOPPING=1")
     if runner.policy.apply.rollback_on_exit:
         runner.rollback()

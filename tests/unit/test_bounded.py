@@ -5,6 +5,7 @@ tests/integration/test_bounded.py)."""
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from aqtune.decide.tick import decide
 from aqtune.model.history import Model
 from aqtune.records import Listener, Namespace, Process, Snapshot
 from aqtune.surfaces import run
-from aqtune.surfaces.daemon import CounterWatch, Notifier, budget, sweep_gap
+from aqtune.surfaces.daemon import CounterWatch, Notifier, Wakeup, budget, sweep_gap
 from aqtune.surfaces.publish import CMDLINE_SHOWN, DaemonFacts, Publisher, published, shown_namespaces, truncated
 from aqtune.surfaces.status import render
 
@@ -297,3 +298,29 @@ def test_the_daemons_cpu_is_bounded_by_the_policys_budget() -> None:
     assert 0.135 / sweep_gap(0.2, 0.135, 10) == pytest.approx(0.10)
     # A sweep that mostly waited on the kernel is spaced by its wall time instead.
     assert sweep_gap(wall=0.5, cpu=0.01, max_cpu_percent=10) == pytest.approx(1.0)
+
+
+def test_the_loop_sleeps_whole_ticks_and_a_signal_still_wakes_it() -> None:
+    """The daemon's loop sleeps in select() on signal.set_wakeup_fd's pipe: a SIGTERM ends the sleep at
+    once (here: long before its 30 s), and the pipe is drained for the next sleep."""
+    import signal
+    import threading
+    import time
+
+    seen: list[int] = []
+    previous = signal.signal(signal.SIGUSR1, lambda number, _frame: seen.append(number))
+    wakeup = Wakeup()
+    try:
+        timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGUSR1))
+        timer.start()
+        started = time.monotonic()
+        wakeup.sleep(30.0)
+        assert time.monotonic() - started < 15.0
+        assert seen == [signal.SIGUSR1]
+        timer.join()
+        started = time.monotonic()
+        wakeup.sleep(0.05)  # drained: this one waits its time out
+        assert time.monotonic() - started >= 0.04
+    finally:
+        wakeup.close()
+        signal.signal(signal.SIGUSR1, previous)
