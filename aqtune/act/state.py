@@ -55,7 +55,8 @@ def write_state(state_dir: str, document: dict[str, Any]) -> None:
     os.makedirs(state_dir, mode=0o750, exist_ok=True)
     if isinstance(document.get("daemon"), dict):
         document = {**document, "daemon": {**document["daemon"], **writer_identity()}}
-    files.write_atomically(os.path.join(state_dir, STATE_FILE), json.dumps(document, separators=(",", ":")))
+    text = json.dumps(document, separators=(",", ":"), check_circular=False)  # a tree built fresh each sweep
+    files.write_atomically(os.path.join(state_dir, STATE_FILE), text)
 
 
 def _is_aqtune_run(pid: int) -> bool:

@@ -3,32 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
 
 from aqtune.decide import servers
 from aqtune.decide.connections import held_by_connections, reuseport_groups, reuseport_stalled
 from aqtune.decide.diagnose import Raised, diagnose_listener, diagnose_namespace, queue_wait_ms
-from aqtune.decide.findings import Finding
+from aqtune.decide.findings import Assessment, Finding
 from aqtune.decide.policy import ListenerRule, Policy, rule_for
 from aqtune.decide.tuning import SOMAXCONN, Managed
-from aqtune.model.history import ListenerKey, ListenerWindow, Model, counter_deltas, listener_window
+from aqtune.model.history import ListenerKey, Model, counter_deltas, listener_window
 from aqtune.records import ConnectionSummary, Listener, ListenerEvents, Snapshot
-
-
-@dataclass(slots=True)
-class Assessment:
-    windows: dict[ListenerKey, ListenerWindow] = field(default_factory=dict)
-    listener_findings: dict[ListenerKey, list[Finding]] = field(default_factory=dict)
-    namespace_findings: dict[str, list[Finding]] = field(default_factory=dict)
-    ignored: set[ListenerKey] = field(default_factory=set)
-
-    def by_namespace(self, snapshot: Snapshot) -> dict[str, list[Finding]]:
-        """Listener findings grouped by the listener's namespace."""
-        grouped: dict[str, list[Finding]] = {}
-        for listener in snapshot.listeners:
-            grouped.setdefault(listener.netns, []).extend(
-                self.listener_findings.get((listener.netns, listener.cookie), []))
-        return grouped
 
 
 def assess(snapshot: Snapshot, model: Model, policy: Policy, managed: dict[str, dict[str, Managed]],

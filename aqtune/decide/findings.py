@@ -9,8 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import Enum, StrEnum
+from typing import TYPE_CHECKING
 
 from aqtune.messages import MessageId
+
+if TYPE_CHECKING:
+    from aqtune.model.history import ListenerKey, ListenerWindow
+    from aqtune.records import Snapshot
 
 
 class FindingId(StrEnum):
@@ -147,6 +152,24 @@ class Finding:
     @property
     def spec(self) -> FindingSpec:
         return SPECS[self.id]
+
+
+@dataclass(slots=True)
+class Assessment:
+    """Every finding of one judgement (decide/assess.py), and the windows they were judged on."""
+
+    windows: dict[ListenerKey, ListenerWindow] = field(default_factory=dict)
+    listener_findings: dict[ListenerKey, list[Finding]] = field(default_factory=dict)
+    namespace_findings: dict[str, list[Finding]] = field(default_factory=dict)
+    ignored: set[ListenerKey] = field(default_factory=set)
+
+    def by_namespace(self, snapshot: Snapshot) -> dict[str, list[Finding]]:
+        """Listener findings grouped by the listener's namespace."""
+        grouped: dict[str, list[Finding]] = {}
+        for listener in snapshot.listeners:
+            grouped.setdefault(listener.netns, []).extend(
+                self.listener_findings.get((listener.netns, listener.cookie), []))
+        return grouped
 
 
 def of(findings: list[Finding], *ids: FindingId) -> list[Finding]:

@@ -145,6 +145,11 @@ class Policy:
     def applies(self) -> bool:
         return self.mode == "apply" and self.apply_refused is None
 
+    @property
+    def lowest_fill_ratio(self) -> float:
+        """The lowest fill at which any listener counts as full: [saturation]'s or a rule's."""
+        return min([self.saturation.fill_ratio, *(r.fill_ratio for r in self.listeners if r.fill_ratio is not None)])
+
 
 # --- value checks: each returns the converted value or raises ValueError with the reason ---
 

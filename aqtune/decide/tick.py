@@ -10,8 +10,8 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from aqtune.decide.assess import Assessment, assess
-from aqtune.decide.findings import Finding, FindingId
+from aqtune.decide.assess import assess
+from aqtune.decide.findings import Assessment, Finding, FindingId
 from aqtune.decide.policy import Policy, owner_allowed
 from aqtune.decide.tuning import Change, Managed, NamespaceState, plan
 from aqtune.model.history import ListenerKey, ListenerWindow, Model
@@ -113,7 +113,7 @@ def may_be_judged(snapshot: Snapshot, policy: Policy, managed: Mapping[int, dict
     in a namespace where aqtune changed a sysctl, or seen by eBPF. assess passes over every other
     one (one sample shows no drops), so `aqtune status` builds no history for them: on a host with
     10,000 quiet listeners that was most of its time."""
-    lowest = min([policy.saturation.fill_ratio, *(r.fill_ratio for r in policy.listeners if r.fill_ratio is not None)])
+    lowest = policy.lowest_fill_ratio
     changed = {ns.name for ns in snapshot.namespaces if managed.get(ns.inode)}
     seen = events or {}
     return [listener for listener in snapshot.listeners

@@ -1,7 +1,8 @@
 """What the daemon shows between sweeps: the live state `aqtune status` reads, and the metrics file.
 
-Both are rewritten every sweep, unless that costs over a tenth of the interval (at 10,000 listeners
-they are megabytes): then when what they show changes, else every PUBLISH_EVERY seconds.
+Both are rewritten when what they show changes, and otherwise every PUBLISH_EVERY seconds, so that
+readers see a recent ``taken_at`` (and the metrics a recent last-sweep time): on a quiet host,
+encoding and writing them was half of what a sweep cost.
 
 Their size is capped whatever local users create: the worst ``[limits] published_listeners``
 listeners and PUBLISHED_NAMESPACES namespaces are listed, the rest counted in ``left_out``, and each
@@ -25,7 +26,7 @@ from aqtune.decide.tick import Decision
 from aqtune.records import ListenerEvents, Namespace, Snapshot
 from aqtune.surfaces import status
 
-PUBLISH_EVERY = 5.0
+PUBLISH_EVERY = 10.0  # seconds between rewrites showing nothing new; readers allow three of them
 PUBLISHED_NAMESPACES = 1000  # listed in the state file; namespaces with listeners, advice or errors first
 CMDLINE_SHOWN = 256  # characters of each owner's command line in the state file
 ELLIPSIS = "\u2026"
@@ -65,14 +66,31 @@ class DaemonFacts:
     actions: list[dict[str, Any]]
 
 
+def shown_now(snapshot: Snapshot, decision: Decision, events: Mapping[int, ListenerEvents], ebpf: dict[str, Any],
+              drops_last_minute: int, actions: int) -> tuple[object, ...]:
+    """What the state and metrics would show, as a value to compare with the last one published: every
+    listener's figures and owners, the findings' texts, the counters, eBPF's state. Owners are compared
+    by identity: the owner cache hands out the same tuple while they stay the same."""
+    listeners = hash(tuple((l.cookie, l.queue, l.backlog, l.drops, id(l.processes)) for l in snapshot.listeners))
+    seen = hash(tuple((inode, e.enqueued, e.accepts, e.ack_overflow, e.syn_overflow, e.peak_queue,
+                       e.oldest_queued_ms) for inode, e in events.items()))
+    found = decision.assessment
+    findings = hash((tuple((key, tuple(f.text for f in fs)) for key, fs in found.listener_findings.items()),
+                     tuple((name, tuple(f.text for f in fs)) for name, fs in found.namespace_findings.items()),
+                     tuple((name, tuple(f.text for f in fs)) for name, fs in decision.held.items())))
+    namespaces = hash(tuple((ns.inode, ns.name, ns.stale, ns.error, tuple(ns.counters.items()),
+                             tuple(ns.sysctls.items())) for ns in snapshot.namespaces))
+    return (listeners, seen, findings, namespaces, drops_last_minute, actions, str(ebpf.get("mode")),
+            snapshot.skipped_namespaces, snapshot.skipped_listeners)
+
+
 @dataclass(slots=True)
 class Publisher:
     state_dir: str | None
     degraded: DegradedReporter
     listen_drops: deque[tuple[float, int]] = field(default_factory=deque)  # (when, ListenDrops added since)
     listen_drops_seen: dict[str, int] = field(default_factory=dict)  # per namespace in the last snapshot
-    published: tuple[float, tuple[int, ...]] = (float("-inf"), ())  # when, and what it showed
-    took: float = 0.0  # seconds the last state and metrics write took
+    published: tuple[float, tuple[object, ...]] = (float("-inf"), ())  # when, and what it showed
     last: dict[str, Any] | None = None  # the last status document
     metric_lines: metrics.LineCache = field(default_factory=metrics.LineCache)  # quiet listeners' series
     started: float = field(default_factory=time.time)
@@ -92,17 +110,10 @@ class Publisher:
     def publish(self, snapshot: Snapshot, decision: Decision, events: Mapping[int, ListenerEvents],
                 ebpf: dict[str, Any], policy: Policy, facts: DaemonFacts) -> None:
         drops_last_minute = self.drops_last_minute(snapshot)
-        shown = (len(snapshot.listeners), sum(l.queue for l in snapshot.listeners),
-                 sum(l.drops or 0 for l in snapshot.listeners), drops_last_minute,
-                 len(decision.assessment.listener_findings), len(facts.actions),
-                 sum(events[l.inode].enqueued for l in snapshot.listeners if l.inode in events),
-                 snapshot.skipped_namespaces, snapshot.skipped_listeners,
-                 hash(tuple(ns.name for ns in snapshot.namespaces if not ns.stale)))
-        costly = self.took > 0.1 * policy.interval
-        if costly and shown == self.published[1] and snapshot.taken_at - self.published[0] < PUBLISH_EVERY:
+        shown = shown_now(snapshot, decision, events, ebpf, drops_last_minute, len(facts.actions))
+        if shown == self.published[1] and snapshot.taken_at - self.published[0] < PUBLISH_EVERY:
             return
         self.published = (snapshot.taken_at, shown)
-        started = time.monotonic()
         advised = set(decision.assessment.namespace_findings) | set(decision.held)
         listed = published(snapshot, policy.limits.published_listeners, advised)
         document = status.snapshot_json(listed, decision.assessment, events, ebpf, source="daemon")
@@ -151,4 +162,3 @@ class Publisher:
                                      "(install prometheus-node-exporter, or set [metrics] textfile)", now)
             except OSError as exc:
                 self.degraded("metrics", f"cannot write {textfile}: {exc.strerror}", now)
-        self.took = time.monotonic() - started

@@ -11,10 +11,8 @@ from collections.abc import Mapping
 from typing import Any
 
 from aqtune.act.ledger import Ledger
-from aqtune.decide import tick
-from aqtune.decide.assess import Assessment
 from aqtune.decide.connections import group_json, reuseport_groups
-from aqtune.decide.findings import Finding
+from aqtune.decide.findings import Assessment, Finding
 from aqtune.decide.policy import Policy
 from aqtune.records import Listener, ListenerEvents, Namespace, Snapshot
 from aqtune.text import cescape, ljust, rjust, width
@@ -30,8 +28,17 @@ ONE_SHOT_EBPF = {"active": False, "probes": {},
 
 
 def one_shot_advice(snapshot: Snapshot, policy: Policy, ledger: Ledger) -> Assessment:
-    """The advice one snapshot supports: the daemon's decision on a single sample."""
+    """The advice one snapshot supports: the daemon's decision on a single sample.
+
+    With every queue below the lowest threshold and nothing aqtune changed, one sample supports no
+    advice at all (tick.may_be_judged is empty): the decision code is then not even imported, which
+    is a fifth of the start-up of `aqtune status` in a loop on a quiet host."""
     managed = {ns.inode: ledger.managed(ns.inode) for ns in snapshot.namespaces}
+    lowest = policy.lowest_fill_ratio
+    if not any(managed.values()) and all(listener.fill < lowest for listener in snapshot.listeners):
+        return Assessment()
+    from aqtune.decide import tick
+
     return tick.one_shot(snapshot, policy, managed).assessment
 
 

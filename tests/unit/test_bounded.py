@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +35,15 @@ from aqtune.model.history import Model
 from aqtune.records import Listener, Namespace, Process, Snapshot
 from aqtune.surfaces import run
 from aqtune.surfaces.daemon import CounterWatch, Notifier, Wakeup, budget, sweep_gap
-from aqtune.surfaces.publish import CMDLINE_SHOWN, DaemonFacts, Publisher, published, shown_namespaces, truncated
+from aqtune.surfaces.publish import (
+    CMDLINE_SHOWN,
+    PUBLISH_EVERY,
+    DaemonFacts,
+    Publisher,
+    published,
+    shown_namespaces,
+    truncated,
+)
 from aqtune.surfaces.status import render
 
 PROTOCOLS = """\
@@ -324,3 +333,32 @@ def test_the_loop_sleeps_whole_ticks_and_a_signal_still_wakes_it() -> None:
     finally:
         wakeup.close()
         signal.signal(signal.SIGUSR1, previous)
+
+
+def test_the_state_is_rewritten_when_what_it_shows_changes_or_every_publish_every(tmp_path: Path) -> None:
+    """A quiet host's sweeps rewrite neither the state nor the metrics each time; any change to a figure,
+    an owner or a finding is published at once, and a recent taken_at at least every PUBLISH_EVERY."""
+    owner = (Process(4242, "nginx", "nginx", "nginx.service"),)
+    policy = Policy(metrics=MetricsPolicy(textfile=str(tmp_path / "aqtune.prom")))
+    publisher = silent_publisher(str(tmp_path))
+
+    def publish(at: float, queue: int = 0, processes: tuple[Process, ...] = owner) -> float:
+        rows = [Listener("host", "tcp", f"127.0.0.1:{n}", n, queue if n == 1 else 0, 16, 0, n, n, 0, processes)
+                for n in range(1, 4)]
+        snapshot = Snapshot(at, 0.01, [Namespace("host", 1, listeners=3)], rows)
+        model = Model()
+        model.update(snapshot, {})
+        publisher.publish(snapshot, decide(snapshot, {}, model, policy, {}), {},
+                          {"active": False, "probes": {}, "mode": "off"}, policy, DaemonFacts("dry-run", 0, 0, []))
+        taken: float = json.loads((tmp_path / "status.json").read_text(encoding="utf-8"))["taken_at"]
+        assert f"aqtune_last_sweep_timestamp_seconds {taken!r}" in (tmp_path / "aqtune.prom").read_text()
+        return taken
+
+    assert publish(100.0) == 100.0
+    assert publish(105.0) == 100.0  # nothing changed
+    assert publish(106.0, queue=3) == 106.0  # a queue moved
+    # Owners compare by identity: the owner cache hands out the same tuple while they stay the same.
+    other = (replace(owner[0], pid=4243),)
+    assert publish(107.0, queue=3, processes=other) == 107.0
+    assert publish(108.0, queue=3, processes=other) == 107.0
+    assert publish(107.0 + PUBLISH_EVERY, queue=3, processes=other) == 107.0 + PUBLISH_EVERY
