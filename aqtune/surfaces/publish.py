@@ -67,7 +67,7 @@ class DaemonFacts:
 
 
 def shown_now(snapshot: Snapshot, decision: Decision, events: Mapping[int, ListenerEvents], ebpf: dict[str, Any],
-              drops_last_minute: int, actions: int) -> tuple[object, ...]:
+              drops_last_minute: int, facts: DaemonFacts) -> tuple[object, ...]:
     """What the state and metrics would show, as a value to compare with the last one published: every
     listener's figures and owners, the findings' texts, the counters, eBPF's state. Owners are compared
     by identity: the owner cache hands out the same tuple while they stay the same."""
@@ -80,8 +80,8 @@ def shown_now(snapshot: Snapshot, decision: Decision, events: Mapping[int, Liste
                      tuple((name, tuple(f.text for f in fs)) for name, fs in decision.held.items())))
     namespaces = hash(tuple((ns.inode, ns.name, ns.stale, ns.error, tuple(ns.counters.items()),
                              tuple(ns.sysctls.items())) for ns in snapshot.namespaces))
-    return (listeners, seen, findings, namespaces, drops_last_minute, actions, str(ebpf.get("mode")),
-            snapshot.skipped_namespaces, snapshot.skipped_listeners)
+    return (listeners, seen, findings, namespaces, drops_last_minute, len(facts.actions), facts.suppressed,
+            facts.refused, facts.mode, str(ebpf.get("mode")), snapshot.skipped_namespaces, snapshot.skipped_listeners)
 
 
 @dataclass(slots=True)
@@ -110,7 +110,7 @@ class Publisher:
     def publish(self, snapshot: Snapshot, decision: Decision, events: Mapping[int, ListenerEvents],
                 ebpf: dict[str, Any], policy: Policy, facts: DaemonFacts) -> None:
         drops_last_minute = self.drops_last_minute(snapshot)
-        shown = shown_now(snapshot, decision, events, ebpf, drops_last_minute, len(facts.actions))
+        shown = shown_now(snapshot, decision, events, ebpf, drops_last_minute, facts)
         if shown == self.published[1] and snapshot.taken_at - self.published[0] < PUBLISH_EVERY:
             return
         self.published = (snapshot.taken_at, shown)

@@ -25,6 +25,7 @@ from aqtune.act import metrics
 from aqtune.collect.netns import NamespaceRef, entered
 from aqtune.collect.sweep import sweep
 from aqtune.records import COUNTERS, Snapshot
+from aqtune.surfaces.publish import PUBLISH_EVERY
 from tests.helpers.aqtune_run import write_policy
 from tests.helpers.namespace import TestNamespace, wait_until
 from tests.helpers.service import NODE_EXPORTER, NodeExporter, ServiceDaemon
@@ -214,7 +215,8 @@ def test_daemon_metrics_served_by_node_exporter_equal_ss_and_nstat(
         before = time.time()
         rows, nstat = ns.ss_tcp(), listen_counters(ns)
         # A file written after ss and nstat read, so a stale one cannot pass.
-        wait_until(lambda: (sweep_time(prom) or 0) > before, "a sweep after ss and nstat", timeout=10)
+        # Figures that stay put are rewritten every PUBLISH_EVERY, with a new timestamp.
+        wait_until(lambda: (sweep_time(prom) or 0) > before, "a sweep after ss and nstat", timeout=2 * PUBLISH_EVERY)
         text = exporter.scrape()
         assert (ns.ss_tcp(), listen_counters(ns)) == (rows, nstat), "the namespace's figures moved during the scrape"
         assert daemon.stop() == 0, "\n".join(daemon.lines())
