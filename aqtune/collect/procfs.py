@@ -432,11 +432,15 @@ def follow_exec(process: Process, proc: str = "/proc") -> Process | None:
 
 # The owner cache's bounds and periods. Any local user can start processes and open descriptors, so
 # what one lookup reads of /proc between full scans is bounded; the rest waits for the next lookup.
-SCAN_PIDS_PER_LOOKUP = 128  # a prefork server starting its workers, or a burst of short-lived processes
-# Descriptors read per lookup for new processes (a readlink each, ~4 us: ~33 ms). One process's scan
-# reads at most this many too, so a lookup reads at most twice it; a process holding more descriptors
-# than that (a server with as many connections) has the rest read by the full scans.
-SCAN_FDS_PER_LOOKUP = 8192
+# A new process costs ~160 us when it holds a tracked socket (its fds, then describe_process), so 32
+# bound a lookup near 5 ms: a prefork server starting 64 workers is known within two sweeps, and a
+# fork-per-connection server under load, or a burst of short-lived processes, cannot make each
+# sweep read hundreds of them (the backlog is read oldest first, so none waits for ever).
+SCAN_PIDS_PER_LOOKUP = 32
+# Descriptors read per lookup for those (a readlink each, ~5 us: ~20 ms). One process's scan reads
+# at most this many too, so a lookup reads at most twice it; a process with more descriptors (a
+# server's connections) has the rest read by the full scans: inherited listeners sit at low numbers.
+SCAN_FDS_PER_LOOKUP = 4096
 # The full scan's safety period. Between full scans a process that did not hold a socket when it was
 # first seen is never read again, so one that is handed a listener later (SCM_RIGHTS, pidfd_getfd)
 # is found only by the next full scan: rare, and costly at many listeners (a readlink per descriptor
