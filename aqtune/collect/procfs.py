@@ -471,8 +471,8 @@ class OwnerCache:
     - every ``max_age``, re-reads the one fd remembered per holder and socket (a readlink); a holder
       whose fd no longer names the socket has its fds scanned again (it may hold it on another).
 
-    Memory: the holders of the tracked sockets, and the /proc listing (one entry per process).
-    Sockets not asked for in ``max_age`` are forgotten at the next full scan.
+    Memory: the holders of the sockets asked for in the last ``max_age``, and the /proc listing
+    (one entry per process).
     """
 
     def __init__(self, max_age: float = 30.0, min_gap: float = 5.0, proc: str = "/proc",
@@ -498,9 +498,8 @@ class OwnerCache:
         """inode -> the processes holding it, for ``inodes`` and the others asked for lately."""
         asked = inodes != self._last_asked
         if asked:  # only when the set moved: a quiet daemon asks for the same one every sweep
-            for inode in inodes:
-                self._asked[inode] = now
             self._last_asked = set(inodes)
+            self._forget(now)
         age = now - self.scanned_at
         due = age < 0 or age >= self.full_every  # (a clock stepped back counts as due)
         if due or (not inodes <= self._known and age >= self.min_gap):
@@ -520,10 +519,22 @@ class OwnerCache:
             self._rebuild()
         return self.owners
 
-    def _full_scan(self, now: float) -> None:
+    def _forget(self, now: float) -> None:
+        """Track the sockets asked for now and in the last ``max_age`` (a sweep over more listeners
+        than its budget asks for a different share each time); forget the others and their holders."""
         for inode in self._last_asked:
             self._asked[inode] = now
+        if len(self._asked) == len(self._last_asked):
+            return
         self._asked = {inode: at for inode, at in self._asked.items() if now - at < self.max_age}
+        self._known &= self._asked.keys()
+        for pid, holder in list(self._holders.items()):
+            holder.fds = {inode: fd for inode, fd in holder.fds.items() if inode in self._asked}
+            if not holder.fds:
+                del self._holders[pid]
+
+    def _full_scan(self, now: float) -> None:
+        self._forget(now)
         wanted = set(self._asked)
         held, self._listed = _scan_all(wanted, self.proc) if wanted else ({}, _listing(self.proc))
         holders: dict[int, _Holder] = {}

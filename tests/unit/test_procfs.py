@@ -443,7 +443,9 @@ def test_owner_cache_forgets_sockets_no_longer_asked_for(proc: Path) -> None:
     cache = _quiet_cache(proc, max_age=30, full_every=600)
     cache.lookup({1000, 3000}, now=0)
     assert set(cache.lookup({1000}, now=10)) == {1000, 3000}  # asked lately: a sweep may rotate
-    assert set(cache.lookup({1000}, now=600)) == {1000}
+    assert set(cache.lookup({1000}, now=600)) == {1000}  # at the full scan
+    cache.lookup({1000, 3000}, now=601)
+    assert set(cache.lookup({2000}, now=640)) == {2000}  # or when the set asked for moves
 
 
 def test_owner_cache_takes_a_reused_pid_for_the_newcomer(proc: Path) -> None:
