@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, field
 
 from aqtune.records import COUNTERS, SYSCTLS, Process
 
@@ -35,32 +36,68 @@ class Placement:
     container: str | None = None  # the host unit of the container the process runs in
 
 
+def _fd_socket(link: str) -> int | None:
+    """The socket inode an fd's link names (``socket:[N]``), None for anything else."""
+    if link.startswith("socket:[") and link.endswith("]"):
+        try:
+            return int(link[8:-1])
+        except ValueError:
+            return None
+    return None
+
+
+def _socket_fds(fd_dir: str, inodes: Collection[int], limit: int | None = None) -> tuple[dict[int, int], int]:
+    """inode -> one fd of ``fd_dir`` on it, for the sockets of ``inodes`` among its first ``limit``
+    entries (all without one), and how many entries were read. An fd directory that vanished (the
+    process exited) or cannot be read gives what was read so far."""
+    found: dict[int, int] = {}
+    read = 0
+    try:
+        with os.scandir(fd_dir) as entries:
+            for entry in entries:
+                if limit is not None and read >= limit:
+                    break
+                read += 1
+                try:
+                    inode = _fd_socket(os.readlink(entry.path))
+                except OSError:
+                    continue
+                if inode is not None and inode in inodes and inode not in found:
+                    found[inode] = int(entry.name)
+    except OSError:  # exited, or not ours to read
+        pass
+    return found, read
+
+
+def _listing(proc: str) -> dict[str, int]:
+    """Every entry of /proc with the inode its directory entry has. A process's entry keeps its inode
+    while it lives; a pid reused by another process comes back with another one (procfs makes a new
+    inode), so the pair tells a newcomer apart without reading anything of it."""
+    with os.scandir(proc) as entries:
+        return {entry.name: entry.inode() for entry in entries}
+
+
+def _scan_all(inodes: Collection[int], proc: str) -> tuple[dict[int, dict[int, int]], dict[str, int]]:
+    """Every process's fds: pid -> {inode: fd} for the pids holding any of ``inodes``, and the listing."""
+    held: dict[int, dict[int, int]] = {}
+    listed = _listing(proc)
+    for name in listed:
+        if name.isdigit():
+            fds, _ = _socket_fds(f"{proc}/{name}/fd", inodes)
+            if fds:
+                held[int(name)] = fds
+    return held, listed
+
+
 def socket_holders(inodes: set[int], proc: str = "/proc") -> dict[int, list[int]]:
     """inode -> pids holding an fd on it (several after fork or with prefork servers)."""
     holders: dict[int, list[int]] = {}
     if not inodes:
         return holders
-    for entry in os.scandir(proc):
-        name = entry.name
-        if not name.isdigit():
-            continue
-        fd_dir = f"{proc}/{name}/fd"
-        try:
-            fds = os.listdir(fd_dir)
-        except OSError:  # exited, or not ours to read
-            continue
-        pid = int(name)
-        for fd in fds:
-            try:
-                link = os.readlink(f"{fd_dir}/{fd}")
-            except OSError:
-                continue
-            if link.startswith("socket:["):
-                inode = int(link[8:-1])
-                if inode in inodes:
-                    pids = holders.setdefault(inode, [])
-                    if not pids or pids[-1] != pid:
-                        pids.append(pid)
+    held, _ = _scan_all(inodes, proc)
+    for pid, fds in held.items():
+        for inode in fds:
+            holders.setdefault(inode, []).append(pid)
     return holders
 
 
@@ -393,40 +430,222 @@ def follow_exec(process: Process, proc: str = "/proc") -> Process | None:
     return fresh
 
 
-class OwnerCache:
-    """Owners by socket inode, rescanned only when unknown sockets appear or ``max_age`` passes.
+# The owner cache's bounds and periods. Any local user can start processes and open descriptors, so
+# what one lookup reads of /proc between full scans is bounded; the rest waits for the next lookup.
+# A new process costs ~160 us when it holds a tracked socket (its fds, then describe_process), so 32
+# bound a lookup near 5 ms: a prefork server starting 64 workers is known within two sweeps, and a
+# fork-per-connection server under load, or a burst of short-lived processes, cannot make each
+# sweep read hundreds of them (the backlog is read oldest first, so none waits for ever).
+SCAN_PIDS_PER_LOOKUP = 32
+# Descriptors read per lookup for those (a readlink each, ~5 us: ~20 ms). One process's scan reads
+# at most this many too, so a lookup reads at most twice it; a process with more descriptors (a
+# server's connections) has the rest read by the full scans: inherited listeners sit at low numbers.
+SCAN_FDS_PER_LOOKUP = 4096
+# The full scan's safety period. Between full scans a process that did not hold a socket when it was
+# first seen is never read again, so one that is handed a listener later (SCM_RIGHTS, pidfd_getfd)
+# is found only by the next full scan: rare, and costly at many listeners (a readlink per descriptor
+# of every process, 60 ms at 10,000 listeners).
+FULL_SCAN_EVERY = 600.0
 
-    The /proc fd scan is the most expensive part of a sweep (it reads every descriptor of every
-    process); a daemon sweeping quiet listeners every second need not repeat it each time. Between
-    scans each cached process is checked with one stat read and one readlink: one that exec'd is
-    described again (owner names follow exec), one that exited or whose pid now names another
-    process (same pid, another start time) is dropped.
+
+@dataclass(slots=True)
+class _Holder:
+    """A process known to hold tracked sockets: one of its fds on each (enough to re-check it cheaply)."""
+
+    process: Process
+    fds: dict[int, int] = field(default_factory=dict)  # inode -> fd
+
+
+class OwnerCache:
+    """Owners by socket inode, with only what changed read again.
+
+    The /proc fd scan (every descriptor of every process) is the most expensive part of a sweep; a
+    daemon sweeping quiet listeners every second does it rarely. A full scan happens when sockets
+    no full scan looked for appear (at most every ``min_gap``) and every ``full_every`` regardless.
+    Between them each lookup:
+
+    - lists /proc once and scans the fds of processes not seen before (a prefork server's new
+      worker, a socket-activated service), a bounded number per lookup, and forgets those gone;
+    - checks each holder with one stat read: one that exec'd is described again (owner names follow
+      exec), one that exited or whose pid now names another process (another start time) is dropped;
+    - every ``max_age``, re-reads the one fd remembered per holder and socket (a readlink); a holder
+      whose fd no longer names the socket has its fds scanned again (it may hold it on another).
+
+    Memory: the holders of the sockets asked for in the last ``max_age``, and the /proc listing
+    (one entry per process).
     """
 
-    def __init__(self, max_age: float = 30.0, min_gap: float = 5.0, proc: str = "/proc") -> None:
-        self.max_age = max_age
-        self.min_gap = min_gap  # under listener churn, new sockets wait this long for their owners
+    def __init__(self, max_age: float = 30.0, min_gap: float = 5.0, proc: str = "/proc",
+                 full_every: float = FULL_SCAN_EVERY) -> None:
+        self.max_age = max_age  # a holder's fd is re-read at least this often
+        self.min_gap = min_gap  # under listener churn, new sockets wait this long for the full scan
+        self.full_every = full_every
         self.proc = proc
         self.owners: dict[int, tuple[Process, ...]] = {}
-        self.scanned_at = float("-inf")
+        self.scanned_at = float("-inf")  # the last full scan
+        self.checked_at = float("-inf")  # the last re-read of the holders' fds
+        self.full_scans = 0  # counters, for tests and benchmarks
+        self.pid_scans = 0
+        self._holders: dict[int, _Holder] = {}  # by pid
+        self._asked: dict[int, float] = {}  # tracked inode -> when it was last asked for
+        self._last_asked: set[int] = set()
+        self._known: set[int] = set()  # inodes the last full scan looked for: all their holders are known
+        self._listed: dict[str, int] = {}  # the last /proc listing
+        self._new: dict[int, None] = {}  # pids listed but not yet scanned, oldest first
+        self._rescan: dict[int, None] = {}  # holders whose remembered fd no longer names its socket
 
     def lookup(self, inodes: set[int], now: float) -> dict[int, tuple[Process, ...]]:
+        """inode -> the processes holding it, for ``inodes`` and the others asked for lately."""
+        asked = inodes != self._last_asked
+        if asked:  # only when the set moved: a quiet daemon asks for the same one every sweep
+            self._last_asked = set(inodes)
+            self._forget(now)
         age = now - self.scanned_at
-        if (inodes - self.owners.keys() and age >= self.min_gap) or age >= self.max_age:
-            found = find_owners(inodes, self.proc)
-            # Sockets nobody readable holds are remembered as such, or every sweep would rescan.
-            self.owners = {inode: found.get(inode, ()) for inode in inodes}
-            self.scanned_at = now
+        due = age < 0 or age >= self.full_every  # (a clock stepped back counts as due)
+        if due or (not inodes <= self._known and age >= self.min_gap):
+            self._full_scan(now)
+            changed = True
+        elif not self._asked:
+            changed = False  # no socket to look for: no reason to read /proc
         else:
-            self._follow_exec()
+            changed = self._follow_listing()
+            changed |= self._follow_holders()
+            since = now - self.checked_at
+            if since < 0 or since >= self.max_age:
+                changed |= self._recheck_fds()
+                self.checked_at = now
+            changed |= self._scan_some()
+        if changed or asked:
+            self._rebuild()
         return self.owners
 
-    def _follow_exec(self) -> None:
-        now: dict[int, Process | None] = {}
-        for inode, processes in list(self.owners.items()):
-            for process in processes:
-                if process.pid not in now:
-                    now[process.pid] = follow_exec(process, self.proc)
-            kept = tuple(p for p in (now[process.pid] for process in processes) if p is not None)
-            if kept != processes:
-                self.owners[inode] = kept
+    def _forget(self, now: float) -> None:
+        """Track the sockets asked for now and in the last ``max_age`` (a sweep over more listeners
+        than its budget asks for a different share each time); forget the others and their holders."""
+        for inode in self._last_asked:
+            self._asked[inode] = now
+        if len(self._asked) == len(self._last_asked):
+            return
+        self._asked = {inode: at for inode, at in self._asked.items() if now - at < self.max_age}
+        self._known &= self._asked.keys()
+        for pid, holder in list(self._holders.items()):
+            holder.fds = {inode: fd for inode, fd in holder.fds.items() if inode in self._asked}
+            if not holder.fds:
+                del self._holders[pid]
+
+    def _full_scan(self, now: float) -> None:
+        self._forget(now)
+        wanted = set(self._asked)
+        held, self._listed = _scan_all(wanted, self.proc) if wanted else ({}, _listing(self.proc))
+        holders: dict[int, _Holder] = {}
+        for pid, fds in held.items():
+            old = self._holders.get(pid)
+            # The same process (same start time) is kept as it is, or described again after an exec.
+            process = follow_exec(old.process, self.proc) if old else None
+            if process is None:
+                process = describe_process(pid, self.proc)
+            if process is not None:
+                holders[pid] = _Holder(process, fds)
+        self._holders = holders
+        self._known = wanted
+        self._new.clear()
+        self._rescan.clear()
+        self.scanned_at = self.checked_at = now
+        self.full_scans += 1
+
+    def _follow_listing(self) -> bool:
+        """Queue the pids new to /proc (or reused: another entry inode), forget the ones gone."""
+        listed = _listing(self.proc)
+        if listed == self._listed:
+            return False
+        changed = False
+        before = self._listed
+        for name, inode in listed.items():
+            if before.get(name) != inode and name.isdigit():
+                # New, or a pid reused (a holder's reuse is caught by its start time, below).
+                self._new[int(name)] = None
+        for name in before.keys() - listed.keys():
+            if name.isdigit():
+                pid = int(name)
+                self._new.pop(pid, None)
+                self._rescan.pop(pid, None)
+                changed |= self._holders.pop(pid, None) is not None
+        self._listed = listed
+        return changed
+
+    def _follow_holders(self) -> bool:
+        changed = False
+        for pid, holder in list(self._holders.items()):
+            process = follow_exec(holder.process, self.proc)
+            if process is None:
+                del self._holders[pid]
+                self._rescan.pop(pid, None)
+                changed = True
+            elif process is not holder.process:
+                holder.process = process
+                changed = True
+        return changed
+
+    def _recheck_fds(self) -> bool:
+        """One readlink per holder and socket; a socket whose fd names something else now is taken
+        from the holder, and the holder queued for a scan of its fds."""
+        changed = False
+        for pid, holder in self._holders.items():
+            for inode, fd in list(holder.fds.items()):
+                try:
+                    named = _fd_socket(os.readlink(f"{self.proc}/{pid}/fd/{fd}"))
+                except OSError:
+                    named = None
+                if named != inode:
+                    del holder.fds[inode]
+                    self._rescan[pid] = None
+                    changed = True
+        return changed
+
+    def _scan_some(self) -> bool:
+        """Scan the queued pids' fds for the tracked sockets, holders to re-check first, within the bounds."""
+        wanted = self._asked.keys()
+        if not wanted:  # nothing to look for: the queued pids count as seen
+            self._new.clear()
+            self._rescan.clear()
+            return False
+        changed = False
+        scanned = read = 0
+        for queue, rescan in ((self._rescan, True), (self._new, False)):
+            for pid in list(queue):
+                if scanned >= SCAN_PIDS_PER_LOOKUP or read >= SCAN_FDS_PER_LOOKUP:
+                    return changed
+                del queue[pid]
+                fds, count = _socket_fds(f"{self.proc}/{pid}/fd", wanted, SCAN_FDS_PER_LOOKUP)
+                scanned += 1
+                read += count
+                self.pid_scans += 1
+                changed |= self._found(pid, fds, rescan)
+        return changed
+
+    def _found(self, pid: int, fds: dict[int, int], rescan: bool) -> bool:
+        """Record a scan of ``pid``'s fds: all of them (a new pid), or a holder's after a failed re-check."""
+        holder = self._holders.get(pid)
+        if holder is not None:  # the same process (its start time was checked this lookup)
+            if rescan:
+                fds = holder.fds | fds  # what it still held passed its re-check
+            changed = fds != holder.fds or not fds
+            holder.fds = fds
+            if not fds:
+                del self._holders[pid]
+            return changed
+        if not fds:
+            return False
+        process = describe_process(pid, self.proc)
+        if process is None:
+            return False
+        self._holders[pid] = _Holder(process, fds)
+        return True
+
+    def _rebuild(self) -> None:
+        owners: dict[int, list[Process]] = {inode: [] for inode in self._asked}
+        for pid in sorted(self._holders):
+            holder = self._holders[pid]
+            for inode in holder.fds:
+                owners.setdefault(inode, []).append(holder.process)
+        self.owners = {inode: tuple(processes) for inode, processes in owners.items()}

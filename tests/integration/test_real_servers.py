@@ -4,6 +4,7 @@ backlog it asks for by default and through its knob, its workers, and whether a 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -211,6 +212,53 @@ def test_owner_names_follow_exec(netns: Callable[[], TestNamespace]) -> None:
     finally:
         child.kill()
         child.wait(timeout=5)
+
+
+FORKS = """
+import os, socket, sys
+s = socket.socket()
+s.bind(("127.0.0.1", 8083))
+s.listen(8)
+print("listening", flush=True)
+sys.stdin.readline()
+worker = os.fork()
+if worker == 0:
+    sys.stdin.readline()  # the parent is gone by then: it ends when the test closes the pipe
+    os._exit(0)
+print(worker, flush=True)
+sys.stdin.readline()
+"""
+
+
+def test_owner_cache_finds_a_forked_worker_and_drops_the_parent_without_full_scans(
+        netns: Callable[[], TestNamespace]) -> None:
+    # issue 16: a prefork server's new worker is found by the next lookup, by reading only new processes.
+    ns = netns()
+    parent = subprocess.Popen(ns.exec_args(sys.executable, "-c", FORKS), stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    worker = None
+    try:
+        assert parent.stdout is not None and parent.stdin is not None
+        assert parent.stdout.readline() == "listening\n"
+        inode = listeners_in(sweep(ns.name, owners=False), ns.name)["127.0.0.1:8083"].inode
+        cache = OwnerCache(max_age=3600, min_gap=3600, full_every=3600)  # one full scan: the first lookup
+        assert [p.pid for p in cache.lookup({inode}, now=0)[inode]] == [parent.pid]
+        parent.stdin.write("fork\n")
+        parent.stdin.flush()
+        worker_pid = int(parent.stdout.readline())
+        worker = os.pidfd_open(worker_pid)
+        assert sorted(p.pid for p in cache.lookup({inode}, now=1)[inode]) == sorted([parent.pid, worker_pid])
+        parent.terminate()
+        parent.wait(timeout=5)
+        assert [p.pid for p in cache.lookup({inode}, now=2)[inode]] == [worker_pid]
+        assert cache.full_scans == 1
+    finally:
+        parent.kill()
+        parent.wait(timeout=5)
+        if worker is not None:
+            with contextlib.suppress(ProcessLookupError):  # it ended with the pipe
+                signal.pidfd_send_signal(worker, signal.SIGKILL)
+            os.close(worker)
 
 
 ACTIVATED = """

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
 
+from aqtune.collect import procfs
 from aqtune.collect.procfs import (
     CMDLINE_MAX,
     TRUNCATED,
@@ -330,3 +332,132 @@ def test_owner_cache_drops_an_exited_holder(proc: Path) -> None:
     for name in ("comm", "cmdline", "cgroup", "stat"):
         (proc / "11" / name).unlink()
     assert [p.pid for p in cache.lookup({1000}, now=1)[1000]] == [10]
+
+
+# --- the owner cache reads only what changed (issue 16) -------------------------------------------------
+
+
+def _pids(owners: dict[int, tuple[Process, ...]], inode: int) -> list[int]:
+    return [p.pid for p in owners.get(inode, ())]
+
+
+def _quiet_cache(proc: Path, **periods: float) -> OwnerCache:
+    """A cache whose full scans and fd re-checks happen only when a test asks for them."""
+    settings = {"max_age": 3600.0, "min_gap": 3600.0, "full_every": 3600.0} | periods
+    return OwnerCache(proc=str(proc), **settings)
+
+
+def test_owner_cache_finds_a_new_process_without_a_full_scan(proc: Path) -> None:
+    cache = _quiet_cache(proc)
+    assert _pids(cache.lookup({1000}, now=0), 1000) == [10, 11]
+    _process(proc, 20, {5: "socket:[1000]"}, comm="worker")  # a prefork server's new worker
+    _process(proc, 21, {5: "socket:[9999]"}, comm="bystander")
+    owners = cache.lookup({1000}, now=1)
+    assert _pids(owners, 1000) == [10, 11, 20]
+    assert owners[1000][2].comm == "worker"
+    assert cache.full_scans == 1
+    assert cache.pid_scans == 2  # each new pid once
+    cache.lookup({1000}, now=2)
+    assert cache.pid_scans == 2
+
+
+def test_owner_cache_drops_a_holder_whose_pid_is_gone(proc: Path) -> None:
+    cache = _quiet_cache(proc)
+    assert _pids(cache.lookup({1000}, now=0), 1000) == [10, 11]
+    shutil.rmtree(proc / "11")
+    assert _pids(cache.lookup({1000}, now=1), 1000) == [10]
+    assert cache.full_scans == 1
+
+
+def test_owner_cache_rechecks_a_holders_fd_at_max_age(proc: Path) -> None:
+    cache = _quiet_cache(proc, max_age=30)
+    assert _pids(cache.lookup({1000, 2000}, now=0), 1000) == [10, 11]
+    (proc / "11" / "fd" / "3").unlink()  # pid 11 closed its only fd on 1000 ...
+    os.symlink("/dev/null", proc / "11" / "fd" / "3")  # ... and the number was reused
+    assert _pids(cache.lookup({1000, 2000}, now=1), 1000) == [10, 11]  # between re-checks: as it was
+    owners = cache.lookup({1000, 2000}, now=30)
+    assert _pids(owners, 1000) == [10]
+    assert _pids(owners, 2000) == [10]
+    assert cache.full_scans == 1
+
+
+def test_owner_cache_finds_a_socket_moved_to_another_fd(proc: Path) -> None:
+    cache = _quiet_cache(proc, max_age=30)
+    cache.lookup({1000}, now=0)
+    remembered = next(fd for fd in (3, 4) if (proc / "10" / "fd" / str(fd)).is_symlink())
+    (proc / "10" / "fd" / str(remembered)).unlink()  # pid 10 still holds 1000 on its other fd
+    os.symlink("socket:[1000]", proc / "10" / "fd" / "9")
+    assert _pids(cache.lookup({1000}, now=30), 1000) == [10, 11]
+    assert cache.pid_scans == 1  # that pid's fds only
+    for fd in (3, 4, 9):
+        if (proc / "10" / "fd" / str(fd)).is_symlink():
+            (proc / "10" / "fd" / str(fd)).unlink()
+    assert _pids(cache.lookup({1000}, now=60), 1000) == [11]
+    assert cache.full_scans == 1
+
+
+def test_owner_cache_scans_everything_for_new_sockets_at_most_every_min_gap(proc: Path) -> None:
+    cache = _quiet_cache(proc, min_gap=5)
+    cache.lookup({1000}, now=0)
+    assert cache.lookup({1000}, now=1) and cache.full_scans == 1
+    # A new listener, held by a process seen before: only a full scan can find it.
+    assert _pids(cache.lookup({1000, 3000}, now=2), 3000) == []
+    assert cache.full_scans == 1
+    assert _pids(cache.lookup({1000, 3000}, now=5), 3000) == [12]
+    assert cache.full_scans == 2
+    cache.lookup({1000, 3000}, now=20)
+    assert cache.full_scans == 2  # all known: no more full scans
+
+
+def test_owner_cache_shows_a_new_socket_of_a_new_process_before_the_full_scan(proc: Path) -> None:
+    cache = _quiet_cache(proc, min_gap=5)
+    cache.lookup({1000}, now=0)
+    _process(proc, 20, {3: "socket:[4000]"})
+    assert _pids(cache.lookup({1000, 4000}, now=1), 4000) == [20]
+    assert cache.full_scans == 1
+
+
+def test_owner_cache_rescans_everything_every_full_every(proc: Path) -> None:
+    cache = _quiet_cache(proc, full_every=600)
+    cache.lookup({3000}, now=0)
+    os.symlink("socket:[3000]", proc / "10" / "fd" / "8")  # handed over SCM_RIGHTS to a process seen before
+    assert _pids(cache.lookup({3000}, now=599), 3000) == [12]
+    assert _pids(cache.lookup({3000}, now=600), 3000) == [10, 12]
+    assert cache.full_scans == 2
+
+
+def test_owner_cache_bounds_the_new_processes_read_per_lookup(proc: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(procfs, "SCAN_PIDS_PER_LOOKUP", 2)
+    cache = _quiet_cache(proc)
+    cache.lookup({1000}, now=0)
+    for pid in range(20, 25):
+        _process(proc, pid, {3: "socket:[1000]"})
+    # Two more each lookup (in listing order: a real /proc lists by pid, a tmp directory as it likes).
+    assert len(cache.lookup({1000}, now=1)[1000]) == 4
+    assert len(cache.lookup({1000}, now=2)[1000]) == 6
+    assert _pids(cache.lookup({1000}, now=3), 1000) == [10, 11, 20, 21, 22, 23, 24]
+    assert cache.pid_scans == 5
+
+
+def test_owner_cache_forgets_sockets_no_longer_asked_for(proc: Path) -> None:
+    cache = _quiet_cache(proc, max_age=30, full_every=600)
+    cache.lookup({1000, 3000}, now=0)
+    assert set(cache.lookup({1000}, now=10)) == {1000, 3000}  # asked lately: a sweep may rotate
+    assert set(cache.lookup({1000}, now=600)) == {1000}  # at the full scan
+    cache.lookup({1000, 3000}, now=601)
+    assert set(cache.lookup({2000}, now=640)) == {2000}  # or when the set asked for moves
+
+
+def test_owner_cache_takes_a_reused_pid_for_the_newcomer(proc: Path) -> None:
+    _program(proc, 12, "srv", "/usr/bin/srv", ["/usr/bin/srv"], starttime=900)
+    cache = _quiet_cache(proc)
+    assert [p.comm for p in cache.lookup({3000}, now=0)[3000]] == ["srv"]
+    # It exited; its pid now names a process that holds the socket too (made aside first, so that its
+    # directory gets another inode, as procfs gives a new process).
+    heir = proc / "aside"
+    _process(heir, 12, {4: "socket:[3000]"}, comm="heir")
+    _program(heir, 12, "heir", "/usr/bin/heir", ["/usr/bin/heir"], starttime=901)
+    shutil.rmtree(proc / "12")
+    (heir / "12").rename(proc / "12")
+    assert [(p.comm, p.starttime) for p in cache.lookup({3000}, now=1)[3000]] == [("heir", 901)]
+    assert cache.full_scans == 1
