@@ -1,7 +1,7 @@
 #!/usr/bin/python3
 """Daemon load benchmark: what `aqtune run` costs when idle, and whether it and the workload keep up under load.
 
-    /usr/bin/python3 bench/daemon_load.py [--idle-seconds 30] [--load-seconds 60] [--phases idle load]   (as root)
+    /usr/bin/python3 bench/daemon_load.py [--idle-seconds 60] [--load-seconds 60] [--phases idle load]   (as root)
 
 Everything happens in a network namespace ``aqt-bench-load-<pid>`` (loopback only); the daemon runs in
 the host namespace as a service would, watching that namespace only (``--netns``), in dry-run with a
@@ -73,8 +73,12 @@ WATCHDOG_USEC = 2_000_000
 WATCHDOG_TARGET = Target("<=", WATCHDOG_USEC / 1e6, source="WATCHDOG_USEC")  # s between pings
 
 IDLE_LISTENERS = 1000
-IDLE_WARMUP = 5.0
-CPU_ROUND = 5.0  # seconds per CPU sample when idle: five sweeps at the shipped interval of 1 s
+# Idle means steady: the first sweeps after 1,000 listeners appear find their owners (a /proc scan) and
+# fill the caches, which is start-up, not idling.
+IDLE_WARMUP = 20.0
+# Seconds per CPU sample when idle: two quiet sweeps (one per 5 s) and one rewrite of the state and
+# metrics (every 10 s when nothing changes), so every round holds the same work.
+CPU_ROUND = 10.0
 RSS_WARM_AT = 15.0  # seconds into the load: RSS after warm-up, the base of the growth figure
 RSS_WINDOW = 10.0  # seconds of samples each RSS figure is the median of
 AFTER_SETTLE, AFTER_SECONDS = 5.0, 15.0  # after the load: wait, then measure the daemon's CPU again
@@ -459,7 +463,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description="aqtune daemon: idle CPU and memory; watchdog, memory, CPU and the "
                                                  "workload's rate under load")
     parser.add_argument("--phases", nargs="+", choices=["idle", "load"], default=["idle", "load"])
-    parser.add_argument("--idle-seconds", type=float, default=30.0, help="idle measurement (default 30)")
+    parser.add_argument("--idle-seconds", type=float, default=60.0, help="idle measurement (default 60)")
     parser.add_argument("--load-seconds", type=float, default=60.0, help="load with the daemon (default 60)")
     parser.add_argument("--baseline-seconds", type=float, default=20.0,
                         help="the same load without the daemon, first (default 20)")

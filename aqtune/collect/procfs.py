@@ -51,21 +51,30 @@ def _socket_fds(fd_dir: str, inodes: Collection[int], limit: int | None = None) 
     entries (all without one), and how many entries were read. An fd directory that vanished (the
     process exited) or cannot be read gives what was read so far."""
     found: dict[int, int] = {}
+    try:
+        # Links read relative to the opened directory: the kernel walks one name per readlink
+        # instead of four (/proc, the pid, fd, the fd), a sixth of a 10,000-descriptor scan.
+        directory = os.open(fd_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:  # exited, or not ours to read
+        return found, 0
     read = 0
     try:
-        with os.scandir(fd_dir) as entries:
+        with os.scandir(directory) as entries:  # streamed: a process may hold a million descriptors
             for entry in entries:
                 if limit is not None and read >= limit:
                     break
                 read += 1
                 try:
-                    inode = _fd_socket(os.readlink(entry.path))
+                    link = os.readlink(entry.name, dir_fd=directory)
                 except OSError:
                     continue
-                if inode is not None and inode in inodes and inode not in found:
+                if link.startswith("socket:[") and (inode := _fd_socket(link)) is not None \
+                        and inode in inodes and inode not in found:
                     found[inode] = int(entry.name)
-    except OSError:  # exited, or not ours to read
+    except OSError:
         pass
+    finally:
+        os.close(directory)
     return found, read
 
 
