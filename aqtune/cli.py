@@ -17,6 +17,7 @@ from aqtune.text import cescape, printable
 
 if TYPE_CHECKING:
     from aqtune.act.ledger import Ledger
+    from aqtune.collect.procfs import BackgroundScan
     from aqtune.decide.policy import Policy, Problem
 
 
@@ -65,7 +66,7 @@ def _ledger(state_dir: str) -> Ledger:
 
 
 def _status_document(args: argparse.Namespace, policy: Policy, ledger: Ledger,
-                     said: set[str]) -> dict[str, Any]:
+                     said: set[str], walk: BackgroundScan | None = None) -> dict[str, Any]:
     """The running daemon's state when there is one (it has history and events), else a sweep now."""
     from aqtune.act.state import live_state
     from aqtune.collect.sweep import sweep
@@ -78,7 +79,7 @@ def _status_document(args: argparse.Namespace, policy: Policy, ledger: Ledger,
             print(f"aqtune status: {distrusted}; sweeping instead", file=sys.stderr)
         if live is not None:
             return status.only_namespace(live, _live_selection(live, args.netns))
-        snapshot = sweep(args.netns)
+        snapshot = sweep(args.netns, background=walk)
     except LookupError as exc:
         raise CommandError(str(exc.args[0])) from None
     except PermissionError as exc:
@@ -124,10 +125,35 @@ def _policy_to_read(args: argparse.Namespace) -> Policy:
         return Policy()
 
 
+def _owner_walk(args: argparse.Namespace) -> BackgroundScan | None:
+    """The owners' /proc walk, started before anything else is imported when status will sweep (no
+    daemon state to read), so that it runs on another CPU while the rest loads and the namespaces
+    are dumped: on a host with many sockets it is most of what `aqtune status` waits for."""
+    from aqtune.act.state import STATE_FILE
+
+    if args.watch or (not args.sweep and os.path.exists(os.path.join(args.state_dir, STATE_FILE))):
+        return None
+    from aqtune.collect.procfs import BackgroundScan
+
+    try:
+        return BackgroundScan()
+    except OSError:  # no fork here (limits, a sandbox): the sweep walks /proc itself
+        return None
+
+
 def _status(args: argparse.Namespace) -> int:
+    _require_root("it enters every network namespace and reads other processes' file descriptors")
+    walk = _owner_walk(args)
+    try:
+        return _status_of(args, walk)
+    finally:
+        if walk is not None:
+            walk.cancel()
+
+
+def _status_of(args: argparse.Namespace, walk: BackgroundScan | None) -> int:
     from aqtune.surfaces import status
 
-    _require_root("it enters every network namespace and reads other processes' file descriptors")
     policy = _policy_to_read(args)
     try:
         ledger = _ledger(args.state_dir)
@@ -154,7 +180,8 @@ def _status(args: argparse.Namespace) -> int:
     while True:
         if previous is not None:
             _refresh(ledger)
-        document = _status_document(args, policy, ledger, said)
+        document = _status_document(args, policy, ledger, said, walk)
+        walk = None  # taken by the first document
         if args.json:
             print(_json(document, pretty=False if args.watch else args.pretty), flush=True)
         else:

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import marshal
 import os
 import re
+import signal
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
@@ -108,6 +111,113 @@ def socket_holders(inodes: set[int], proc: str = "/proc") -> dict[int, list[int]
         for inode in fds:
             holders.setdefault(inode, []).append(pid)
     return holders
+
+
+# Socket descriptors a background scan hands back at most (a dozen bytes each through the pipe);
+# beyond that it gives up and the caller scans for the sockets it wants itself.
+BACKGROUND_SOCKETS_MAX = 500_000
+
+
+def _every_socket_holder(proc: str) -> dict[int, list[int]] | None:
+    """socket inode -> pids holding it, for every socket of every process; None past BACKGROUND_SOCKETS_MAX."""
+    holders: dict[int, list[int]] = {}
+    count = 0
+    for name in _listing(proc):
+        if not name.isdigit():
+            continue
+        pid = int(name)
+        try:
+            directory = os.open(f"{proc}/{name}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        except OSError:
+            continue
+        try:
+            with os.scandir(directory) as entries:
+                for entry in entries:
+                    try:
+                        link = os.readlink(entry.name, dir_fd=directory)
+                    except OSError:
+                        continue
+                    if link.startswith("socket:[") and (inode := _fd_socket(link)) is not None:
+                        pids = holders.setdefault(inode, [])
+                        if not pids or pids[-1] != pid:
+                            pids.append(pid)
+                        count += 1
+                        if count > BACKGROUND_SOCKETS_MAX:
+                            return None
+        except OSError:
+            pass
+        finally:
+            os.close(directory)
+    return holders
+
+
+class BackgroundScan:
+    """The /proc descriptor walk of find_owners, run in a child process while the caller does other
+    work: a one-shot `aqtune status` starts it first thing and dumps the namespaces meanwhile, so the
+    walk (most of its time on a host with many sockets) runs on another CPU instead of after them.
+
+    The child cannot know which sockets will be asked for, so it reports every socket's holders
+    (bounded by BACKGROUND_SOCKETS_MAX); whatever goes wrong with it, ``holders`` scans in-process.
+    """
+
+    def __init__(self, proc: str = "/proc") -> None:
+        self.proc = proc
+        self.read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        self.finished = False  # reaped: its pid may name another process from then on
+        try:
+            self.pid = os.fork()
+        except OSError:
+            os.close(self.read_end)
+            os.close(write_end)
+            raise
+        if self.pid == 0:  # the child: walk, send, and leave without running the parent's cleanup
+            status = 1
+            try:
+                os.close(self.read_end)
+                _die_with_parent()
+                found = _every_socket_holder(proc)
+                with os.fdopen(write_end, "wb") as out:
+                    out.write(marshal.dumps(found))
+                status = 0
+            finally:
+                os._exit(status)
+        os.close(write_end)
+
+    def holders(self, inodes: set[int]) -> dict[int, list[int]]:
+        """inode -> pids holding it, for ``inodes``: from the child's walk, or scanned now if it failed."""
+        try:
+            pipe, self.read_end = os.fdopen(self.read_end, "rb"), -1  # the file object closes it
+            with pipe:
+                data = pipe.read()
+            _, status = os.waitpid(self.pid, 0)
+            self.finished = True
+            found = marshal.loads(data) if status == 0 and data else None
+        except (OSError, EOFError, ValueError, TypeError):
+            found = None
+        if not isinstance(found, dict):
+            return socket_holders(inodes, self.proc)
+        return {inode: found[inode] for inode in inodes if inode in found}
+
+    def cancel(self) -> None:
+        """Stop the walk if its result was not taken (the daemon's state answered, or an error)."""
+        if self.finished:
+            return
+        self.finished = True
+        with contextlib.suppress(OSError):
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+        if self.read_end >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.read_end)
+            self.read_end = -1
+
+
+def _die_with_parent() -> None:
+    """PR_SET_PDEATHSIG: the walk ends if the command is killed before it reads the result."""
+    import ctypes  # in the child only: the command itself need not load it
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
 
 
 def _cgroup_paths(text: str) -> list[str]:
@@ -368,11 +478,14 @@ def describe_process(pid: int, proc: str = "/proc") -> Process | None:
     )
 
 
-def find_owners(inodes: set[int], proc: str = "/proc") -> dict[int, tuple[Process, ...]]:
-    """inode -> the processes holding it, described once per pid."""
+def find_owners(inodes: set[int], proc: str = "/proc",
+                background: BackgroundScan | None = None) -> dict[int, tuple[Process, ...]]:
+    """inode -> the processes holding it, described once per pid; ``background`` is a walk already
+    under way (BackgroundScan) to take the holders from."""
     described: dict[int, Process | None] = {}
     owners: dict[int, tuple[Process, ...]] = {}
-    for inode, pids in socket_holders(inodes, proc).items():
+    holders = background.holders(inodes) if background is not None else socket_holders(inodes, proc)
+    for inode, pids in holders.items():
         processes = []
         for pid in pids:
             if pid not in described:

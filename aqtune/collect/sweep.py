@@ -124,17 +124,19 @@ def _read(ref: netns.NamespaceRef, into: Kept | None = None) -> tuple[Namespace,
 
 
 def _with_owners(listeners: list[Listener], started: float, owners: bool,
-                 owner_cache: procfs.OwnerCache | None) -> None:
+                 owner_cache: procfs.OwnerCache | None, background: procfs.BackgroundScan | None = None) -> None:
     if owners:
         inodes = {listener.inode for listener in listeners}
-        found = owner_cache.lookup(inodes, started) if owner_cache else procfs.find_owners(inodes)
+        found = (owner_cache.lookup(inodes, started) if owner_cache
+                 else procfs.find_owners(inodes, background=background))
         for listener in listeners:
             listener.processes = found.get(listener.inode, ())
 
 
 def sweep(select: str | netns.Selection = "all", owners: bool = True,
-          owner_cache: procfs.OwnerCache | None = None) -> Snapshot:
+          owner_cache: procfs.OwnerCache | None = None, background: procfs.BackgroundScan | None = None) -> Snapshot:
     """Read every selected namespace; a namespace that vanishes mid-sweep is reported, not fatal.
+    ``background``: the owners' /proc walk already under way (procfs.BackgroundScan).
 
     Raises LookupError for an unknown ``select`` and PermissionError when not privileged enough.
     """
@@ -147,7 +149,7 @@ def sweep(select: str | netns.Selection = "all", owners: bool = True,
         namespace, rows = _read(ref)
         namespaces.append(namespace)
         listeners.extend(rows)
-    _with_owners(listeners, started, owners, owner_cache)
+    _with_owners(listeners, started, owners, owner_cache, background)
     return Snapshot(started, time.perf_counter() - clock, namespaces, listeners)
 
 

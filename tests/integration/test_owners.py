@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import pwd
 import shutil
 from collections.abc import Callable
 
 import pytest
 
+from aqtune.collect.procfs import BackgroundScan, socket_holders
 from aqtune.collect.sweep import sweep
 from tests.helpers.namespace import TestNamespace
 from tests.integration.expect import listeners_in
@@ -62,3 +64,25 @@ def test_owner_and_uid_of_a_listener_run_as_another_user(netns: Callable[[], Tes
         if listener.proto != "unix":
             assert ss[address].uid == nobody
         assert [(p.pid, p.comm) for p in listener.processes] == [(ready["pid"], "aqt-listen")]
+
+
+def test_a_background_walk_finds_what_the_inline_walk_finds(netns: Callable[[], TestNamespace]) -> None:
+    """`aqtune status` starts the owners' /proc walk in a child before it dumps the namespaces: the
+    holders it hands back are the inline walk's, and a walk not needed is killed and reaped."""
+    ns = netns()
+    helper = ns.listen("tcp4:4", "tcp6:4", f"abstract:2:{ns.name}-walked", forks=2)
+    ready = helper.ready()
+    walk = BackgroundScan()
+    snapshot = sweep(ns.name, background=walk)
+    assert walk.finished
+    walk.cancel()  # taken already: must not signal whatever process has its pid now
+    ours = listeners_in(snapshot, ns.name)
+    inodes = {listener.inode for listener in ours.values()}
+    assert {inode: sorted(p.pid for p in listener.processes) for listener in ours.values()
+            for inode in [listener.inode]} == {inode: sorted(pids) for inode, pids in socket_holders(inodes).items()}
+    assert all(sorted(p.pid for p in l.processes) == sorted([ready["pid"], *ready["children"]]) for l in ours.values())
+
+    unused = BackgroundScan()
+    unused.cancel()
+    with pytest.raises(ChildProcessError):
+        os.waitpid(unused.pid, os.WNOHANG)  # reaped: no zombie left
