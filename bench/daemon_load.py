@@ -76,8 +76,8 @@ IDLE_LISTENERS = 1000
 # Idle means steady: the first sweeps after 1,000 listeners appear find their owners (a /proc scan) and
 # fill the caches, which is start-up, not idling.
 IDLE_WARMUP = 20.0
-# Seconds per CPU sample when idle: two quiet sweeps (one per 5 s) and one rewrite of the state and
-# metrics (every 10 s when nothing changes), so every round holds the same work.
+# Seconds per CPU sample when idle: one quiet sweep and one rewrite of the state and metrics (each
+# every 10 s when nothing changes), so every round holds the same work.
 CPU_ROUND = 10.0
 RSS_WARM_AT = 15.0  # seconds into the load: RSS after warm-up, the base of the growth figure
 RSS_WINDOW = 10.0  # seconds of samples each RSS figure is the median of

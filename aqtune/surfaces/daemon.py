@@ -1,8 +1,9 @@
 """The service loop around Runner.tick: when to sweep, systemd notifications, reload and stop.
 
 Cost follows trouble: a sweep runs once per policy interval, or while everything is quiet (no
-finding, every queue short) once per QUIET_PERIOD: a queue filling up without drops then shows within
-a few seconds, well inside the policy's sustain window. Between quiet sweeps a check every
+finding, every queue short) once per QUIET_PERIOD, never more than the policy's sustain window: any
+refused connection moves the counters the check below reads, and brings a sweep within a second; a
+queue filling up without refusing anything shows at the next quiet sweep. Between quiet sweeps a check every
 CHECK_EVERY reads the listen-drop counters of namespaces with listeners (a setns and a file read
 each, at most WATCHED_PER_CHECK of them per check, in turn); where they moved, a sweep of just those
 namespaces comes early, at most once per TRIGGER_GAP. In between, the loop sleeps in select() until
@@ -37,7 +38,9 @@ TICK = 0.5  # seconds the loop sleeps at most (a signal or the watchdog's due ti
 # Seconds between cheap counter checks (a setns and a 4 KB file read per watched namespace, ~0.15 ms):
 # sweeps they bring forward wait for TRIGGER_GAP anyway.
 CHECK_EVERY = 1.0
-QUIET_PERIOD = 5.0  # at most; never more than half the sustain window
+# Seconds between sweeps while all is quiet, at most: at 1,000 quiet listeners a sweep costs ~9 ms, and
+# one every 5 s alone was 0.2% of a core, the whole idle budget (issue 16).
+QUIET_PERIOD = 10.0
 TRIGGER_GAP = 1.0  # seconds at least from one sweep to a sweep that moving counters bring forward
 DUTY = 2.0  # a sweep starts no sooner than DUTY times the last one's duration after it: under half a core
 WATCHED_PER_CHECK = 64  # namespaces whose counters one cheap check reads (the host's always, the rest in turn)
@@ -202,7 +205,7 @@ def _loop(runner: Runner, config_path: str, ebpf: bool, stop: Flag, reload: Flag
             _reload(runner, config_path)
         period = runner.policy.interval
         if runner.quiet():
-            period = max(period, min(QUIET_PERIOD, runner.policy.saturation.sustain / 2))
+            period = max(period, min(QUIET_PERIOD, runner.policy.saturation.sustain))
         since = now - last_sweep
         focus: set[netns.NamespaceRef] | None = None
         # Counters moving bring a sweep of their namespaces forward, but no sooner than TRIGGER_GAP:
