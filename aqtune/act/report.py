@@ -151,11 +151,7 @@ class DropReporter:
                 continue
             allowed, held = self.pools.allow(present.uid, episode.key, snapshot.taken_at)
             if allowed:
-                refused = self.log.refused
                 self._say(episode, present, decision.assessment.listener_findings.get(episode.key, []), held)
-                if self.log.refused > refused:
-                    # journald refused the entry that carried the count: the next one says it instead.
-                    self.pools.suppressed[pool_of(present.uid)] += held
 
     def _new_drops(self, listener: Listener, model: Model, events: Mapping[int, ListenerEvents]) -> int:
         """Connections this listener dropped since the last sweep.
