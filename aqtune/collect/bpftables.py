@@ -108,11 +108,10 @@ def _compiled(layout: Layout) -> struct.Struct:
 def _element_code(ctype: Any) -> str:
     if ctype is ctypes.c_char:
         return "s"
+    if getattr(ctype, "_type_", None) not in tuple("bBhHiIlLqQ"):  # ctypes' own codes of its integers
+        raise ValueError(f"{getattr(ctype, '__name__', ctype)} is not an integer type")
     size = ctypes.sizeof(ctype)
-    try:
-        signed = ctype(-1).value < 0
-    except TypeError:
-        raise ValueError(f"{ctype.__name__} is not an integer type") from None
+    signed = ctype(-1).value < 0
     code = INT_CODES.get((size, signed))
     if code is None:
         raise ValueError(f"{ctype.__name__}: no {size}-byte integer code")
