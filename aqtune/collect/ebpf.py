@@ -609,26 +609,28 @@ class EventLayer:
         so that drift in the machine's load falls on both alike. It lives here because only the
         layer knows how each probe was attached. While paused nothing is counted, so read() then
         lags the kernel. Returns the probes that stay: bcc attaches fentry programs as it loads them."""
+        bpf = self.bpf  # RuntimeError when compiled in a child: there is nothing to attach with here
         staying = []
         for target, (way, features, _) in self._reattach.items():
             how = self.probes[target].how
             if how is How.RAW_TRACEPOINT:
-                self.bpf.detach_raw_tracepoint(tp=target.split(":")[1])
+                bpf.detach_raw_tracepoint(tp=target.split(":")[1])
             elif how is How.TRACEPOINT:
-                self.bpf.detach_tracepoint(tp=target)
+                bpf.detach_tracepoint(tp=target)
                 if entry_probe_needed(way, features):
-                    self.bpf.detach_tracepoint(tp=entry_of(target))
+                    bpf.detach_tracepoint(tp=entry_of(target))
             elif how is How.KPROBE:
-                self.bpf.detach_kprobe(event=target)
+                bpf.detach_kprobe(event=target)
             else:
                 staying.append(target)
         return staying
 
     def resume(self) -> None:
         """Attach again what pause() detached (the benchmark's; see pause())."""
+        bpf = self.bpf
         for target, (way, features, refused) in self._reattach.items():
             if self.probes[target].how is not How.FENTRY:
-                state = _attach(self.bpf, way, target, features, refused)
+                state = _attach(bpf, way, target, features, refused)
                 if state != self.probes[target]:
                     raise RuntimeError(f"{target} {state} again (was {self.probes[target]})")
 

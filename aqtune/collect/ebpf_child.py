@@ -17,6 +17,7 @@ a child that dies, hangs or says nothing is Unavailable too. The child dies with
 
 from __future__ import annotations
 
+import array
 import contextlib
 import ctypes
 import json
@@ -178,6 +179,18 @@ def handover_from(message: Mapping[str, Any], fds: list[int]) -> Handover:
                     str(message["offsets_from"]))
 
 
+def receive(channel: socket.socket) -> tuple[bytes, list[int], int]:
+    """One message and the descriptors it carries, close-on-exec from the start (socket.recv_fds
+    ignores its flags argument, so MSG_CMSG_CLOEXEC is asked for here): (data, fds, msg_flags)."""
+    ints = array.array("i")
+    data, ancillary, flags, _ = channel.recvmsg(MESSAGE_BYTES, socket.CMSG_LEN(MAX_FDS * ints.itemsize),
+                                                socket.MSG_CMSG_CLOEXEC)
+    for level, kind, payload in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            ints.frombytes(payload[:len(payload) - len(payload) % ints.itemsize])
+    return data, list(ints), flags
+
+
 def compile_in_child(emit: int, netns_inode: int, pages: int) -> Handover:
     """Run the child and take the layer over; Unavailable (the child's reason, or what went wrong
     with it) when there is none. Nothing stays behind on failure: the child is killed, what it sent
@@ -199,7 +212,7 @@ def compile_in_child(emit: int, netns_inode: int, pages: int) -> Handover:
         try:
             ours.settimeout(COMPILE_TIMEOUT)
             try:
-                data, fds, flags, _ = socket.recv_fds(ours, MESSAGE_BYTES, MAX_FDS, socket.MSG_CMSG_CLOEXEC)
+                data, fds, flags = receive(ours)
             except TimeoutError:
                 raise Unavailable(f"the child compiling the eBPF program did not finish within "
                                   f"{COMPILE_TIMEOUT:.0f} s (pid {child.pid}, killed)") from None
