@@ -357,6 +357,8 @@ def map_batch(m: MapRef, delete: bool) -> list[tuple[int, bytes]]:
             bpf(command, attr)
         except OSError as exc:
             if exc.errno != errno.ENOENT:
+                if delete and found:  # those are deleted already: theirs, and the rest stays for next time
+                    return found
                 raise
             done = True  # ENOENT: the last batch (its count may still be > 0)
         count = struct.unpack_from("=I", attr, 32)[0]
