@@ -422,27 +422,31 @@ class PerfRing:
         offset, size = struct.unpack_from("=QQ", self.map, DATA_OFFSET)
         self.offset = offset or mmap.PAGESIZE  # kernels before 4.1 leave these 0: data follows the page
         self.size = size or pages * mmap.PAGESIZE
+        # The positions as aligned 8-byte loads and stores (ctypes), never torn as a byte copy could be:
+        # the kernel reads data_tail while writing.
+        self._head = ctypes.c_uint64.from_buffer(self.map, DATA_HEAD)
+        self._tail = ctypes.c_uint64.from_buffer(self.map, DATA_TAIL)
 
     @property
     def pending(self) -> bool:
-        head, tail = struct.unpack_from("=QQ", self.map, DATA_HEAD)
-        return bool(head != tail)
+        return bool(self._head.value != self._tail.value)
 
     def read(self) -> tuple[list[bytes], int]:
-        head, tail = struct.unpack_from("=QQ", self.map, DATA_HEAD)  # data_head, then data_tail
+        head = self._head.value
+        tail = self._tail.value
         if head == tail:
             return [], 0
         # On a TSO machine (ORDERED_MACHINES) the data loads below come after the data_head load, and
         # the data_tail store after them: the kernel may then reuse what was read.
-        if head - tail > self.size:  # cannot be: the kernel never overwrites unread data
-            raise OSError(errno.EIO, f"perf ring of fd {self.fd}: head {head} is past tail {tail} by more "
-                          f"than its {self.size} bytes")
-        chunk = b"".join(self.map[self.offset + a:self.offset + b] for a, b in spans(self.size, tail, head))
-        found = parse_records(chunk)
-        struct.pack_into("=Q", self.map, DATA_TAIL, head)
+        found: tuple[list[bytes], int] = ([], 0)
+        if head - tail <= self.size:  # else not a ring the kernel wrote: start again from its head
+            found = parse_records(b"".join(self.map[self.offset + a:self.offset + b]
+                                           for a, b in spans(self.size, tail, head)))
+        self._tail.value = head
         return found
 
     def close(self) -> None:
+        del self._head, self._tail  # the views pin the mapping: mmap refuses to close under them
         self.map.close()
 
 
