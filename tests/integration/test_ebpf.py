@@ -901,3 +901,44 @@ def test_a_child_that_fails_is_unavailable_and_gone(boot: str, timeout: float, s
         EventLayer.start_in_child(emit=EMIT_DROPS)
     assert set(children_of(os.getpid())) <= children_before  # other tests' helpers may still run
     assert set(os.listdir("/proc/self/fd")) <= fds_before
+
+
+def test_a_one_page_perf_ring_wraps_around_and_counts_what_it_lost(netns: Callable[[], TestNamespace]) -> None:
+    """The daemon's perf ring reader on a ring of one page per CPU (34 records), events of this test's
+    namespace only: unread, a burst overflows it and the kernel's lost records are counted; read as
+    it fills, more than a ring's worth passes (so the reader crosses the ring's end) and every event
+    arrives, whole and in order. Each record the kernel could not write is counted lost."""
+    ns = netns()
+    with EventLayer.start_in_child(emit=EMIT_ALL, netns_inode=ns.inode, pages=1) as layer:
+        events: list[Event] = []
+        layer.on_event(events.append)
+        # Unread: 64 queued connections and their accepts, 129 records of 120 bytes, on 2 CPUs' 4 KiB.
+        flooded = ns.spawn("eventload.py", ["acceptor", "--clients", "64", "--every", "0"], "DONE").ready(timeout=30)
+        layer.poll(0)
+        kept = [e for e in events if e.inode == flooded["inode"]]
+        assert 0 < len(kept) < 1 + 2 * 64
+        assert {e.kind for e in kept} <= {"listen", "enqueue", "accept"} and {e.port for e in kept} == {
+            flooded["port"]}
+        # Read as it comes: two runs of 41 records (about 9.8 KiB), so at least one CPU's ring wraps.
+        stop = threading.Event()
+
+        def keep_reading() -> None:
+            while not stop.is_set():
+                layer.poll(10)
+
+        reader = threading.Thread(target=keep_reading, name="ring-reader", daemon=True)
+        reader.start()
+        try:
+            runs = [ns.spawn("eventload.py", ["acceptor", "--clients", "20", "--every", "0.02"], "DONE").ready(
+                timeout=30) for _ in range(2)]
+            for run in runs:
+                mine = wait_until(lambda run=run: (found := [e for e in list(events) if e.inode == run["inode"]])
+                                  and len(found) >= 41 and found, f"41 events of listener {run['inode']}")
+                assert [e.kind for e in mine].count("accept") == 20
+                assert sorted(e.queue for e in mine if e.kind == "enqueue") == list(range(1, 21))
+                assert sorted(e.peer_port for e in mine if e.kind == "accept") == sorted(run["peer_ports"])
+            # The kernel tells of the overflow once its ring has room again, at that CPU's next record.
+            wait_until(lambda: layer.lost >= 1 + 2 * 64 - len(kept), "the overflow's lost records counted")
+        finally:
+            stop.set()
+            reader.join(timeout=5)
