@@ -80,7 +80,11 @@ def held_fds(bpf: Any) -> Iterator[tuple[str, str, int]]:
                        ("kprobe", bpf.kprobe_fds), ("fentry", bpf.kfunc_entry_fds),
                        ("fexit", bpf.kfunc_exit_fds)):
         for name, fd in held.items():
-            yield kind, text(name), int(fd)
+            if isinstance(fd, dict):  # kprobes: event name -> {program name: perf event fd}
+                for program, inner in fd.items():
+                    yield kind, f"{text(name)} {text(program)}", int(inner)
+            else:
+                yield kind, text(name), int(fd)
     for name, function in bpf.funcs.items():
         yield "program", text(name), int(function.fd)
     lib.bpf_num_tables.restype, lib.bpf_num_tables.argtypes = ctypes.c_size_t, [ctypes.c_void_p]
