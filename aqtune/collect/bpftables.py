@@ -18,6 +18,7 @@ import os
 import platform
 import select
 import struct
+import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -187,8 +188,7 @@ class BccTables:
     def _value(self, name: str, value: Any) -> bytes:
         if isinstance(value, int):  # a plain integer value from a batch read
             layout = self.layouts[name]
-            return value.to_bytes(layout.size, "little" if struct.pack("=H", 1)[0] else "big",
-                                  signed=layout.fields[0].code.islower())
+            return value.to_bytes(layout.size, sys.byteorder, signed=layout.fields[0].code.islower())
         return bytes(value)
 
     def entries(self, name: str) -> list[tuple[int, bytes]]:
