@@ -19,31 +19,22 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from aqtune.collect.bpftables import SYS_BPF
+from aqtune.collect.bpftables import syscall as _syscall
 from aqtune.collect.ebpf import ACCEPT_SLOT_BITS, accept_time_ns, accept_time_slot
 
 MAP_NAME = b"accept_times"
 MAP_SHAPE = (4, 8, 1 << ACCEPT_SLOT_BITS)  # key size, value size, entries: BPF_ARRAY(accept_times, u64, ...)
 SYS_PIDFD_GETFD = 438  # the same on every architecture (the unified syscall table)
-SYS_BPF = {"x86_64": 321, "aarch64": 280, "riscv64": 280, "ppc64le": 361, "s390x": 351}
 BPF_MAP_LOOKUP_ELEM = 1
 BPF_OBJ_GET_INFO_BY_FD = 15
 MAP_INFO = struct.Struct("=IIIIII16s")  # bpf_map_info: type, id, key_size, value_size, max_entries, flags, name
 MAX_MAP_FDS = 64  # bpf-map descriptors looked at in the daemon (it holds about a dozen)
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.syscall.restype = ctypes.c_long
 
 
 class Unreadable(Exception):
     """The daemon's map cannot be read; the message says why."""
-
-
-def _syscall(number: int, *args: int) -> int:
-    result = int(_libc.syscall(ctypes.c_long(number), *(ctypes.c_long(a) for a in args)))
-    if result < 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
-    return result
 
 
 def _bpf(command: int, attr: ctypes.Array[ctypes.c_char]) -> int:

@@ -9,7 +9,6 @@ wins and the others' failures are kept as the reason shown in status.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import enum
 import os
@@ -22,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aqtune.collect.bpftables import EVENTS, SCALAR, BccTables, Tables
 from aqtune.collect.btf import Btf, BtfError
 from aqtune.records import ListenerEvents
 
@@ -35,6 +35,8 @@ EVENT_KINDS = {1: "enqueue", 2: "ack-overflow", 3: "syn-overflow", 4: "synack-re
 STAMP_SLOTS = 1 << 17
 STAMP_MULTIPLIER = 2654435761
 U32 = 0xFFFFFFFF  # connection numbers are u32 and wrap
+# The maps the layer reads, by their names in bpf/aqtune.c (the child hands these layouts over).
+READ_MAPS = ("stats", "accepted", "peaks", "stamps", "accept_times")
 # Accept times (accept_times in bpf/aqtune.c): slot = inode's low bits; the word holds a tag (the
 # inode's next bits) over the time in units of 2^ACCEPT_TIME_SHIFT ns.
 ACCEPT_SLOT_BITS = 19
@@ -351,23 +353,32 @@ class Event:
     comm: str
 
 
-def decode_event(raw: Any) -> Event:
-    """An Event from ``struct event`` as bcc's generated ctypes type reads it (``table.event(data)``):
-    integers, ``local``/``peer`` as arrays of 16 bytes, ``comm`` as bytes up to its NUL. Copied out at
-    once: the perf buffer's memory is reused when the callback returns."""
-    family = int(raw.family)
+def decode_event(raw: Mapping[str, Any]) -> Event:
+    """An Event from ``struct event``'s fields as its Layout decodes them (bpftables.Layout.decode):
+    integers, ``local``/``peer`` as 16 bytes, ``comm`` as bytes up to its NUL."""
+    family = int(raw["family"])
     af = socket.AF_INET6 if family == socket.AF_INET6 else socket.AF_INET
     size = 16 if af == socket.AF_INET6 else 4
-    local, peer = bytes(raw.local)[:size], bytes(raw.peer)[:size]
-    comm = bytes(raw.comm).split(b"\0", 1)[0].decode(errors="replace")  # any bytes a process names itself
-    return Event(int(raw.ts), EVENT_KINDS.get(raw.kind, str(raw.kind)), int(raw.netns), int(raw.inode), family,
-                 socket.inet_ntop(af, local), int(raw.port), socket.inet_ntop(af, peer) if any(peer) else None,
-                 int(raw.peer_port), int(raw.queue), int(raw.backlog), int(raw.value), int(raw.pid), comm)
+    local, peer = bytes(raw["local"])[:size], bytes(raw["peer"])[:size]
+    comm = bytes(raw["comm"]).split(b"\0", 1)[0].decode(errors="replace")  # any bytes a process names itself
+    kind = int(raw["kind"])
+    return Event(int(raw["ts"]), EVENT_KINDS.get(kind, str(kind)), int(raw["netns"]), int(raw["inode"]), family,
+                 socket.inet_ntop(af, local), int(raw["port"]), socket.inet_ntop(af, peer) if any(peer) else None,
+                 int(raw["peer_port"]), int(raw["queue"]), int(raw["backlog"]), int(raw["value"]), int(raw["pid"]),
+                 comm)
+
+
+def perf_pages(emit: int, pages: int | None) -> int:
+    """Pages per CPU of the perf buffer: every event (trace) needs room for bursts; drops alone are few."""
+    return pages or (256 if emit & EMIT_ALL else 64)
 
 
 @dataclass(slots=True)
 class EventLayer:
-    bpf: Any
+    """The loaded probes and their maps. ``tables`` reaches the maps and perf buffer: through bcc when
+    compiled here (start()), through descriptors when a child compiled it (start_in_child())."""
+
+    tables: Tables
     probes: dict[str, ProbeState]  # attach point -> how it attached, or why not
     mode: str
     syn_overflow_seen: bool
@@ -447,19 +458,44 @@ class EventLayer:
             for target in way.target.split("+"):
                 probes[target] = _attach(bpf, way, target, features, refused)
         syn_seen = "tcp_conn_request" in probes and probes["tcp_conn_request"].attached
-        layer = cls(bpf, probes, describe_mode(probes, syn_seen), syn_seen, "BTF" if btf else "kernel headers")
+        try:
+            tables = BccTables(bpf, READ_MAPS)
+        except Exception as exc:  # bcc's errors, a struct the layouts cannot decode (ValueError)
+            bpf.cleanup()
+            raise Unavailable(f"cannot read the maps of bpf/aqtune.c: {exc}") from None
+        layer = cls(tables, probes, describe_mode(probes, syn_seen), syn_seen, "BTF" if btf else "kernel headers")
         layer._reattach = {target: (way, features, refused) for way in chosen.values() if isinstance(way, Way)
                            for target in way.target.split("+") if probes[target].attached}
         if emit:
             try:
-                # Every event (trace) needs room for bursts; drops alone are few.
-                pages = pages or (256 if emit & EMIT_ALL else 64)
-                bpf["events"].open_perf_buffer(layer._dispatch, page_cnt=pages, lost_cb=layer._count_lost)
+                tables.open_events(perf_pages(emit, pages))
             except Exception as exc:  # bcc raises bare Exception when perf_event_open is refused
                 bpf.cleanup()
                 raise Unavailable(f"cannot open the perf buffer ({exc}): perf_event_open refused "
                                   "(CAP_PERFMON, a seccomp filter or perf_event_paranoid)") from None
         return layer
+
+    @classmethod
+    def start_in_child(cls, emit: int = 0, netns_inode: int = 0, pages: int | None = None) -> EventLayer:
+        """As start(), compiled and attached by a short-lived child process that hands the programs,
+        attachments, maps and perf buffer over as descriptors and exits: this process never imports
+        bcc nor maps LLVM (about 90 MiB resident otherwise). The daemon's way. Where Python cannot
+        read a perf ring safely (see bpftables.ORDERED_MACHINES) it is start() itself."""
+        from aqtune.collect import ebpf_child
+
+        if not ebpf_child.supported():
+            return cls.start(emit=emit, netns_inode=netns_inode, pages=pages)
+        handed = ebpf_child.compile_in_child(emit, netns_inode, perf_pages(emit, pages) if emit else 0)
+        return cls(handed.tables, handed.probes, handed.mode, handed.syn_overflow_seen, handed.offsets_from)
+
+    @property
+    def bpf(self) -> Any:
+        """bcc's BPF object, for what only bcc can do (pause/resume, the benchmarks); RuntimeError when
+        the layer was handed over by a child."""
+        if not isinstance(self.tables, BccTables):
+            raise RuntimeError("this event layer was compiled in a child (start_in_child): there is no bcc "
+                               "object here; use EventLayer.start() for what needs one")
+        return self.tables.bpf
 
     def __enter__(self) -> EventLayer:
         return self
@@ -467,8 +503,8 @@ class EventLayer:
     def __exit__(self, *_: object) -> None:
         self.close()
 
-    def _dispatch(self, _cpu: int, data: Any, _size: int) -> None:
-        event = decode_event(self.bpf["events"].event(data))
+    def _dispatch(self, data: bytes) -> None:
+        event = decode_event(self.tables.layouts[EVENTS].decode(data))
         for handler in self._handlers:
             handler(event)
 
@@ -480,7 +516,7 @@ class EventLayer:
 
     def poll(self, timeout_ms: int) -> None:
         """Deliver pending events to the handlers; returns after ``timeout_ms`` at most."""
-        self.bpf.perf_buffer_poll(timeout=timeout_ms)
+        self.tables.poll(timeout_ms, self._dispatch, self._count_lost)
 
     def read(self, queues: Mapping[int, int] | None = None) -> dict[int, ListenerEvents]:
         """Per-listener events by socket inode; drains the peak-queue map (peaks since last read).
@@ -489,23 +525,24 @@ class EventLayer:
         oldest queued connection be found whether or not every accept was seen; without it, that
         age trusts the accepts the probes saw (see oldest_queued())."""
         now_ns = time.monotonic_ns()  # bpf_ktime_get_ns()'s clock
-        peaks = {_number(key): _number(value) for key, value in _drain(self.bpf["peaks"])}
-        queued = {_number(key): value for key, value in _entries(self.bpf["stats"])}
+        layouts = self.tables.layouts
+        peaks = {key: layouts["peaks"].decode(value)[SCALAR] for key, value in self.tables.drain("peaks")}
+        queued = {key: layouts["stats"].decode(value) for key, value in self.tables.entries("stats")}
         # A listener whose connections were all queued before the probes came has accepts alone.
-        accepted = {_number(key): value for key, value in _entries(self.bpf["accepted"])}
-        no_stats, none_taken = self.bpf["stats"].Leaf(), self.bpf["accepted"].Leaf()  # zeroed
+        accepted = {key: layouts["accepted"].decode(value) for key, value in self.tables.entries("accepted")}
+        no_stats, none_taken = layouts["stats"].zero(), layouts["accepted"].zero()
         result = {}
         for inode in queued.keys() | accepted.keys():
             stats, taken = queued.get(inode, no_stats), accepted.get(inode, none_taken)
-            histogram = list(taken.wait_log2_us)
-            requested = stats.requested_backlog
+            histogram = list(taken["wait_log2_us"])
+            requested = stats["requested_backlog"]
             waits = None
             if any(histogram):
                 waits = {"p50": percentile(histogram, 0.5), "p99": percentile(histogram, 0.99)}
             result[inode] = ListenerEvents(
-                enqueued=stats.enqueued, peak_queue=peaks.get(inode), ack_overflow=stats.ack_overflow,
-                syn_overflow=stats.syn_overflow if self.syn_overflow_seen else None,
-                synack_retransmits=stats.synack_retrans, accepts=taken.accepts, queue_wait_ms=waits,
+                enqueued=stats["enqueued"], peak_queue=peaks.get(inode), ack_overflow=stats["ack_overflow"],
+                syn_overflow=stats["syn_overflow"] if self.syn_overflow_seen else None,
+                synack_retransmits=stats["synack_retrans"], accepts=taken["accepts"], queue_wait_ms=waits,
                 # listen(fd, -1) in C asks for the maximum: the kernel caps it at somaxconn.
                 requested_backlog=(2**31 - 1 if requested >= 2**31 else requested) or None,
                 oldest_queued_ms=self._oldest_queued_ms(inode, stats if inode in queued else None, taken,
@@ -513,32 +550,39 @@ class EventLayer:
             )
         return result
 
-    def _oldest_queued_ms(self, inode: int, stats: Any, taken: Any, queue: int | None, now_ns: int) -> float | None:
+    def _oldest_queued_ms(self, inode: int, stats: Mapping[str, Any] | None, taken: Mapping[str, Any],
+                          queue: int | None, now_ns: int) -> float | None:
         """How long the oldest connection still queued has waited at ``now_ns``: 0.0 when none is,
         None when unknown (queued before aqtune's probes came, or its stamp was overwritten)."""
         if stats is None:  # nothing seen entering this listener's queue
             return 0.0 if queue == 0 else None
-        found = oldest_queued(stats.seq_base, stats.enqueued, taken.accepts, taken.next_seq, queue)
+        found = oldest_queued(stats["seq_base"], stats["enqueued"], taken["accepts"], taken["next_seq"], queue)
         if found is None:
             return None
         seq, count = found
         if count == 0:
             return 0.0
-        stamp = self.bpf["stamps"][ctypes.c_int(stamp_index(inode, seq))]
-        if int(stamp.tag) != stamp_tag(inode, seq):
+        raw = self.tables.lookup("stamps", stamp_index(inode, seq))
+        if raw is None:
             return None
-        return max(now_ns - int(stamp.ts), 0) / 1e6
+        stamp = self.tables.layouts["stamps"].decode(raw)
+        if int(stamp["tag"]) != stamp_tag(inode, seq):
+            return None
+        return max(now_ns - int(stamp["ts"]), 0) / 1e6
 
     def accepted_at(self, inodes: Iterable[int]) -> dict[int, float]:
         """When each of these accepted sockets (by socket inode, as sock_diag reports established
         ones) was accepted, in wall-clock seconds (time.time()'s scale, to about a microsecond),
         for those the probes saw accepted and whose slot no newer socket took (see accept_times in
         bpf/aqtune.c). Sockets accepted before aqtune started or through io_uring are left out."""
-        table = self.bpf["accept_times"]
+        layout = self.tables.layouts["accept_times"]
         wall_minus_monotonic = time.time() - time.monotonic()
         found = {}
         for inode in inodes:
-            at_ns = accept_time_ns(inode, _number(table[ctypes.c_int(accept_time_slot(inode))]))
+            raw = self.tables.lookup("accept_times", accept_time_slot(inode))
+            if raw is None:
+                continue
+            at_ns = accept_time_ns(inode, int(layout.decode(raw)[SCALAR]))
             if at_ns is not None:
                 found[inode] = at_ns / 1e9 + wall_minus_monotonic
         return found
@@ -553,10 +597,8 @@ class EventLayer:
         unseen = set(observed) - live
         gone = unseen & self._unseen
         for name in ("stats", "accepted", "peaks"):
-            table = self.bpf[name]
             for inode in gone:
-                with contextlib.suppress(KeyError):
-                    del table[table.Key(inode)]
+                self.tables.delete(name, inode)
         self._unseen = unseen
 
     def pause(self) -> list[str]:
@@ -567,26 +609,28 @@ class EventLayer:
         so that drift in the machine's load falls on both alike. It lives here because only the
         layer knows how each probe was attached. While paused nothing is counted, so read() then
         lags the kernel. Returns the probes that stay: bcc attaches fentry programs as it loads them."""
+        bpf = self.bpf  # RuntimeError when compiled in a child: there is nothing to attach with here
         staying = []
         for target, (way, features, _) in self._reattach.items():
             how = self.probes[target].how
             if how is How.RAW_TRACEPOINT:
-                self.bpf.detach_raw_tracepoint(tp=target.split(":")[1])
+                bpf.detach_raw_tracepoint(tp=target.split(":")[1])
             elif how is How.TRACEPOINT:
-                self.bpf.detach_tracepoint(tp=target)
+                bpf.detach_tracepoint(tp=target)
                 if entry_probe_needed(way, features):
-                    self.bpf.detach_tracepoint(tp=entry_of(target))
+                    bpf.detach_tracepoint(tp=entry_of(target))
             elif how is How.KPROBE:
-                self.bpf.detach_kprobe(event=target)
+                bpf.detach_kprobe(event=target)
             else:
                 staying.append(target)
         return staying
 
     def resume(self) -> None:
         """Attach again what pause() detached (the benchmark's; see pause())."""
+        bpf = self.bpf
         for target, (way, features, refused) in self._reattach.items():
             if self.probes[target].how is not How.FENTRY:
-                state = _attach(self.bpf, way, target, features, refused)
+                state = _attach(bpf, way, target, features, refused)
                 if state != self.probes[target]:
                     raise RuntimeError(f"{target} {state} again (was {self.probes[target]})")
 
@@ -596,35 +640,7 @@ class EventLayer:
                 "lost_events": self.lost}
 
     def close(self) -> None:
-        self.bpf.cleanup()
-
-
-def _number(value: Any) -> int:
-    """A map key or value as int: bcc gives ctypes objects from items(), ints from batch reads."""
-    return int(getattr(value, "value", value))
-
-
-def _entries(table: Any) -> list[tuple[Any, Any]]:
-    """All entries with batch lookups (one syscall per batch, not two per entry) where the kernel
-    has them (5.6+)."""
-    try:
-        return list(table.items_lookup_batch())
-    except Exception:  # bcc raises bare Exception where batch operations are missing
-        return list(table.items())
-
-
-def _drain(table: Any) -> list[tuple[Any, Any]]:
-    """All entries, deleted as they are read, so what arrives meanwhile counts for the next read."""
-    try:
-        return list(table.items_lookup_and_delete_batch())
-    except Exception:  # no batch operations: read, then delete one by one
-        entries = list(table.items())
-        for key, _ in entries:
-            try:
-                del table[key]
-            except KeyError:
-                continue
-        return entries
+        self.tables.close()
 
 
 def _errno_text(exc: Exception) -> str:

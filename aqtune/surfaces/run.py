@@ -58,7 +58,8 @@ class Observer:
     def start_events(self, log: EventLog, on_event: Any) -> None:
         """Load the eBPF layer, or say why aqtune runs on the sweep alone."""
         try:
-            self.events = EventLayer.start(emit=EMIT_DROPS)
+            # Compiled in a short-lived child: bcc, clang and LLVM never map into the daemon.
+            self.events = EventLayer.start_in_child(emit=EMIT_DROPS)
         except Unavailable as exc:
             _return_heap()
             self.ebpf_status = unavailable_status(f"unavailable: {exc}")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import re
 import shutil
@@ -34,8 +35,8 @@ from typing import Any
 
 import pytest
 
-from aqtune.collect import ebpf
-from aqtune.collect.ebpf import EMIT_ALL, Event, EventLayer, How, ProbeState, percentile
+from aqtune.collect import ebpf, ebpf_child
+from aqtune.collect.ebpf import EMIT_ALL, EMIT_DROPS, Event, EventLayer, How, ProbeState, percentile
 from aqtune.collect.netns import NamespaceRef, entered
 from aqtune.records import ListenerEvents
 from aqtune.surfaces.trace import HEADER, SUMMARY_HEADER
@@ -145,9 +146,14 @@ def our_namespaces() -> set[int]:
     return found
 
 
-@pytest.fixture(scope="session")
-def layer() -> Iterator[Recorder]:
-    with EventLayer.start(emit=EMIT_ALL, pages=Recorder.PAGES) as events:
+# The layer compiled in this process with bcc (trace's way), and compiled in a child that hands its
+# descriptors over (the daemon's way, read without bcc): every test of the session layer runs on both.
+BACKENDS = {"bcc": EventLayer.start, "child": EventLayer.start_in_child}
+
+
+@pytest.fixture(scope="session", params=list(BACKENDS))
+def layer(request: pytest.FixtureRequest) -> Iterator[Recorder]:
+    with BACKENDS[request.param](emit=EMIT_ALL, pages=Recorder.PAGES) as events:
         recorder = Recorder(events)
         try:
             yield recorder
@@ -317,6 +323,9 @@ def test_requested_backlog_above_somaxconn_reaches_the_advice(
     daemon = aqtune_run(ns)
     # Only a listen() made after aqtune loaded its programs can be seen.
     active = daemon.wait_for("eBPF: partial: tcp_conn_request not observed", timeout=20)
+    # The daemon compiled in a child that is gone, and holds the layer without bcc's libraries.
+    assert compiler_libraries(daemon.pid) == set()
+    assert children_of(daemon.pid) == []
     listener = capped_listener(ns, load)
     seen = layer.read(listener["inode"])
     assert seen is not None and seen.requested_backlog == ASKED  # while ss says 64
@@ -724,10 +733,11 @@ def no_bpf_capabilities(ns: TestNamespace) -> list[str]:
     return ["nsenter", f"--net=/run/netns/{ns.name}", "setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}"]
 
 
-def test_bpf_refused_reason_names_the_missing_capability(tmp_path: Path) -> None:
+@pytest.mark.parametrize("start", list(BACKENDS.values()), ids=list(BACKENDS))
+def test_bpf_refused_reason_names_the_missing_capability(start: Callable[..., EventLayer]) -> None:
     drop = "-bpf,-sys_admin,-perfmon"
     script = ("from aqtune.collect.ebpf import EventLayer, Unavailable\n"
-              "try:\n    EventLayer.start()\nexcept Unavailable as exc:\n    print(exc)\n")
+              f"try:\n    EventLayer.{start.__name__}()\nexcept Unavailable as exc:\n    print(exc)\n")
     done = subprocess.run(["setpriv", f"--bounding-set={drop}", f"--inh-caps={drop}", PYTHON, "-c", script],
                           capture_output=True, text=True, timeout=60, cwd=REPO, stdin=subprocess.DEVNULL)
     reason = done.stdout.strip()
@@ -799,3 +809,158 @@ def test_where_registers_cannot_be_read_the_entry_tracepoints_keep_the_arguments
         layer.pause()
         paused = netns().spawn("eventload.py", ["acceptor", "--clients", "1", "--every", "0"], "DONE").ready(timeout=15)
         assert paused["inode"] not in layer.read()
+
+
+# --- the layer compiled in a child: what the daemon holds ----------------------------------------------
+
+COMPILER_LIBRARIES = re.compile(r"lib(LLVM|clang|bcc)")
+
+
+def compiler_libraries(pid: int) -> set[str]:
+    """The compiler's shared libraries (libLLVM, libclang-cpp, libbcc) process ``pid`` has mapped."""
+    paths = {line.split()[-1] for line in Path(f"/proc/{pid}/maps").read_text().splitlines() if "/" in line}
+    return {path for path in paths if COMPILER_LIBRARIES.search(path)}
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            found += [int(child) for child in (task / "children").read_text().split()]
+    return found
+
+
+HANDED_OVER = """
+import json, os, sys
+from aqtune.collect.ebpf import EMIT_DROPS, EventLayer
+layer = EventLayer.start_in_child(emit=EMIT_DROPS)
+fds = [held.fd for held in layer.tables.held]
+report = {"bcc": [name for name in sys.modules if name == "bcc" or name.startswith("bcc.")],
+          "kinds": sorted({held.kind for held in layer.tables.held}),
+          "maps": sorted(held.name for held in layer.tables.held if held.kind == "map"),
+          "inheritable": [fd for fd in fds if os.get_inheritable(fd)],
+          "rings": len(layer.tables.rings), "cpus": os.cpu_count(),
+          "mode": layer.mode, "status": layer.status()}
+report["pause"] = None
+try:
+    layer.pause()
+except RuntimeError as exc:
+    report["pause"] = str(exc)
+layer.close()
+links = []
+for fd in os.listdir("/proc/self/fd"):
+    try:
+        links.append(os.readlink(f"/proc/self/fd/{fd}"))
+    except OSError:  # the directory's own descriptor, closed by now
+        pass
+report["bpf_fds_after_close"] = [link for link in links if link.startswith(("anon_inode:bpf", "anon_inode:[perf"))]
+print(json.dumps(report))
+"""
+
+
+def test_a_child_compiled_layer_keeps_bcc_out_and_leaves_nothing_behind() -> None:
+    """The daemon's way, in a fresh interpreter: no bcc module and no compiler library in the process,
+    every descriptor close-on-exec, every map under its C name, and after close() nothing held."""
+    done = subprocess.run([PYTHON, "-c", HANDED_OVER],
+                          capture_output=True, text=True, timeout=300, cwd=REPO, stdin=subprocess.DEVNULL,
+                          check=True)
+    report = json.loads(done.stdout.splitlines()[0])
+    assert report["bcc"] == []
+    assert {"tracepoint", "raw_tracepoint", "program", "map", "perf_buffer"} <= set(report["kinds"])
+    assert {"stats", "accepted", "peaks", "stamps", "accept_times", "events"} <= set(report["maps"])
+    assert report["inheritable"] == []
+    assert report["rings"] == report["cpus"]
+    assert report["status"]["active"] and report["status"]["mode"] == report["mode"]
+    assert "compiled in a child" in report["pause"]
+    assert report["bpf_fds_after_close"] == []
+
+
+def test_the_child_compiled_layer_says_what_the_in_process_one_says() -> None:
+    """The same probe states, mode and value layouts whichever way the layer was compiled."""
+    with EventLayer.start_in_child(emit=EMIT_DROPS) as child, EventLayer.start(emit=EMIT_DROPS) as here:
+        assert child.probes == here.probes
+        assert (child.mode, child.syn_overflow_seen, child.offsets_from) == (
+            here.mode, here.syn_overflow_seen, here.offsets_from)
+        assert child.tables.layouts == here.tables.layouts
+
+
+@pytest.mark.parametrize("boot, timeout, said", [
+    ("import sys; sys.stderr.write('the compiler crashed'); sys.exit(3)", 60.0,
+     "exited (status 3) without handing it over: the compiler crashed"),
+    ("import time; time.sleep(120)", 1.0, "did not finish within 1 s"),
+    ("import socket, sys; socket.socket(fileno=int(sys.argv[2])).send(b'{not json')", 60.0, "is not JSON"),
+])
+def test_a_child_that_fails_is_unavailable_and_gone(boot: str, timeout: float, said: str,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """A child that crashes, hangs or talks nonsense: Unavailable with what happened, the child killed
+    and waited for, nothing left open. (The boot line stands in for the child's program, a real process.)"""
+    fds_before, children_before = set(os.listdir("/proc/self/fd")), set(children_of(os.getpid()))
+    monkeypatch.setattr(ebpf_child, "BOOT", boot)
+    monkeypatch.setattr(ebpf_child, "COMPILE_TIMEOUT", timeout)
+    with pytest.raises(ebpf.Unavailable, match=re.escape(said)):
+        EventLayer.start_in_child(emit=EMIT_DROPS)
+    assert set(children_of(os.getpid())) <= children_before  # other tests' helpers may still run
+    assert set(os.listdir("/proc/self/fd")) <= fds_before
+
+
+def test_a_one_page_perf_ring_wraps_around_and_counts_what_it_lost(netns: Callable[[], TestNamespace]) -> None:
+    """The daemon's perf ring reader on a ring of one page per CPU (34 records), events of this test's
+    namespace only: unread, a burst overflows it and the kernel's lost records are counted; read as
+    it fills, more than a ring's worth passes (so the reader crosses the ring's end) and every event
+    arrives, whole and in order. Each record the kernel could not write is counted lost."""
+    ns = netns()
+    with EventLayer.start_in_child(emit=EMIT_ALL, netns_inode=ns.inode, pages=1) as layer:
+        events: list[Event] = []
+        layer.on_event(events.append)
+        # Unread: 64 queued connections and their accepts, 129 records of 120 bytes, on 2 CPUs' 4 KiB.
+        flooded = ns.spawn("eventload.py", ["acceptor", "--clients", "64", "--every", "0"], "DONE").ready(timeout=30)
+        layer.poll(0)
+        kept = [e for e in events if e.inode == flooded["inode"]]
+        assert 0 < len(kept) < 1 + 2 * 64
+        assert {e.kind for e in kept} <= {"listen", "enqueue", "accept"} and {e.port for e in kept} == {
+            flooded["port"]}
+        # Read as it comes: two runs of 41 records (about 9.8 KiB), so at least one CPU's ring wraps.
+        stop = threading.Event()
+
+        def keep_reading() -> None:
+            while not stop.is_set():
+                layer.poll(10)
+
+        reader = threading.Thread(target=keep_reading, name="ring-reader", daemon=True)
+        reader.start()
+        try:
+            runs = [ns.spawn("eventload.py", ["acceptor", "--clients", "20", "--every", "0.02"], "DONE").ready(
+                timeout=30) for _ in range(2)]
+            for run in runs:
+                inode = run["inode"]
+
+                def of_run(inode: int = inode) -> list[Event]:
+                    return [e for e in list(events) if e.inode == inode]
+
+                wait_until(lambda: len(of_run()) >= 41, f"41 events of listener {inode}")
+                mine = of_run()
+                assert [e.kind for e in mine].count("accept") == 20
+                assert sorted(e.queue for e in mine if e.kind == "enqueue") == list(range(1, 21))
+                assert sorted(e.peer_port for e in mine if e.kind == "accept") == sorted(run["peer_ports"])
+            # The kernel tells of the overflow once its ring has room again, at that CPU's next record:
+            # a listen() on every CPU gives each ring one.
+            record_on_every_cpu(ns)
+            wait_until(lambda: layer.lost >= 1 + 2 * 64 - len(kept),
+                       f"the overflow's {1 + 2 * 64 - len(kept)} lost records counted")
+        finally:
+            stop.set()
+            reader.join(timeout=5)
+
+
+def record_on_every_cpu(ns: TestNamespace) -> None:
+    """One listen() in ``ns`` on each CPU in turn (its exit tracepoint runs on the calling CPU)."""
+    allowed = os.sched_getaffinity(0)
+    try:
+        with entered(NamespaceRef(ns.name, ns.inode, f"{RUN_NETNS}/{ns.name}")):
+            for cpu in sorted(allowed):
+                os.sched_setaffinity(0, {cpu})
+                with socket.socket() as listener:
+                    listener.bind(("127.0.0.1", 0))
+                    listener.listen(1)
+    finally:
+        os.sched_setaffinity(0, allowed)

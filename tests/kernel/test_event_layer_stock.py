@@ -6,7 +6,7 @@ tcp_conn_request for SYN-stage drops (with the client's address), tcp_v4_syn_rec
 ACK-stage drops. On 6.1 fentry cannot attach to the latter from 6.1.0-54 on (7 arguments, 6.1's
 trampolines take 6), so the kprobe fallback must; 6.12 takes fentry there. 6.1 also lacks the
 sock:sk_data_ready tracepoint (6.6+): arrivals come from inet_csk_complete_hashdance.
-The layer is compiled once for the module: under TCG one bcc compile takes about a minute.
+The layer is compiled once per way (in-process, in a child): under TCG one bcc compile takes about a minute.
 """
 
 from __future__ import annotations
@@ -26,9 +26,12 @@ CONNECTS = 12
 FULL = BACKLOG + 1  # sk_acceptq_is_full() is ack_backlog > max: the queue holds backlog + 1
 
 
-@pytest.fixture(scope="module")
-def layer() -> Iterator[tuple[EventLayer, list[Event]]]:
-    with EventLayer.start(emit=EMIT_ALL) as loaded:
+@pytest.fixture(scope="module", params=["bcc", "child"])
+def layer(request: pytest.FixtureRequest) -> Iterator[tuple[EventLayer, list[Event]]]:
+    """Compiled in this process (trace's way), then in a child that hands it over (the daemon's way:
+    kprobe perf events and fentry links travel as descriptors too)."""
+    start = EventLayer.start if request.param == "bcc" else EventLayer.start_in_child
+    with start(emit=EMIT_ALL) as loaded:
         events: list[Event] = []
         loaded.on_event(events.append)
         yield loaded, events

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 
 from aqtune.collect import btf as btf_module
 from aqtune.collect import ebpf
+from aqtune.collect.bpftables import layout_of
 from aqtune.collect.btf import Btf, BtfError
 from aqtune.collect.ebpf import (
     CAPABILITIES,
@@ -488,7 +489,8 @@ def packed(kind: int = 2, family: int = socket.AF_INET, local: bytes = socket.in
     ctypes.memmove(raw.local, local, len(local))
     ctypes.memmove(raw.peer, peer, len(peer))
     raw.comm = comm
-    return raw
+    # As the layer has it: the record's bytes (a perf sample), decoded by the layout of bcc's type.
+    return layout_of(type(raw)).decode(bytes(raw) + bytes(4))  # a raw sample is padded to 8 bytes
 
 
 def test_decode_v4_event_with_a_peer() -> None:
