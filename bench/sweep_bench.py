@@ -44,6 +44,9 @@ READY_TIMEOUT = 120.0
 SS_TIMEOUT = 60.0  # seconds to wait for one timed command; they take tens to hundreds of ms
 SWEEP_TARGET = Target("<=", 1.0, on_ratio=True, source="issue 16")
 STATUS_TARGET = Target("<=", 1.5, on_ratio=True, source="issue 16")
+# The status target is the issue's, at 10,000 listeners: at a few hundred, ss -ltnp takes 15 ms and the
+# interpreter's start and aqtune's imports alone (~60 ms, every Python command's floor) decide the ratio.
+STATUS_TARGET_AT = 10_000
 
 
 def _timed_ms(call: Callable[[], object]) -> Callable[[], float]:
@@ -136,13 +139,15 @@ def measure(count: int, runs: int, results: Results) -> str:
     owned = results.add(Figure(f"owners_ms_{count}", f"owner scan (find_owners), {listeners}", "ms", ms["owners"],
                                ss_ltnp))
     status = results.add(Figure(f"status_json_ms_{count}", f"aqtune status --json, whole process, {listeners}",
-                                "ms", ms["status"], ss_ltnp, STATUS_TARGET))
+                                "ms", ms["status"], ss_ltnp, STATUS_TARGET if count >= STATUS_TARGET_AT else None,
+                                note="" if count >= STATUS_TARGET_AT else "for information: start-up decides it here"))
     results.add(Figure(f"pyroute2_ms_{count}", f"pyroute2 DiagSocket dump (once), {listeners}", "ms", (diag_ms,),
                        note="for reference: one run"))
+    status_target = f" (target {STATUS_TARGET.text('ms')})" if count >= STATUS_TARGET_AT else ""
     return (f"listeners={count} sweep_ms={swept.value:.1f} ss_ltnm_ms={ss_ltnm.value:.1f} "
             f"ratio={swept.ratio:.2f} (target {SWEEP_TARGET.text('ms')}) | "
             f"owners_ms={owned.value:.1f} ss_ltnp_ms={ss_ltnp.value:.1f} ratio={owned.ratio:.2f} | "
-            f"status_ms={status.value:.0f} ratio={status.ratio:.2f} (target {STATUS_TARGET.text('ms')}) | "
+            f"status_ms={status.value:.0f} ratio={status.ratio:.2f}{status_target} | "
             f"pyroute2_ms={diag_ms:.0f}")
 
 
