@@ -21,6 +21,7 @@ import struct
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any, Protocol
 
 EVENTS = "events"  # the perf buffer (BPF_PERF_OUTPUT in bpf/aqtune.c): its layout is the record's
@@ -44,7 +45,7 @@ class Field:
     count: int  # elements: 1 for a scalar
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)  # no slots: the decoding plan is cached on the instance (cached_property)
 class Layout:
     """A C struct's (or a plain integer's) fields as bcc's ctypes type has them; decodes its bytes."""
 
@@ -65,19 +66,22 @@ class Layout:
             raise ValueError(f"fields end at {at}, past the value's {self.size} bytes")
         return struct.Struct("".join(parts))
 
+    @cached_property
+    def _plan(self) -> tuple[struct.Struct, tuple[tuple[str, int, int], ...]]:
+        """The compiled struct, and (field, first value, values: 0 for one) in its order: worked out
+        once, since the daemon decodes a value per listener per sweep (a thousand per sweep)."""
+        steps, i = [], 0
+        for f in sorted(self.fields, key=lambda f: f.offset):
+            single = f.code == "s" or f.count == 1
+            steps.append((f.name, i, 0 if single else f.count))
+            i += 1 if single else f.count
+        return self._struct, tuple(steps)
+
     def decode(self, raw: bytes) -> dict[str, Any]:
         """{field: int, tuple of ints for an array, bytes for a char array} from a value's bytes."""
-        values = _compiled(self).unpack_from(raw)
-        decoded: dict[str, Any] = {}
-        i = 0
-        for f in sorted(self.fields, key=lambda f: f.offset):
-            if f.code == "s" or f.count == 1:
-                decoded[f.name] = values[i]
-                i += 1
-            else:
-                decoded[f.name] = values[i:i + f.count]
-                i += f.count
-        return decoded
+        compiled, steps = self._plan
+        values = compiled.unpack_from(raw)
+        return {name: values[i:i + count] if count else values[i] for name, i, count in steps}
 
     def zero(self) -> dict[str, Any]:
         return self.decode(bytes(self.size))
@@ -92,18 +96,8 @@ class Layout:
             if (f.code != "s" and f.code not in INT_CODES.values()) or f.count < 1 or f.offset < 0:
                 raise ValueError(f"bad field {f}")
         layout = cls(int(data["size"]), fields)
-        _compiled(layout)  # checks the fields fit
+        _ = layout._plan  # checks the fields fit
         return layout
-
-
-_COMPILED: dict[Layout, struct.Struct] = {}
-
-
-def _compiled(layout: Layout) -> struct.Struct:
-    found = _COMPILED.get(layout)
-    if found is None:
-        found = _COMPILED[layout] = layout._struct
-    return found
 
 
 def _element_code(ctype: Any) -> str:

@@ -386,6 +386,10 @@ class EventLayer:
     lost: int = 0
     _handlers: list[Callable[[Event], None]] = field(default_factory=list)
     _unseen: set[int] = field(default_factory=set)  # inodes with entries that the last sweep lacked
+    # The last read's result per inode, with the raw values it came from: a listener whose map values
+    # did not move and whose queue is empty reads the same (most of a thousand quiet listeners).
+    _kept: dict[int, tuple[tuple[bytes | None, bytes | None, int | None, int | None], ListenerEvents]] = field(
+        default_factory=dict)
     # What attached each probe, for resume(): attach point -> (way, kernel features, fentry refusals).
     _reattach: dict[str, tuple[Way, KernelFeatures, dict[str, str]]] = field(default_factory=dict)
 
@@ -527,13 +531,23 @@ class EventLayer:
         now_ns = time.monotonic_ns()  # bpf_ktime_get_ns()'s clock
         layouts = self.tables.layouts
         peaks = {key: layouts["peaks"].decode(value)[SCALAR] for key, value in self.tables.drain("peaks")}
-        queued = {key: layouts["stats"].decode(value) for key, value in self.tables.entries("stats")}
-        # A listener whose connections were all queued before the probes came has accepts alone.
-        accepted = {key: layouts["accepted"].decode(value) for key, value in self.tables.entries("accepted")}
+        raw_stats, raw_taken = dict(self.tables.entries("stats")), dict(self.tables.entries("accepted"))
         no_stats, none_taken = layouts["stats"].zero(), layouts["accepted"].zero()
-        result = {}
-        for inode in queued.keys() | accepted.keys():
-            stats, taken = queued.get(inode, no_stats), accepted.get(inode, none_taken)
+        result: dict[int, ListenerEvents] = {}
+        kept: dict[int, tuple[tuple[bytes | None, bytes | None, int | None, int | None], ListenerEvents]] = {}
+        # A listener whose connections were all queued before the probes came has accepts alone.
+        for inode in raw_stats.keys() | raw_taken.keys():
+            queue = None if queues is None else queues.get(inode)
+            source = (raw_stats.get(inode), raw_taken.get(inode), peaks.get(inode), queue)
+            before = self._kept.get(inode)
+            if before is not None and before[0] == source and queue == 0:
+                # Nothing moved and nothing waits: the oldest queued age (the only figure that
+                # depends on the time) is 0 whenever it is read.
+                result[inode] = before[1]
+                kept[inode] = before
+                continue
+            stats = layouts["stats"].decode(source[0]) if source[0] is not None else no_stats
+            taken = layouts["accepted"].decode(source[1]) if source[1] is not None else none_taken
             histogram = list(taken["wait_log2_us"])
             requested = stats["requested_backlog"]
             waits = None
@@ -545,9 +559,11 @@ class EventLayer:
                 synack_retransmits=stats["synack_retrans"], accepts=taken["accepts"], queue_wait_ms=waits,
                 # listen(fd, -1) in C asks for the maximum: the kernel caps it at somaxconn.
                 requested_backlog=(2**31 - 1 if requested >= 2**31 else requested) or None,
-                oldest_queued_ms=self._oldest_queued_ms(inode, stats if inode in queued else None, taken,
-                                                        None if queues is None else queues.get(inode), now_ns),
+                oldest_queued_ms=self._oldest_queued_ms(inode, stats if source[0] is not None else None, taken,
+                                                        queue, now_ns),
             )
+            kept[inode] = (source, result[inode])
+        self._kept = kept
         return result
 
     def _oldest_queued_ms(self, inode: int, stats: Mapping[str, Any] | None, taken: Mapping[str, Any],
