@@ -49,10 +49,11 @@ def _fd_socket(link: str) -> int | None:
     return None
 
 
-def _socket_fds(fd_dir: str, inodes: Collection[int], limit: int | None = None) -> tuple[dict[int, int], int]:
-    """inode -> one fd of ``fd_dir`` on it, for the sockets of ``inodes`` among its first ``limit``
-    entries (all without one), and how many entries were read. An fd directory that vanished (the
-    process exited) or cannot be read gives what was read so far."""
+def _socket_fds(fd_dir: str, inodes: Collection[int] | None,
+                limit: int | None = None) -> tuple[dict[int, int], int]:
+    """inode -> one fd of ``fd_dir`` on it, for the sockets of ``inodes`` (every socket for None)
+    among its first ``limit`` entries (all without one), and how many entries were read. An fd
+    directory that vanished (the process exited) or cannot be read gives what was read so far."""
     found: dict[int, int] = {}
     try:
         # Links read relative to the opened directory: the kernel walks one name per readlink
@@ -72,7 +73,7 @@ def _socket_fds(fd_dir: str, inodes: Collection[int], limit: int | None = None) 
                 except OSError:
                     continue
                 if link.startswith("socket:[") and (inode := _fd_socket(link)) is not None \
-                        and inode in inodes and inode not in found:
+                        and (inodes is None or inode in inodes) and inode not in found:
                     found[inode] = int(entry.name)
     except OSError:
         pass
@@ -123,31 +124,13 @@ def _every_socket_holder(proc: str) -> dict[int, list[int]] | None:
     holders: dict[int, list[int]] = {}
     count = 0
     for name in _listing(proc):
-        if not name.isdigit():
-            continue
-        pid = int(name)
-        try:
-            directory = os.open(f"{proc}/{name}/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        except OSError:
-            continue
-        try:
-            with os.scandir(directory) as entries:
-                for entry in entries:
-                    try:
-                        link = os.readlink(entry.name, dir_fd=directory)
-                    except OSError:
-                        continue
-                    if link.startswith("socket:[") and (inode := _fd_socket(link)) is not None:
-                        pids = holders.setdefault(inode, [])
-                        if not pids or pids[-1] != pid:
-                            pids.append(pid)
-                        count += 1
-                        if count > BACKGROUND_SOCKETS_MAX:
-                            return None
-        except OSError:
-            pass
-        finally:
-            os.close(directory)
+        if name.isdigit():
+            fds, _ = _socket_fds(f"{proc}/{name}/fd", None)
+            for inode in fds:
+                holders.setdefault(inode, []).append(int(name))
+            count += len(fds)
+            if count > BACKGROUND_SOCKETS_MAX:
+                return None
     return holders
 
 

@@ -12,11 +12,15 @@ import re
 import reprlib
 import stat
 import tomllib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from aqtune.trust import untrusted_dir, untrusted_file
+
+if TYPE_CHECKING:
+    from aqtune.decide.tuning import Managed
+    from aqtune.records import Listener, ListenerEvents, Snapshot
 
 DEFAULT_PATH = "/etc/aqtune/policy.toml"
 SYSCTL_CEILING = 2**31 - 1  # the kernel stores both sysctls as int
@@ -149,6 +153,19 @@ class Policy:
     def lowest_fill_ratio(self) -> float:
         """The lowest fill at which any listener counts as full: [saturation]'s or a rule's."""
         return min([self.saturation.fill_ratio, *(r.fill_ratio for r in self.listeners if r.fill_ratio is not None)])
+
+
+def may_be_judged(snapshot: Snapshot, policy: Policy, managed: Mapping[int, Mapping[str, Managed]],
+                  events: Mapping[int, ListenerEvents] | None = None) -> list[Listener]:
+    """The listeners a single sample can give a finding: filled to the lowest threshold any rule sets,
+    in a namespace where aqtune changed a sysctl, or seen by eBPF. assess passes over every other
+    one (one sample shows no drops), so `aqtune status` builds no history for them (on a host with
+    10,000 quiet listeners that was most of its time), and with none left it loads no decision code."""
+    lowest = policy.lowest_fill_ratio
+    changed = {ns.name for ns in snapshot.namespaces if managed.get(ns.inode)}
+    seen = events or {}
+    return [listener for listener in snapshot.listeners
+            if listener.fill >= lowest or listener.netns in changed or listener.inode in seen]
 
 
 # --- value checks: each returns the converted value or raises ValueError with the reason ---

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field, replace
 
 from aqtune.decide.assess import assess
 from aqtune.decide.findings import Assessment, Finding, FindingId
-from aqtune.decide.policy import Policy, owner_allowed
+from aqtune.decide.policy import Policy, may_be_judged, owner_allowed
 from aqtune.decide.tuning import Change, Managed, NamespaceState, plan
 from aqtune.model.history import ListenerKey, ListenerWindow, Model
-from aqtune.records import ConnectionSummary, Listener, ListenerEvents, Snapshot
+from aqtune.records import ConnectionSummary, ListenerEvents, Snapshot
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,16 +105,3 @@ def one_shot(snapshot: Snapshot, policy: Policy, managed: Mapping[int, dict[str,
     model = Model()
     model.update(replace(snapshot, listeners=may_be_judged(snapshot, policy, managed, events)), {}, events)
     return decide(snapshot, events or {}, model, policy, managed, one_shot=True)
-
-
-def may_be_judged(snapshot: Snapshot, policy: Policy, managed: Mapping[int, dict[str, Managed]],
-                  events: Mapping[int, ListenerEvents] | None = None) -> list[Listener]:
-    """The listeners a single sample can give a finding: filled to the lowest threshold any rule sets,
-    in a namespace where aqtune changed a sysctl, or seen by eBPF. assess passes over every other
-    one (one sample shows no drops), so `aqtune status` builds no history for them: on a host with
-    10,000 quiet listeners that was most of its time."""
-    lowest = policy.lowest_fill_ratio
-    changed = {ns.name for ns in snapshot.namespaces if managed.get(ns.inode)}
-    seen = events or {}
-    return [listener for listener in snapshot.listeners
-            if listener.fill >= lowest or listener.netns in changed or listener.inode in seen]

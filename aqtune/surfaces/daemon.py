@@ -48,9 +48,9 @@ CHEAP_COUNTERS = ("ListenOverflows", "ListenDrops", "TCPReqQFullDrop")
 
 
 class Flag:
-    """Set from a signal handler, read by the loop. Not a threading.Event: a handler runs in the main
-    thread between two bytecodes, possibly while that thread holds the Event's own lock (inside wait()),
-    and Event.set() would then wait for it forever. A plain attribute and short sleeps cannot deadlock."""
+    """Set from a signal handler, read by the loop (which sleeps in Wakeup). Not a threading.Event: a
+    handler runs in the main thread between two bytecodes, possibly while that thread holds the Event's
+    own lock, and Event.set() would then wait for it forever. A plain attribute cannot deadlock."""
 
     def __init__(self) -> None:
         self.raised = False
@@ -63,12 +63,6 @@ class Flag:
 
     def is_set(self) -> bool:
         return self.raised
-
-    def wait(self, seconds: float) -> None:
-        """Sleep up to ``seconds``, in slices short enough that a stop is seen within 50 ms."""
-        deadline = time.monotonic() + seconds
-        while not self.raised and (left := deadline - time.monotonic()) > 0:
-            time.sleep(min(left, 0.05))
 
 
 class Wakeup:

@@ -13,7 +13,7 @@ from typing import Any
 from aqtune.act.ledger import Ledger
 from aqtune.decide.connections import group_json, reuseport_groups
 from aqtune.decide.findings import Assessment, Finding
-from aqtune.decide.policy import Policy
+from aqtune.decide.policy import Policy, may_be_judged
 from aqtune.records import Listener, ListenerEvents, Namespace, Snapshot
 from aqtune.text import cescape, ljust, rjust, width
 
@@ -30,12 +30,11 @@ ONE_SHOT_EBPF = {"active": False, "probes": {},
 def one_shot_advice(snapshot: Snapshot, policy: Policy, ledger: Ledger) -> Assessment:
     """The advice one snapshot supports: the daemon's decision on a single sample.
 
-    With every queue below the lowest threshold and nothing aqtune changed, one sample supports no
-    advice at all (tick.may_be_judged is empty): the decision code is then not even imported, which
-    is a fifth of the start-up of `aqtune status` in a loop on a quiet host."""
+    With no listener one sample can judge (policy.may_be_judged), there is no advice at all: the
+    decision code is then not even imported, a fifth of the start-up of `aqtune status` in a loop on
+    a quiet host."""
     managed = {ns.inode: ledger.managed(ns.inode) for ns in snapshot.namespaces}
-    lowest = policy.lowest_fill_ratio
-    if not any(managed.values()) and all(listener.fill < lowest for listener in snapshot.listeners):
+    if not may_be_judged(snapshot, policy, managed):
         return Assessment()
     from aqtune.decide import tick
 

@@ -11,9 +11,8 @@ from pathlib import Path
 from aqtune.act.ledger import Ledger
 from aqtune.act.log import EventLog
 from aqtune.act.throttle import Budget, Throttle
-from aqtune.decide import tick as tick_module
 from aqtune.decide.findings import TABLE, FindingId, advice_table
-from aqtune.decide.policy import ListenerRule, Policy, Saturation
+from aqtune.decide.policy import ListenerRule, Policy, Saturation, may_be_judged
 from aqtune.decide.tick import decide, history_horizon, one_shot
 from aqtune.decide.tuning import Managed
 from aqtune.model.history import Model
@@ -229,12 +228,12 @@ def test_one_shot_judges_only_listeners_a_single_sample_can_give_a_finding() -> 
     rows = [row("0.0.0.0:80", 0, 1), row("0.0.0.0:81", 64, 2), row("0.0.0.0:82", 40, 3), row("0.0.0.0:83", 1, 4, "db")]
     snapshot = Snapshot(1_700_000_000.0, 0.01, namespaces, rows)
     policy = Policy()
-    assert [l.cookie for l in tick_module.may_be_judged(snapshot, policy, {})] == [2]
+    assert [l.cookie for l in may_be_judged(snapshot, policy, {})] == [2]
     # A rule's lower threshold, a namespace aqtune changed and eBPF's view widen the set.
     lowered = Policy(listeners=(ListenerRule(port=80, fill_ratio=0.5),))
-    assert [l.cookie for l in tick_module.may_be_judged(snapshot, lowered, {})] == [2, 3]
+    assert [l.cookie for l in may_be_judged(snapshot, lowered, {})] == [2, 3]
     changed = {NS_INODE + 1: {"net.core.somaxconn": Managed(64, 128, 1_700_000_000.0)}}
-    assert [l.cookie for l in tick_module.may_be_judged(snapshot, policy, changed)] == [2, 4]
+    assert [l.cookie for l in may_be_judged(snapshot, policy, changed)] == [2, 4]
     model = Model()
     model.update(snapshot, {})
     everyone = decide(snapshot, {}, model, policy, {}, one_shot=True).assessment
