@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from aqtune.decide import servers
-from aqtune.decide.connections import held_by_connections, reuseport_groups, reuseport_stalled
+from aqtune.decide.connections import GroupKey, held_by_connections, reuseport_groups, reuseport_stalled
 from aqtune.decide.diagnose import Raised, diagnose_listener, diagnose_namespace, queue_wait_ms
 from aqtune.decide.findings import Assessment, Finding
 from aqtune.decide.policy import ListenerRule, Policy, rule_for
@@ -26,7 +26,7 @@ def assess(snapshot: Snapshot, model: Model, policy: Policy, managed: dict[str, 
     a single sample, so "sustained" means "now".
     """
     result = Assessment()
-    groups: dict[tuple[str, str, str], list[Listener]] | None = None  # made when a listener is saturated
+    groups: dict[GroupKey, list[Listener]] | None = None  # made when a listener is first found saturated
     somaxconn = {ns.name: ns.sysctls.get(SOMAXCONN) for ns in snapshot.namespaces}
     for listener in snapshot.listeners:
         key = (listener.netns, listener.cookie)

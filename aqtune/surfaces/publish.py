@@ -72,8 +72,8 @@ def shown_now(snapshot: Snapshot, decision: Decision, events: Mapping[int, Liste
     listener's figures and owners, the findings' texts, the counters, eBPF's state. Owners are compared
     by identity: the owner cache hands out the same tuple while they stay the same."""
     listeners = hash(tuple((l.cookie, l.queue, l.backlog, l.drops, id(l.processes)) for l in snapshot.listeners))
-    seen = hash(tuple((inode, e.enqueued, e.accepts, e.ack_overflow, e.syn_overflow, e.peak_queue,
-                       e.oldest_queued_ms) for inode, e in events.items()))
+    seen = hash(tuple((inode, e.enqueued, e.accepts, e.ack_overflow, e.syn_overflow, e.synack_retransmits,
+                       e.peak_queue, e.requested_backlog, e.oldest_queued_ms) for inode, e in events.items()))
     found = decision.assessment
     findings = hash((tuple((key, tuple(f.text for f in fs)) for key, fs in found.listener_findings.items()),
                      tuple((name, tuple(f.text for f in fs)) for name, fs in found.namespace_findings.items()),
