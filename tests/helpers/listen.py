@@ -97,17 +97,27 @@ def open_listener(spec: str) -> tuple[socket.socket, dict[str, Any]]:
 def fork_holders(count: int, comm: str, life: float) -> list[int]:
     """Children that inherit every listener and die with the parent: several owners per socket."""
     children = []
+    # Each child says on this pipe that it has taken its name: READY (and a test reading the owners'
+    # names) must not come before, or a sweep can find a child still under its parent's name.
+    named, told = os.pipe()
     for _ in range(count):
         pid = os.fork()
         if pid == 0:
             _libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
             set_comm(comm)
+            os.write(told, b"x")
+            os.close(told)
             # The death signal is armed only now; a parent that died before that is noticed here.
             deadline = time.monotonic() + life
             while os.getppid() != 1 and time.monotonic() < deadline:
                 time.sleep(0.2)
             os._exit(0)
         children.append(pid)
+    os.close(told)
+    waited = 0
+    while waited < count and (byte := os.read(named, count - waited)):
+        waited += len(byte)
+    os.close(named)
     return children
 
 
