@@ -143,9 +143,12 @@ NAMESPACES = Family("aqtune_namespaces", "gauge", "Network namespaces the sweep 
 NAMESPACES_OMITTED = Family("aqtune_namespaces_omitted", "gauge",
                             "Namespaces left out of this file by its cap (those with the fewest drops).")
 
+# Listeners' families come first in the file: their block can be kept whole from one render to the next.
+LISTENER_FAMILIES: tuple[Family, ...] = (
+    *(family for family, _ in LISTENER_METRICS), *(family for family, _ in EVENT_METRICS), QUEUE_WAIT, OLDEST_QUEUED)
 FAMILIES: tuple[Family, ...] = (
-    *(family for family, _ in LISTENER_METRICS), *(family for family, _ in EVENT_METRICS), QUEUE_WAIT, OLDEST_QUEUED,
-    *SYSCTL_METRICS.values(), *COUNTER_METRICS.values(), *(family for family, _ in NAMESPACE_METRICS),
+    *LISTENER_FAMILIES, *SYSCTL_METRICS.values(), *COUNTER_METRICS.values(),
+    *(family for family, _ in NAMESPACE_METRICS),
     *(family for family, _ in DAEMON_METRICS), LISTENERS, LISTENERS_OMITTED, NAMESPACES, NAMESPACES_OMITTED,
 )
 
@@ -191,10 +194,11 @@ def _number(value: int | float) -> str:
 
 
 class _Samples:
-    """Sample lines by family, written out in FAMILIES order with HELP and TYPE."""
+    """Sample lines by family, written out in the order of ``families`` with HELP and TYPE."""
 
-    def __init__(self) -> None:
-        self.lines: dict[str, list[str]] = {family.name: [] for family in FAMILIES}
+    def __init__(self, families: tuple[Family, ...] = FAMILIES) -> None:
+        self.families = families
+        self.lines: dict[str, list[str]] = {family.name: [] for family in families}
 
     def add(self, family: Family, labels: str, value: Value) -> None:
         if value is not None:
@@ -207,11 +211,11 @@ class _Samples:
 
     def text(self) -> str:
         out = []
-        for family in FAMILIES:
+        for family in self.families:
             if self.lines[family.name]:
                 out += [f"# HELP {family.name} {family.help}", f"# TYPE {family.name} {family.kind}",
                         *self.lines[family.name]]
-        return "\n".join(out) + "\n"
+        return "\n".join(out) + "\n" if out else ""
 
 
 # What a listener's series are made of: the rows below decide every label and value it writes.
@@ -228,6 +232,9 @@ class LineCache:
 
     def __init__(self) -> None:
         self.entries: dict[int, tuple[_LineKey, list[tuple[str, str]]]] = {}
+        # The listeners' block of the last render, and the line lists it was made of, in order: equal
+        # lists make the same block (kept lists compare by identity first, so this costs little).
+        self.block: tuple[tuple[list[tuple[str, str]], ...], str] = ((), "")
 
     def lines(self, listener: Listener, events: ListenerEvents | None) -> list[tuple[str, str]]:
         key: _LineKey = (listener.netns, listener.proto, listener.address, listener.cookie, listener.queue,
@@ -242,6 +249,19 @@ class LineCache:
     def keep_only(self, cookies: set[int]) -> None:
         if len(self.entries) > len(cookies):
             self.entries = {cookie: entry for cookie, entry in self.entries.items() if cookie in cookies}
+
+    def listeners_block(self, listeners: list[Listener], events: Mapping[int, ListenerEvents],
+                        unseen: ListenerEvents | None) -> str:
+        """The listener families' part of the file for ``listeners``, in this order."""
+        made = tuple(self.lines(listener, events.get(listener.inode, unseen)) for listener in listeners)
+        self.keep_only({listener.cookie for listener in listeners})
+        if made == self.block[0]:
+            return self.block[1]
+        samples = _Samples(LISTENER_FAMILIES)
+        for lines in made:
+            samples.extend(lines)
+        self.block = (made, samples.text())
+        return self.block[1]
 
 
 def worst_listeners(listeners: Iterable[Listener], limit: int) -> tuple[list[Listener], int]:
@@ -322,13 +342,9 @@ def render(snapshot: Snapshot, events: Mapping[int, ListenerEvents], figures: Da
     At most ``max_listeners`` listeners' and ``max_namespaces`` namespaces' series are written.
     ``cache`` keeps listeners' lines from one render to the next (the daemon's).
     """
-    samples = _Samples()
     listeners, listeners_omitted = worst_listeners(snapshot.listeners, max_listeners)
-    unseen = NO_EVENTS if figures.ebpf_active else None
-    lines = cache or LineCache()
-    for listener in listeners:
-        samples.extend(lines.lines(listener, events.get(listener.inode, unseen)))
-    lines.keep_only({listener.cookie for listener in listeners})
+    block = (cache or LineCache()).listeners_block(listeners, events, NO_EVENTS if figures.ebpf_active else None)
+    samples = _Samples(FAMILIES[len(LISTENER_FAMILIES):])
     namespaces, namespaces_omitted = worst_namespaces(snapshot.namespaces, max_namespaces)
     for namespace, name in zip(namespaces, _netns_names(namespaces), strict=True):
         _namespace_samples(samples, namespace, name)
@@ -338,7 +354,7 @@ def render(snapshot: Snapshot, events: Mapping[int, ListenerEvents], figures: Da
     samples.add(LISTENERS_OMITTED, "", listeners_omitted)
     samples.add(NAMESPACES, "", len(namespaces) + namespaces_omitted)
     samples.add(NAMESPACES_OMITTED, "", namespaces_omitted)
-    return samples.text()
+    return block + samples.text()
 
 
 def write(path: str, snapshot: Snapshot, events: Mapping[int, ListenerEvents], figures: DaemonFigures,

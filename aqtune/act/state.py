@@ -50,12 +50,17 @@ def writer_identity() -> dict[str, Any]:
     return {"pid": pid, "pid_start": _start_time(pid), "boot_id": _boot_id()}
 
 
-def write_state(state_dir: str, document: dict[str, Any]) -> None:
-    """Publish ``document``; its ``daemon`` section gets this process's identity (writer_identity)."""
+def write_state(state_dir: str, document: dict[str, Any], listeners: list[str] | None = None) -> None:
+    """Publish ``document``; its ``daemon`` section gets this process's identity (writer_identity).
+
+    ``listeners``, if given, are the listener entries already encoded as JSON (the daemon caches them:
+    a quiet listener's entry is the same from one publish to the next); ``document`` then has none."""
     os.makedirs(state_dir, mode=0o750, exist_ok=True)
     if isinstance(document.get("daemon"), dict):
         document = {**document, "daemon": {**document["daemon"], **writer_identity()}}
     text = json.dumps(document, separators=(",", ":"), check_circular=False)  # a tree built fresh each sweep
+    if listeners is not None:
+        text = '{"listeners":[' + ",".join(listeners) + "]," + text[1:]
     files.write_atomically(os.path.join(state_dir, STATE_FILE), text)
 
 

@@ -376,8 +376,11 @@ def _unit_name(inode: int, holders: list[int], inode_of: dict[int, int], proc: s
 
 
 def list_namespaces(run_netns: str = RUN_NETNS, proc: str = "/proc", book: NameBook | None = BOOK,
-                    identify: bool = True) -> list[NamespaceRef]:
+                    identify: bool = True, processes: bool = True) -> list[NamespaceRef]:
     """Every distinct network namespace, host first, then named ones, then process-only ones.
+
+    ``processes=False``: the host's and the /run/netns ones only, without the walk of every process's
+    ns link that finds the others (what a selection by name needs: Selection.by_processes).
 
     ``identify``: also give each one's cookie and owner: read (an open and three ioctls, or a setns
     before Linux 6.18) for namespaces the ``book`` does not know, remembered for those it does.
@@ -418,6 +421,8 @@ def list_namespaces(run_netns: str = RUN_NETNS, proc: str = "/proc", book: NameB
         if st.st_dev == nsfs_dev and st.st_ino not in found:
             ident = identity_of(path, st.st_ino)
             found[st.st_ino] = NamespaceRef(name, st.st_ino, path, ident.cookie, ident.user_owned, ident.owner_uid)
+    if not processes:
+        return list(found.values())
     holders: dict[int, list[int]] = {}
     inode_of: dict[int, int] = {}
     for entry in os.listdir(proc):
@@ -490,6 +495,12 @@ class Selection:
     inode: int | None = None  # None: follow ``wanted`` by name
     cookie: int | None = None
     name: str | None = None  # the namespace's name when it was resolved
+
+    @property
+    def by_processes(self) -> bool:
+        """Whether finding it takes the namespaces only processes hold (all, or one pinned by identity):
+        "host" and a /run/netns name do not, and a daemon watching one of them skips that /proc walk."""
+        return self.wanted == "all" or self.inode is not None
 
 
 def _by_name(wanted: str, run_netns: str) -> bool:

@@ -292,7 +292,8 @@ class Sweeper:
         """One sweep within the budget; with ``focus``, only those namespaces are read (the rest
         stand in from earlier sweeps)."""
         started, clock = time.time(), time.perf_counter()
-        refs = netns.select_namespaces(netns.list_namespaces(), select)
+        by_processes = not isinstance(select, netns.Selection) or select.by_processes
+        refs = netns.select_namespaces(netns.list_namespaces(processes=by_processes), select)
         for gone in self.visits.keys() - set(refs):
             del self.visits[gone]
         now = self.clock()

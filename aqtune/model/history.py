@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from aqtune.records import COUNTERS, Listener, ListenerEvents, Snapshot
 
@@ -17,8 +18,10 @@ MAX_SAMPLES = 4096  # per listener; at 1 s intervals more than an hour of histor
 ListenerKey = tuple[str, int]  # (netns, socket cookie): cookies are unique per boot
 
 
-@dataclass(frozen=True, slots=True)
-class Sample:
+class Sample(NamedTuple):
+    """One sweep's figures for one listener. A tuple: a daemon makes one per listener per sweep, and a
+    frozen dataclass takes three times as long to make."""
+
     at: float
     queue: int
     backlog: int
@@ -38,6 +41,7 @@ class ListenerHistory:
     saturated: bool = False  # hysteresis state, see listener_window
     since: float | None = None  # when the current saturation began (kept past the history's horizon)
     worst_burst: int = 0  # the largest burst (queued + dropped in one sweep) of the current saturation
+    repeated: bool = False  # the last two samples show the same figures (a run: the next equal one replaces the last)
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,21 +174,28 @@ class Model:
         socket inodes to what eBPF saw."""
         seen: set[ListenerKey] = set()
         found = events or {}
+        at = snapshot.taken_at
+        histories = self.listeners
         for listener in snapshot.listeners:
             key = (listener.netns, listener.cookie)
             seen.add(key)
-            history = self.listeners.get(key)
+            history = histories.get(key)
+            samples = history.samples if history is not None else None
             # A new backlog means the listener called listen() again: what it suffered before
             # (drops, a full queue) says nothing about the new queue, so its history restarts.
-            if history is None or (history.samples and history.samples[-1].backlog != listener.backlog):
-                history = self.listeners[key] = ListenerHistory()
-            sample = _sample(snapshot.taken_at, listener, cpu_seconds, found.get(listener.inode))
-            samples = history.samples
+            if history is None or samples is None or (samples and samples[-1].backlog != listener.backlog):
+                history = histories[key] = ListenerHistory()
+                samples = history.samples
+            watched = found.get(listener.inode)
+            accepts, peak = (watched.accepts, watched.peak_queue) if watched is not None else (None, None)
+            sample = Sample(at, listener.queue, listener.backlog, listener.drops,
+                            _owners_cpu(listener, cpu_seconds), accepts, peak)
             # A run of identical samples keeps its first and its latest: the windows see the same
             # thing, and a quiet listener costs two samples, not one per sweep.
-            if len(samples) >= 2 and _same(samples[-1], sample) and _same(samples[-2], sample):
+            if history.repeated and _same(samples[-1], sample):
                 samples[-1] = sample
             else:
+                history.repeated = len(samples) >= 1 and _same(samples[-1], sample)
                 samples.append(sample)
         for key in self.listeners.keys() - seen:
             del self.listeners[key]
@@ -223,9 +234,11 @@ class Model:
     def forget_before(self, cutoff: float) -> None:
         """Drop samples older than ``cutoff`` (keeping the newest), bounding memory by time."""
         for history in self.listeners.values():
-            _trim(history.samples, cutoff)
-        for samples in self.namespaces.values():
-            _trim(samples, cutoff)
+            samples = history.samples
+            if len(samples) > 2 and samples[1].at < cutoff:  # most have nothing to drop: no call for them
+                _trim(samples, cutoff)
+        for counted in self.namespaces.values():
+            _trim(counted, cutoff)
 
 
 def _trim(samples: deque[Sample] | deque[CounterSample], cutoff: float) -> None:
@@ -250,10 +263,3 @@ def _owners_cpu(listener: Listener, cpu_seconds: dict[int, float]) -> float | No
             return None
         total += used
     return total
-
-
-def _sample(at: float, listener: Listener, cpu_seconds: dict[int, float], events: ListenerEvents | None) -> Sample:
-    cpu = _owners_cpu(listener, cpu_seconds)
-    if events is None:
-        return Sample(at, listener.queue, listener.backlog, listener.drops, cpu)
-    return Sample(at, listener.queue, listener.backlog, listener.drops, cpu, events.accepts, events.peak_queue)

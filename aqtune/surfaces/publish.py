@@ -12,6 +12,7 @@ otherwise make a 300 MB file every sweep). What the sweep's budgets left out is 
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections import deque
@@ -21,9 +22,12 @@ from typing import Any
 
 from aqtune.act import metrics, state
 from aqtune.act.report import DegradedReporter
+from aqtune.decide.connections import group_json, reuseport_groups
+from aqtune.decide.findings import Finding
 from aqtune.decide.policy import Policy
 from aqtune.decide.tick import Decision
-from aqtune.records import ListenerEvents, Namespace, Snapshot
+from aqtune.model.history import ListenerWindow
+from aqtune.records import Listener, ListenerEvents, Namespace, Process, Snapshot
 from aqtune.surfaces import status
 
 PUBLISH_EVERY = 10.0  # seconds between rewrites showing nothing new; readers allow three of them
@@ -84,6 +88,61 @@ def shown_now(snapshot: Snapshot, decision: Decision, events: Mapping[int, Liste
             facts.refused, facts.mode, str(ebpf.get("mode")), snapshot.skipped_namespaces, snapshot.skipped_listeners)
 
 
+# What one listener's entry in the state is made of: any change to these makes it again. The listener's
+# figures are copied into the key, not the record held: records are mutable (owners are set on them).
+_Figures = tuple[str, str, str, int | None, int, int, int | None, int, int | None, tuple[Process, ...]]
+_EntryKey = tuple[_Figures, ListenerEvents | None, tuple[Finding, ...], dict[str, Any] | None,
+                  tuple[float, bool, float, int | None] | None, bool]
+
+
+class EntryCache:
+    """Each listed listener's JSON text in the state file, from the last publish, by socket cookie.
+
+    A quiet listener's entry is the same text publish after publish, and building and encoding a
+    thousand of them was most of what publishing cost an idle daemon; an entry is made again only
+    when a figure, owner, finding, event count or history figure behind it changed. Holds the
+    listeners of the last publish only (at most ``[limits] published_listeners``).
+    """
+
+    def __init__(self) -> None:
+        self.entries: dict[int, tuple[_EntryKey, str]] = {}
+
+    def get(self, cookie: int, key: _EntryKey) -> str | None:
+        cached = self.entries.get(cookie)
+        return cached[1] if cached is not None and cached[0] == key else None
+
+    def put(self, cookie: int, key: _EntryKey, entry: dict[str, Any]) -> str:
+        text = json.dumps(entry, separators=(",", ":"), check_circular=False)
+        self.entries[cookie] = (key, text)
+        return text
+
+    def keep_only(self, cookies: set[int]) -> None:
+        if len(self.entries) > len(cookies):
+            self.entries = {cookie: entry for cookie, entry in self.entries.items() if cookie in cookies}
+
+
+def _history(window: ListenerWindow | None) -> tuple[float, bool, float, int | None] | None:
+    if window is None:
+        return None
+    return round(window.peak_fill, 4), window.saturated, round(window.high_for, 1), window.drops
+
+
+def listener_entry(listener: Listener, findings: list[Finding], events: ListenerEvents | None,
+                   group: dict[str, Any] | None, history: tuple[float, bool, float, int | None] | None,
+                   stale: bool) -> dict[str, Any]:
+    """One listener as the state file lists it: as `status --json` shows it, with its history, whether
+    its namespace was read this sweep, and command lines cut to CMDLINE_SHOWN."""
+    entry = status.listener_json(listener, findings, events, group)
+    if history is not None:
+        peak_fill, saturated, high_for, drops = history
+        entry["history"] = {"peak_fill": peak_fill, "saturated": saturated, "high_for": high_for,
+                            "drops_in_window": drops}
+    entry["stale"] = stale
+    for process in entry["processes"]:
+        process["cmdline"] = truncated(process["cmdline"])
+    return entry
+
+
 @dataclass(slots=True)
 class Publisher:
     state_dir: str | None
@@ -91,7 +150,10 @@ class Publisher:
     listen_drops: deque[tuple[float, int]] = field(default_factory=deque)  # (when, ListenDrops added since)
     listen_drops_seen: dict[str, int] = field(default_factory=dict)  # per namespace in the last snapshot
     published: tuple[float, tuple[object, ...]] = (float("-inf"), ())  # when, and what it showed
-    last: dict[str, Any] | None = None  # the last status document
+    last: dict[str, Any] | None = None  # the last state document, without its listeners
+    worst: Listener | None = None  # the first listener it lists, if any
+    listed: int = 0  # how many listeners it lists
+    entries: EntryCache = field(default_factory=EntryCache)  # listed listeners' JSON texts
     metric_lines: metrics.LineCache = field(default_factory=metrics.LineCache)  # quiet listeners' series
     started: float = field(default_factory=time.time)
 
@@ -116,17 +178,12 @@ class Publisher:
         self.published = (snapshot.taken_at, shown)
         advised = set(decision.assessment.namespace_findings) | set(decision.held)
         listed = published(snapshot, policy.limits.published_listeners, advised)
-        document = status.snapshot_json(listed, decision.assessment, events, ebpf, source="daemon")
-        windows = decision.assessment.windows
         stale = {ns.name for ns in snapshot.namespaces if ns.stale}
-        for listener in document["listeners"]:
-            window = windows.get((listener["netns"], listener["cookie"]))
-            if window is not None:
-                listener["history"] = {"peak_fill": round(window.peak_fill, 4), "saturated": window.saturated,
-                                       "high_for": round(window.high_for, 1), "drops_in_window": window.drops}
-            listener["stale"] = listener["netns"] in stale
-            for process in listener["processes"]:
-                process["cmdline"] = truncated(process["cmdline"])
+        rows = status.worst_first(listed.listeners)
+        entries = self._entries(rows, decision, events, stale)
+        document = status.snapshot_json(replace(listed, listeners=[]), decision.assessment, events, ebpf,
+                                        source="daemon")
+        del document["listeners"]  # encoded apart, from the entry cache
         for shown_ns, namespace in zip(document["namespaces"], listed.namespaces, strict=True):
             shown_ns["stale"], shown_ns["read_at"] = namespace.stale, namespace.read_at
         document["sweep"] = {"partial": snapshot.partial, "skipped_namespaces": snapshot.skipped_namespaces,
@@ -140,11 +197,11 @@ class Publisher:
             "drops_last_minute": drops_last_minute, "journal_suppressed": facts.suppressed,
             "journal_refused": facts.refused, "actions": facts.actions,
         }
-        self.last = document
+        self.last, self.worst, self.listed = document, rows[0] if rows else None, len(rows)
         now = time.time()
         if self.state_dir:
             try:
-                state.write_state(self.state_dir, document)
+                state.write_state(self.state_dir, document, entries)
             except OSError as exc:
                 self.degraded("state", f"cannot write state to {self.state_dir}: {exc.strerror}; "
                               "`aqtune status` will sweep on its own", now)
@@ -162,3 +219,25 @@ class Publisher:
                                      "(install prometheus-node-exporter, or set [metrics] textfile)", now)
             except OSError as exc:
                 self.degraded("metrics", f"cannot write {textfile}: {exc.strerror}", now)
+
+    def _entries(self, rows: list[Listener], decision: Decision, events: Mapping[int, ListenerEvents],
+                 stale: set[str]) -> list[str]:
+        """Each listed listener's JSON text, worst first: made again only where what it shows changed."""
+        found, windows = decision.assessment.listener_findings, decision.assessment.windows
+        groups = reuseport_groups(rows)
+        cache, texts = self.entries, []
+        for listener in rows:
+            where = (listener.netns, listener.cookie)
+            findings = found.get(where, [])
+            seen, group = events.get(listener.inode), group_json(listener, groups)
+            history = _history(windows.get(where))
+            figures: _Figures = (listener.netns, listener.proto, listener.address, listener.port, listener.queue,
+                                 listener.backlog, listener.drops, listener.inode, listener.uid, listener.processes)
+            key: _EntryKey = (figures, seen, tuple(findings), group, history, listener.netns in stale)
+            text = cache.get(listener.cookie, key)
+            if text is None:
+                text = cache.put(listener.cookie, key,
+                                 listener_entry(listener, findings, seen, group, history, listener.netns in stale))
+            texts.append(text)
+        cache.keep_only({listener.cookie for listener in rows})
+        return texts

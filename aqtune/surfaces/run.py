@@ -183,17 +183,15 @@ class Runner:
 
     def summary(self) -> str:
         """The one line systemd shows as the service's status (names escaped: they are users')."""
-        document = self.publisher.last
+        document, worst = self.publisher.last, self.publisher.worst
         if document is None:
             return "starting"
-        listeners = document["listeners"]
-        worst = listeners[0] if listeners else None
-        worst_text = f"worst fill {worst['fill']:.2f} ({cescape(worst['address'])})" if worst else "no listeners"
+        worst_text = f"worst fill {worst.fill:.2f} ({cescape(worst.address)})" if worst else "no listeners"
         ebpf = document["ebpf"]
         ebpf_text = ("eBPF " + ebpf["mode"].split(":")[0]) if ebpf["active"] else "eBPF off"
         refused = self.log.refused
         sweep, left_out = document["sweep"], document["left_out"]
-        return (f"watching {len(listeners) + left_out['listeners']} listeners in "
+        return (f"watching {self.publisher.listed + left_out['listeners']} listeners in "
                 f"{len(document['namespaces']) + left_out['namespaces']} netns; {worst_text}; "
                 f"{document['daemon']['drops_last_minute']} drops in the last minute; "
                 f"mode {document['daemon']['mode']}; {ebpf_text}"

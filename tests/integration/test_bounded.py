@@ -389,3 +389,29 @@ def test_moving_counters_bring_a_sweep_of_just_their_namespace(
     assert shown[(flooded.name, target["address"])]["stale"] is False
     assert shown[(quiet.name, other["address"])]["stale"] is True
     assert document["sweep"]["partial"] is False
+
+
+def test_a_daemon_watching_one_named_namespace_does_not_walk_every_process(
+        netns: Callable[[], TestNamespace]) -> None:
+    """`--netns NAME` (or host) is found without reading every process's ns link, a walk that grows
+    with the host's processes and ran every sweep; `all` and a namespace pinned by identity still walk."""
+    named = netns()
+    held = subprocess.Popen(["unshare", "--net", "sleep", "60"])
+    try:
+        host = aq_netns.list_namespaces(processes=False)[0].inode  # PID 1's, or ours where PID 1's is hidden
+        inode = wait_until(lambda: (found := aq_netns._ns_inode_of_link(f"/proc/{held.pid}/ns/net")) != host and found,
+                           "the unshared namespace")
+        everything = aq_netns.list_namespaces()
+        by_name = aq_netns.list_namespaces(processes=False)
+        assert [ref.inode for ref in by_name] == [ref.inode for ref in everything if not ref.path.startswith("/proc/")
+                                                  or ref.name == "host"]
+        assert inode in {ref.inode for ref in everything} and inode not in {ref.inode for ref in by_name}
+        assert named.name in {ref.name for ref in by_name}
+        for wanted, walks in ((named.name, False), ("host", False), ("all", True), (f"pid:{held.pid}", True)):
+            assert aq_netns.resolve_selection(wanted).by_processes is walks, wanted
+        sweeper = Sweeper()
+        assert {ns.name for ns in sweeper.sweep(aq_netns.resolve_selection(named.name), owner_cache=None).namespaces} \
+            == {named.name}
+    finally:
+        held.kill()
+        held.wait()

@@ -401,9 +401,9 @@ def test_sd_notify_ready_status_and_watchdog(ebpf_run: EbpfRun) -> None:
     assert len(pings) >= 5, pings
     gaps = [later - earlier for earlier, later in itertools.pairwise(pings)]
     half = WATCHDOG_USEC / 2e6
-    # The loop sleeps until the next ping is due (or TICK, 0.5 s) and pings after the sweep of the same
-    # iteration, so a ping is normally 0.5 s after the last; on a loaded 2-core machine a slow sweep can push
-    # one past the period.
+    # The loop sleeps until the next ping, check or sweep is due and pings after the sweep of the same
+    # iteration, so a ping is normally on time; on a loaded 2-core machine a slow sweep can push one past
+    # the period.
     # Never two periods, though, and most within 0.8 s.
     usec = WATCHDOG_USEC / 1e6
     assert max(gaps) < 2 * usec, gaps

@@ -32,9 +32,9 @@ from aqtune.collect.sweep import (
 from aqtune.decide.policy import MetricsPolicy, Policy, PolicyError, WorkLimits, parse
 from aqtune.decide.tick import decide
 from aqtune.model.history import Model
-from aqtune.records import Listener, Namespace, Process, Snapshot
+from aqtune.records import Listener, ListenerEvents, Namespace, Process, Snapshot
 from aqtune.surfaces import run
-from aqtune.surfaces.daemon import CounterWatch, Notifier, Wakeup, budget, sweep_gap
+from aqtune.surfaces.daemon import CHECK_EVERY, QUIET_PERIOD, CounterWatch, Notifier, Wakeup, budget, sweep_gap, wake_at
 from aqtune.surfaces.publish import (
     CMDLINE_SHOWN,
     PUBLISH_EVERY,
@@ -309,6 +309,18 @@ def test_the_daemons_cpu_is_bounded_by_the_policys_budget() -> None:
     assert sweep_gap(wall=0.5, cpu=0.01, max_cpu_percent=10) == pytest.approx(1.0)
 
 
+def test_the_loop_wakes_only_for_the_next_check_or_sweep() -> None:
+    """Between sweeps the loop wakes once per CHECK_EVERY for the counter check (each wake-up costs an
+    idle daemon CPU), and at the sweep's due time; never before the last sweep's rest is over."""
+    quiet = QUIET_PERIOD
+    assert wake_at(last_sweep=100.0, last_check=float("-inf"), period=quiet, rest=0.01) == 101.0  # first check
+    assert wake_at(100.0, 104.0, quiet, 0.01) == 104.0 + CHECK_EVERY
+    assert wake_at(100.0, 109.5, quiet, 0.01) == 100.0 + quiet  # the sweep comes before the next check
+    assert wake_at(100.0, float("-inf"), 1.0, 0.01) == 101.0  # busy: a sweep every interval
+    assert wake_at(100.0, 101.0, quiet, 3.0) == 103.0  # no check (nor sweep) before the rest is over
+    assert wake_at(100.0, float("-inf"), 1.0, 3.0) == 103.0
+
+
 def test_the_loop_sleeps_whole_ticks_and_a_signal_still_wakes_it() -> None:
     """The daemon's loop sleeps in select() on signal.set_wakeup_fd's pipe: a SIGTERM ends the sleep at
     once (here: long before its 30 s), and the pipe is drained for the next sleep."""
@@ -362,3 +374,44 @@ def test_the_state_is_rewritten_when_what_it_shows_changes_or_every_publish_ever
     assert publish(107.0, queue=3, processes=other) == 107.0
     assert publish(108.0, queue=3, processes=other) == 107.0
     assert publish(107.0 + PUBLISH_EVERY, queue=3, processes=other) == 107.0 + PUBLISH_EVERY
+
+
+def test_cached_state_entries_and_metrics_lines_equal_a_fresh_publish(tmp_path: Path) -> None:
+    """The daemon keeps quiet listeners' state entries and metrics lines from one publish to the next;
+    what it writes after a change must be what a publisher starting afresh writes for the same sweep:
+    changed queues, owners, eBPF counts, findings, a reuseport group and a stale namespace included."""
+    nginx = (Process(4242, "nginx", "nginx: worker process", "nginx.service"),)
+    quiet = ListenerEvents(enqueued=5, peak_queue=1, ack_overflow=0, syn_overflow=0, synack_retransmits=0,
+                           accepts=5, queue_wait_ms={"p50": 1.0, "p99": 2.0}, requested_backlog=511)
+    policy = Policy(metrics=MetricsPolicy(textfile=str(tmp_path / "{}.prom")))
+
+    def sweep(at: float, full_queue: int, owner: tuple[Process, ...], enqueued: int) -> tuple[Snapshot, Any]:
+        rows = [Listener("host" if n % 2 else "pid:9", "tcp", f"127.0.0.1:{8000 + n // 4}", 8000 + n // 4,
+                         full_queue if n == 1 else n % 3, 16, n % 5, n, 1000 + n, 0, owner if n < 10 else nginx)
+                for n in range(1, 41)]
+        namespaces = [Namespace("host", 1, listeners=20), Namespace("pid:9", 9, listeners=20, stale=True, read_at=3.0)]
+        snapshot = Snapshot(at, 0.01, namespaces, rows)
+        events = {1000 + n: replace(quiet, enqueued=enqueued if n == 13 else 5) for n in range(1, 41, 3)}
+        model = Model()
+        model.update(snapshot, {}, events)
+        return snapshot, (decide(snapshot, events, model, policy, {}, one_shot=True), events)
+
+    def publish(publisher: Publisher, snapshot: Snapshot, found: Any, name: str) -> tuple[dict[str, Any], str]:
+        textfile = str(tmp_path / f"{name}.prom")
+        publisher.publish(snapshot, found[0], found[1], {"active": True, "probes": {}, "mode": "tracepoints"},
+                          replace(policy, metrics=MetricsPolicy(textfile=textfile)), DaemonFacts("dry-run", 0, 0, []))
+        document = json.loads((tmp_path / "status.json").read_text(encoding="utf-8"))
+        document["daemon"].pop("started")
+        return document, Path(textfile).read_text(encoding="utf-8")
+
+    kept = silent_publisher(str(tmp_path))
+    first, found = sweep(100.0, 0, nginx, 5)
+    publish(kept, first, found, "kept")
+    other = (replace(nginx[0], pid=4243),)
+    second, found = sweep(101.0, 17, other, 9)  # one queue full (a finding), owners and an eBPF count moved
+    assert found[0].assessment.listener_findings, "the full queue should make a finding"
+    cached = publish(kept, second, found, "kept")
+    fresh = publish(silent_publisher(str(tmp_path)), second, found, "fresh")
+    assert cached == fresh
+    assert cached[0]["listeners"][0]["queue"] == 17 and cached[0]["listeners"][0]["advice"]
+    assert {l["group"]["members"] for l in cached[0]["listeners"] if l["group"]} == {2}
