@@ -137,7 +137,11 @@ class DropReporter:
         tracker = self.episodes
         tracker.window, self.pools.per_minute = policy.window, policy.max_per_minute
         by_key = {(l.netns, l.cookie): l for l in snapshot.listeners}
+        histories = model.listeners
         for key, listener in by_key.items():
+            history = histories.get(key)
+            if history is not None and history.repeated and key not in tracker.open:
+                continue  # its last two samples show the same figures: no new drop, no episode to feed
             drops = self._new_drops(listener, model, events)
             if drops or key in tracker.open:
                 tracker.observe(key, snapshot.taken_at, drops, listener.queue, listener.backlog,
