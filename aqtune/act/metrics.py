@@ -235,6 +235,7 @@ class LineCache:
         # The listeners' block of the last render, and the line lists it was made of, in order: equal
         # lists make the same block (kept lists compare by identity first, so this costs little).
         self.block: tuple[tuple[list[tuple[str, str]], ...], str] = ((), "")
+        self.counted = (0, 0)  # listeners written and left out by the last render
 
     def lines(self, listener: Listener, events: ListenerEvents | None) -> list[tuple[str, str]]:
         key: _LineKey = (listener.netns, listener.proto, listener.address, listener.cookie, listener.queue,
@@ -336,21 +337,29 @@ def _netns_names(namespaces: list[Namespace]) -> list[str]:
 
 def render(snapshot: Snapshot, events: Mapping[int, ListenerEvents], figures: DaemonFigures,
            max_listeners: int = MAX_LISTENERS, max_namespaces: int = MAX_NAMESPACES,
-           cache: LineCache | None = None) -> str:
+           cache: LineCache | None = None, listeners_unchanged: bool = False) -> str:
     """The textfile for one sweep; ``events`` maps socket inodes to what eBPF saw (empty without it).
 
     At most ``max_listeners`` listeners' and ``max_namespaces`` namespaces' series are written.
-    ``cache`` keeps listeners' lines from one render to the next (the daemon's).
+    ``cache`` keeps listeners' lines from one render to the next (the daemon's); with
+    ``listeners_unchanged`` (the caller knows every listener's figures, owners and eBPF counts are
+    those of the last render, with the same caps) its listeners' block is written as it is.
     """
-    listeners, listeners_omitted = worst_listeners(snapshot.listeners, max_listeners)
-    block = (cache or LineCache()).listeners_block(listeners, events, NO_EVENTS if figures.ebpf_active else None)
+    lines = cache or LineCache()
+    if listeners_unchanged and cache is not None and cache.block[0]:
+        block, (shown, listeners_omitted) = cache.block[1], cache.counted
+    else:
+        listeners, listeners_omitted = worst_listeners(snapshot.listeners, max_listeners)
+        block = lines.listeners_block(listeners, events, NO_EVENTS if figures.ebpf_active else None)
+        shown = len(listeners)
+        lines.counted = (shown, listeners_omitted)
     samples = _Samples(FAMILIES[len(LISTENER_FAMILIES):])
     namespaces, namespaces_omitted = worst_namespaces(snapshot.namespaces, max_namespaces)
     for namespace, name in zip(namespaces, _netns_names(namespaces), strict=True):
         _namespace_samples(samples, namespace, name)
     for family, figure in DAEMON_METRICS:
         samples.add(family, "", figure(figures))
-    samples.add(LISTENERS, "", len(listeners) + listeners_omitted)
+    samples.add(LISTENERS, "", shown + listeners_omitted)
     samples.add(LISTENERS_OMITTED, "", listeners_omitted)
     samples.add(NAMESPACES, "", len(namespaces) + namespaces_omitted)
     samples.add(NAMESPACES_OMITTED, "", namespaces_omitted)
@@ -359,6 +368,7 @@ def render(snapshot: Snapshot, events: Mapping[int, ListenerEvents], figures: Da
 
 def write(path: str, snapshot: Snapshot, events: Mapping[int, ListenerEvents], figures: DaemonFigures,
           max_listeners: int = MAX_LISTENERS, max_namespaces: int = MAX_NAMESPACES,
-          cache: LineCache | None = None) -> None:
+          cache: LineCache | None = None, listeners_unchanged: bool = False) -> None:
     """Replace the file at ``path`` atomically: node_exporter never reads half of one."""
-    write_atomically(path, render(snapshot, events, figures, max_listeners, max_namespaces, cache))
+    write_atomically(path, render(snapshot, events, figures, max_listeners, max_namespaces, cache,
+                                  listeners_unchanged))

@@ -73,15 +73,17 @@ class DaemonFacts:
 def shown_now(snapshot: Snapshot, decision: Decision, events: Mapping[int, ListenerEvents], ebpf: dict[str, Any],
               drops_last_minute: int, facts: DaemonFacts) -> tuple[object, ...]:
     """What the state and metrics would show, as a value to compare with the last one published: every
-    listener's figures and owners, the findings' texts, the counters, eBPF's state. Owners are compared
-    by identity: the owner cache hands out the same tuple while they stay the same."""
-    listeners = hash(tuple((l.cookie, l.queue, l.backlog, l.drops, id(l.processes)) for l in snapshot.listeners))
-    seen = hash(tuple((inode, e.enqueued, e.accepts, e.ack_overflow, e.syn_overflow, e.synack_retransmits,
-                       e.peak_queue, e.requested_backlog, e.oldest_queued_ms) for inode, e in events.items()))
+    listener's figures and owners, the findings' texts, the counters, eBPF's state. The first three
+    items (listeners, eBPF's counts, findings) are kept whole, not hashed: equal, they let the
+    listeners' part of both files be reused as it is (Publisher.listing). Owners compare by identity
+    first: the owner cache hands out the same tuple while they stay the same."""
+    listeners = tuple((l.cookie, l.netns, l.address, l.queue, l.backlog, l.drops, l.processes)
+                      for l in snapshot.listeners)
+    seen = tuple(events.items())  # every field of what eBPF saw: the state shows them all
     found = decision.assessment
-    findings = hash((tuple((key, tuple(f.text for f in fs)) for key, fs in found.listener_findings.items()),
-                     tuple((name, tuple(f.text for f in fs)) for name, fs in found.namespace_findings.items()),
-                     tuple((name, tuple(f.text for f in fs)) for name, fs in decision.held.items())))
+    findings = (dict(found.listener_findings),  # texts and evidence: both are in the state
+                tuple((name, tuple(f.text for f in fs)) for name, fs in found.namespace_findings.items()),
+                tuple((name, tuple(f.text for f in fs)) for name, fs in decision.held.items()))
     namespaces = hash(tuple((ns.inode, ns.name, ns.stale, ns.error, tuple(ns.counters.items()),
                              tuple(ns.sysctls.items())) for ns in snapshot.namespaces))
     return (listeners, seen, findings, namespaces, drops_last_minute, len(facts.actions), facts.suppressed,
@@ -154,6 +156,10 @@ class Publisher:
     worst: Listener | None = None  # the first listener it lists, if any
     listed: int = 0  # how many listeners it lists
     entries: EntryCache = field(default_factory=EntryCache)  # listed listeners' JSON texts
+    # What the listeners' part of the last publish was made from, and that part (entries worst first,
+    # the worst listener, how many were left out): equal inputs, a quiet host's usual case, reuse it
+    # without a sort or a per-listener look-up.
+    listing: tuple[object, tuple[list[str], Listener | None, int, int]] = (None, ([], None, 0, 0))
     metric_lines: metrics.LineCache = field(default_factory=metrics.LineCache)  # quiet listeners' series
     started: float = field(default_factory=time.time)
 
@@ -177,27 +183,33 @@ class Publisher:
             return
         self.published = (snapshot.taken_at, shown)
         advised = set(decision.assessment.namespace_findings) | set(decision.held)
-        listed = published(snapshot, policy.limits.published_listeners, advised)
         stale = {ns.name for ns in snapshot.namespaces if ns.stale}
-        rows = status.worst_first(listed.listeners)
-        entries = self._entries(rows, decision, events, stale)
-        document = status.snapshot_json(replace(listed, listeners=[]), decision.assessment, events, ebpf,
-                                        source="daemon")
+        limit = policy.limits.published_listeners
+        windows = tuple((key, _history(window)) for key, window in decision.assessment.windows.items())
+        listing = (shown[:3], windows, frozenset(stale), limit, bool(ebpf.get("active")))
+        unchanged = listing == self.listing[0]
+        if not unchanged:
+            rows = status.worst_first(published(snapshot, limit, advised).listeners)
+            self.listing = (listing, (self._entries(rows, decision, events, stale), rows[0] if rows else None,
+                                      len(rows), len(snapshot.listeners) - len(rows)))
+        entries, worst, count, left_out = self.listing[1]
+        listed = replace(snapshot, listeners=[], namespaces=shown_namespaces(snapshot.namespaces, PUBLISHED_NAMESPACES,
+                                                                               advised))
+        document = status.snapshot_json(listed, decision.assessment, events, ebpf, source="daemon")
         del document["listeners"]  # encoded apart, from the entry cache
         for shown_ns, namespace in zip(document["namespaces"], listed.namespaces, strict=True):
             shown_ns["stale"], shown_ns["read_at"] = namespace.stale, namespace.read_at
         document["sweep"] = {"partial": snapshot.partial, "skipped_namespaces": snapshot.skipped_namespaces,
                              "skipped_listeners": snapshot.skipped_listeners,
                              "idle_namespaces": snapshot.idle_namespaces, "stale_namespaces": len(stale)}
-        document["left_out"] = {"listeners": len(snapshot.listeners) - len(listed.listeners),
-                                "namespaces": len(snapshot.namespaces) - len(listed.namespaces)}
+        document["left_out"] = {"listeners": left_out, "namespaces": len(snapshot.namespaces) - len(listed.namespaces)}
         document["daemon"] = {
             "pid": os.getpid(), "started": self.started, "interval": policy.interval,
             "publish_every": PUBLISH_EVERY, "mode": facts.mode, "policy": policy.source,
             "drops_last_minute": drops_last_minute, "journal_suppressed": facts.suppressed,
             "journal_refused": facts.refused, "actions": facts.actions,
         }
-        self.last, self.worst, self.listed = document, rows[0] if rows else None, len(rows)
+        self.last, self.worst, self.listed = document, worst, count
         now = time.time()
         if self.state_dir:
             try:
@@ -211,7 +223,7 @@ class Publisher:
                 metrics.write(textfile, snapshot, events, metrics.DaemonFigures(
                     sweep_seconds=snapshot.duration, last_sweep=snapshot.taken_at,
                     ebpf_active=bool(ebpf.get("active")), journal_suppressed=facts.suppressed,
-                    journal_refused=facts.refused), cache=self.metric_lines)
+                    journal_refused=facts.refused), cache=self.metric_lines, listeners_unchanged=unchanged)
             except FileNotFoundError:
                 # No node_exporter textfile directory: nothing collects the file, which is a choice,
                 # not a fault.

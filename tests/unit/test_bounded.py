@@ -415,3 +415,11 @@ def test_cached_state_entries_and_metrics_lines_equal_a_fresh_publish(tmp_path: 
     assert cached == fresh
     assert cached[0]["listeners"][0]["queue"] == 17 and cached[0]["listeners"][0]["advice"]
     assert {l["group"]["members"] for l in cached[0]["listeners"] if l["group"]} == {2}
+    # Nothing moved since: the listeners' part of both files is reused whole, with fresh timestamps.
+    listing = kept.listing[1]
+    later = replace(second, taken_at=101.0 + PUBLISH_EVERY)
+    reused = publish(kept, later, found, "kept")
+    assert kept.listing[1] is listing, "nothing the listeners show moved: their part is reused"
+    assert reused == publish(silent_publisher(str(tmp_path)), later, found, "fresh")
+    assert reused[0]["taken_at"] == later.taken_at and reused[0]["listeners"] == cached[0]["listeners"]
+    assert f"aqtune_last_sweep_timestamp_seconds {later.taken_at!r}" in reused[1]
