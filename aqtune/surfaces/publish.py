@@ -160,6 +160,7 @@ class Publisher:
     # the worst listener, how many were left out): equal inputs, a quiet host's usual case, reuse it
     # without a sort or a per-listener look-up.
     listing: tuple[object, tuple[list[str], Listener | None, int, int]] = (None, ([], None, 0, 0))
+    rendered: object = None  # the listing the metrics file was last rendered from (a reload may turn it off)
     metric_lines: metrics.LineCache = field(default_factory=metrics.LineCache)  # quiet listeners' series
     started: float = field(default_factory=time.time)
 
@@ -187,8 +188,7 @@ class Publisher:
         limit = policy.limits.published_listeners
         windows = tuple((key, _history(window)) for key, window in decision.assessment.windows.items())
         listing = (shown[:3], windows, frozenset(stale), limit, bool(ebpf.get("active")))
-        unchanged = listing == self.listing[0]
-        if not unchanged:
+        if listing != self.listing[0]:
             rows = status.worst_first(published(snapshot, limit, advised).listeners)
             self.listing = (listing, (self._entries(rows, decision, events, stale), rows[0] if rows else None,
                                       len(rows), len(snapshot.listeners) - len(rows)))
@@ -223,7 +223,9 @@ class Publisher:
                 metrics.write(textfile, snapshot, events, metrics.DaemonFigures(
                     sweep_seconds=snapshot.duration, last_sweep=snapshot.taken_at,
                     ebpf_active=bool(ebpf.get("active")), journal_suppressed=facts.suppressed,
-                    journal_refused=facts.refused), cache=self.metric_lines, listeners_unchanged=unchanged)
+                    journal_refused=facts.refused), cache=self.metric_lines,
+                    listeners_unchanged=listing == self.rendered)
+                self.rendered = listing
             except FileNotFoundError:
                 # No node_exporter textfile directory: nothing collects the file, which is a choice,
                 # not a fault.

@@ -423,3 +423,9 @@ def test_cached_state_entries_and_metrics_lines_equal_a_fresh_publish(tmp_path: 
     assert reused == publish(silent_publisher(str(tmp_path)), later, found, "fresh")
     assert reused[0]["taken_at"] == later.taken_at and reused[0]["listeners"] == cached[0]["listeners"]
     assert f"aqtune_last_sweep_timestamp_seconds {later.taken_at!r}" in reused[1]
+    # Metrics turned off by a reload while figures moved, then on again: the file shows the figures now.
+    moved, found = sweep(200.0, 3, nginx, 5)
+    kept.publish(moved, found[0], found[1], {"active": True, "probes": {}, "mode": "tracepoints"},
+                 replace(policy, metrics=MetricsPolicy(textfile="")), DaemonFacts("dry-run", 0, 0, []))
+    again = replace(moved, taken_at=200.0 + PUBLISH_EVERY)
+    assert publish(kept, again, found, "kept")[1] == publish(silent_publisher(str(tmp_path)), again, found, "fresh")[1]
