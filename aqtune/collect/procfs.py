@@ -496,6 +496,27 @@ def read_counters() -> dict[str, int]:
     return {name: tcpext[name] for name in COUNTERS if name in tcpext}
 
 
+def open_counters() -> int:
+    """/proc/net/netstat of the calling thread's network namespace, kept open: the file stays bound
+    to that namespace, so read_counters_at reads it again from anywhere, without entering it."""
+    return os.open("/proc/thread-self/net/netstat", os.O_RDONLY | os.O_CLOEXEC)
+
+
+def read_counters_at(fd: int) -> dict[str, int]:
+    """read_counters for the namespace an open_counters() descriptor is bound to (the kernel writes
+    the text afresh for each read from the start)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size <= NETSTAT_MAX:
+        chunk = os.pread(fd, min(1 << 16, NETSTAT_MAX + 1 - size), size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    tcpext = parse_netstat(b"".join(chunks)[:NETSTAT_MAX].decode("utf-8", "backslashreplace"))
+    return {name: tcpext[name] for name in COUNTERS if name in tcpext}
+
+
 def read_sysctls() -> dict[str, int]:
     """The calling thread's namespace's values of the sysctls aqtune reports."""
     values = {}

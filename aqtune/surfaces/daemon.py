@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 from aqtune.act.notify import Notifier
 from aqtune.collect import netns, procfs
-from aqtune.collect.sweep import SweepBudget
+from aqtune.collect.sweep import SweepBudget, Sweeper
 from aqtune.decide import policy as policies
 from aqtune.messages import MessageId
 from aqtune.surfaces.run import Runner
@@ -127,17 +127,24 @@ class CounterWatch:
 
     Reads at most ``per_check`` namespaces per check: the host's every time, the others in turn, so
     thousands of users' namespaces cost the same per tick as a few. Remembers one value per watched
-    namespace.
+    namespace, and where there are no more than ``per_check`` of them, keeps each one's counter
+    file open: read through it, a check enters no namespace and opens nothing (a check came once a
+    second and cost an idle daemon a quarter of its CPU). An open file also keeps its namespace
+    alive, so one is closed as soon as its namespace is no longer watched.
     """
 
     per_check: int = WATCHED_PER_CHECK
     refs: list[netns.NamespaceRef] = field(default_factory=list)
     values: dict[netns.NamespaceRef, tuple[int, ...]] = field(default_factory=dict)
     turn: int = 0
+    files: dict[netns.NamespaceRef, int] = field(default_factory=dict)  # open counter files, by namespace
 
     def watch(self, refs: list[netns.NamespaceRef], read: Mapping[netns.NamespaceRef, Mapping[str, int]]) -> None:
         """Watch ``refs`` from now on; ``read`` holds the counters a sweep just read (no move to report)."""
         self.refs = refs
+        wanted = set(refs) if len(refs) <= self.per_check else set()
+        for gone in self.files.keys() - wanted:
+            os.close(self.files.pop(gone))
         wanted = set(refs)
         for gone in self.values.keys() - wanted:
             del self.values[gone]
@@ -159,16 +166,31 @@ class CounterWatch:
     def moved(self) -> set[netns.NamespaceRef]:
         """The namespaces whose counters changed since they were last read."""
         moved = set()
+        keep = len(self.refs) <= self.per_check
         for ref in self.batch():
             try:
-                with netns.entered(ref):
-                    value = listen_counters(procfs.read_counters())
+                value = listen_counters(self._read(ref, keep))
             except (OSError, netns.NamespaceGone):
                 continue
             if self.values.get(ref, value) != value:
                 moved.add(ref)
             self.values[ref] = value
         return moved
+
+    def _read(self, ref: netns.NamespaceRef, keep: bool) -> dict[str, int]:
+        fd = self.files.get(ref)
+        if fd is not None:
+            return procfs.read_counters_at(fd)
+        with netns.entered(ref):
+            if not keep:
+                return procfs.read_counters()
+            fd = self.files[ref] = procfs.open_counters()
+        return procfs.read_counters_at(fd)
+
+    def close(self) -> None:
+        for fd in self.files.values():
+            os.close(fd)
+        self.files.clear()
 
 
 def serve(runner: Runner, config_path: str, ebpf: bool = True) -> int:
@@ -198,6 +220,15 @@ def _loop(runner: Runner, config_path: str, ebpf: bool, stop: Flag, reload: Flag
     # Fed between namespaces too: however long a sweep runs, the loop that runs it still answers.
     sweeper.progress = lambda: notifier.watchdog(time.monotonic())
     watch = CounterWatch()
+    try:
+        return _serve(runner, config_path, stop, reload, wakeup, notifier, sweeper, watch)
+    finally:
+        watch.close()
+
+
+def _serve(runner: Runner, config_path: str, stop: Flag, reload: Flag, wakeup: Wakeup, notifier: Notifier,
+           sweeper: Sweeper, watch: CounterWatch) -> int:
+    log = runner.log
     last_sweep = last_check = float("-inf")
     rest = 0.0  # seconds from the last sweep's start before the next may begin (sweep_gap)
     ready = False

@@ -32,6 +32,7 @@ from aqtune.collect import netns as aq_netns
 from aqtune.collect import procfs
 from aqtune.collect.sweep import MIN_VISITS, SweepBudget, Sweeper
 from aqtune.model.history import Model
+from aqtune.surfaces.daemon import CHEAP_COUNTERS, CounterWatch
 from aqtune.surfaces.publish import CMDLINE_SHOWN
 from tests.helpers.aqtune_run import write_policy
 from tests.helpers.namespace import HELPERS, PYTHON, TestNamespace, user_group, wait_until
@@ -442,3 +443,41 @@ def test_a_quiet_dump_is_decoded_once_and_a_moved_queue_still_shows(netns: Calla
     assert moved == figures(Sweeper())
     assert {cookie: row for cookie, row in moved.items() if row != first[cookie]} == {
         target["cookie"]: (*first[target["cookie"]][:2], 2, *first[target["cookie"]][3:])}
+
+
+def test_the_cheap_check_reads_kept_counter_files_of_the_right_namespaces(netns: Callable[[], TestNamespace]) -> None:
+    """Where few namespaces are watched, each one's /proc/net/netstat stays open and is read from the
+    daemon's own namespace: the drops of one namespace move its counters alone. Files are closed as
+    soon as their namespace is no longer watched, and past ``per_check`` none is kept."""
+    flooded, quiet = netns(), netns()
+    (target,) = flooded.listen("tcp4:1").ready()["listeners"]
+    quiet.listen("tcp4:1").ready()
+    refs = [ref for ref in aq_netns.list_namespaces(processes=False) if ref.name in (flooded.name, quiet.name)]
+    assert len(refs) == 2
+    watch = CounterWatch(per_check=4)
+    watch.watch(refs, {})
+    assert watch.moved() == set() and watch.files.keys() == set(refs)
+    kept = dict(watch.files)
+    flooded.flood([(f"tcp:{target['address']}", 8)], hold=30)
+    moved = wait_until(lambda: watch.moved(), "the flooded namespace's counters to move", timeout=10)
+    assert {ref.name for ref in moved} == {flooded.name}
+    assert watch.files == kept, "read through the files kept open"
+    # What the kept files read is each namespace's own (nstat in it; the flooded one's SYNs are resent,
+    # so its counters can only have grown since).
+    seen = {ref.name: dict(zip(CHEAP_COUNTERS, watch.values[ref], strict=True)) for ref in refs}
+    for ns, exact in ((quiet, True), (flooded, False)):
+        now = {name: ns.nstat().get(f"TcpExt{name}", 0) for name in CHEAP_COUNTERS}
+        assert all(seen[ns.name][name] == now[name] if exact else 0 < seen[ns.name][name] <= now[name]
+                   for name in ("ListenOverflows", "ListenDrops")), (ns.name, seen, now)
+    watch.watch(refs[:1], {})
+    assert watch.files.keys() == {refs[0]}
+    for fd in kept.values():
+        if fd != watch.files[refs[0]]:
+            with pytest.raises(OSError):
+                os.fstat(fd)
+    crowded = CounterWatch(per_check=1)
+    crowded.watch(refs, {})
+    crowded.moved()
+    assert not crowded.files
+    watch.close()
+    assert not watch.files
