@@ -390,6 +390,10 @@ class EventLayer:
     # did not move and whose queue is empty reads the same (most of a thousand quiet listeners).
     _kept: dict[int, tuple[tuple[bytes | None, bytes | None, int | None, int | None], ListenerEvents]] = field(
         default_factory=dict)
+    # The last read whole: both maps' raw entries and its result, kept when every queue was empty. Maps
+    # read the same, no peak and still every queue empty, the result is the same, and is not worked out
+    # again listener by listener.
+    _quiet: tuple[dict[int, bytes], dict[int, bytes], dict[int, ListenerEvents]] | None = None
     # What attached each probe, for resume(): attach point -> (way, kernel features, fentry refusals).
     _reattach: dict[str, tuple[Way, KernelFeatures, dict[str, str]]] = field(default_factory=dict)
 
@@ -532,6 +536,10 @@ class EventLayer:
         layouts = self.tables.layouts
         peaks = {key: layouts["peaks"].decode(value)[SCALAR] for key, value in self.tables.drain("peaks")}
         raw_stats, raw_taken = dict(self.tables.entries("stats")), dict(self.tables.entries("accepted"))
+        quiet = self._quiet
+        if (quiet is not None and not peaks and quiet[0] == raw_stats and quiet[1] == raw_taken
+                and queues is not None and all(queues.get(inode) == 0 for inode in quiet[2])):
+            return dict(quiet[2])
         no_stats, none_taken = layouts["stats"].zero(), layouts["accepted"].zero()
         result: dict[int, ListenerEvents] = {}
         kept: dict[int, tuple[tuple[bytes | None, bytes | None, int | None, int | None], ListenerEvents]] = {}
@@ -564,6 +572,8 @@ class EventLayer:
             )
             kept[inode] = (source, result[inode])
         self._kept = kept
+        empty = queues is not None and all(queues.get(inode) == 0 for inode in result)
+        self._quiet = (raw_stats, raw_taken, dict(result)) if empty else None
         return result
 
     def _oldest_queued_ms(self, inode: int, stats: Mapping[str, Any] | None, taken: Mapping[str, Any],
