@@ -64,7 +64,8 @@ def _socket_counts() -> dict[str, int] | None:
         return None
 
 
-def read_namespace(ref: netns.NamespaceRef, into: Kept | None = None) -> tuple[Namespace, list[Listener]]:
+def read_namespace(ref: netns.NamespaceRef, into: Kept | None = None,
+                   chunks: netlink.ChunkCache | None = None) -> tuple[Namespace, list[Listener]]:
     """Listeners, sysctls and TcpExt counters of one namespace, read from inside it.
 
     With ``into``, the listeners go there as they are decoded (and the list returned is empty), so a
@@ -86,11 +87,11 @@ def read_namespace(ref: netns.NamespaceRef, into: Kept | None = None) -> tuple[N
                 ifnames = dict(socket.if_nameindex())
                 for family in (socket.AF_INET, socket.AF_INET6):
                     skipped += netlink.dump(sock, sockdiag.inet_listen_request(family), sockdiag.decode_inet,
-                                            ref.name, rows, ifnames, drain)
+                                            ref.name, rows, ifnames, drain, chunks)
             if has_sockets(counts, UNIX_PROTOCOLS):
                 try:
                     skipped += netlink.dump(sock, sockdiag.unix_listen_request(), sockdiag.decode_unix,
-                                            ref.name, rows, drain=drain)
+                                            ref.name, rows, drain=drain, chunks=chunks)
                 except sockdiag.NetlinkError as exc:
                     # unix_diag is a module; without it TCP is still worth reporting.
                     if exc.errno != errno.ENOENT:
@@ -111,10 +112,11 @@ def _without_sockets(ref: netns.NamespaceRef) -> bool:
     return counts is not None and not has_sockets(counts, TCP_PROTOCOLS) and not has_sockets(counts, UNIX_PROTOCOLS)
 
 
-def _read(ref: netns.NamespaceRef, into: Kept | None = None) -> tuple[Namespace, list[Listener]]:
+def _read(ref: netns.NamespaceRef, into: Kept | None = None,
+          chunks: netlink.ChunkCache | None = None) -> tuple[Namespace, list[Listener]]:
     """read_namespace, with a namespace that vanished or cannot be read reported in its record."""
     try:
-        return read_namespace(ref, into)
+        return read_namespace(ref, into, chunks)
     except netns.NamespaceGone as exc:
         return Namespace(ref.name, ref.inode, error=f"vanished during the sweep ({exc})", cookie=ref.cookie), []
     except PermissionError:
@@ -286,12 +288,14 @@ class Sweeper:
     cursor: int = -1  # socket cookie after which the listener round-robin resumes
     read: list[netns.NamespaceRef] = field(default_factory=list)  # the namespaces the last sweep read
     clock: Callable[[], float] = time.monotonic
+    chunks: netlink.ChunkCache = field(default_factory=netlink.ChunkCache)  # the last sweep's decoded replies
 
     def sweep(self, select: str | netns.Selection = "all", owner_cache: procfs.OwnerCache | None = None,
               focus: Collection[netns.NamespaceRef] | None = None) -> Snapshot:
         """One sweep within the budget; with ``focus``, only those namespaces are read (the rest
         stand in from earlier sweeps)."""
         started, clock = time.time(), time.perf_counter()
+        self.chunks.rotate()
         by_processes = not isinstance(select, netns.Selection) or select.by_processes
         refs = netns.select_namespaces(netns.list_namespaces(processes=by_processes), select)
         for gone in self.visits.keys() - set(refs):
@@ -312,7 +316,7 @@ class Sweeper:
                 visit.at = now  # still nothing there: a setns and one file read, not a whole read
                 rechecked += 1
                 continue
-            namespace, _ = _read(ref, kept)
+            namespace, _ = _read(ref, kept, self.chunks)
             fresh[ref] = namespace
             if namespace.error and namespace.error.startswith("vanished"):
                 self.visits.pop(ref, None)

@@ -418,6 +418,33 @@ def test_a_daemon_watching_one_named_namespace_does_not_walk_every_process(
         held.wait()
 
 
+def test_a_quiet_dump_is_decoded_once_and_a_moved_queue_still_shows(netns: Callable[[], TestNamespace]) -> None:
+    """The daemon reuses what a reply chunk decoded to while its bytes stay the same: its sweeps equal
+    uncached ones, a queue that moves shows at the next sweep, and a chunk is reused only where the
+    listeners in it did not move."""
+    ns = netns()
+    specs = [f"tcp4:{8 + n % 3}" for n in range(400)] + ["tcp6:4", "unix:3:" + ns.unix_path("s")]
+    listeners = ns.listen(*specs).ready()["listeners"]
+    select = aq_netns.resolve_selection(ns.name)
+
+    def figures(sweeper: Sweeper) -> dict[int, tuple[str, str, int, int, int | None, int]]:
+        snapshot = sweeper.sweep(select, owner_cache=None)
+        return {l.cookie: (l.netns, l.address, l.queue, l.backlog, l.drops, l.inode) for l in snapshot.listeners}
+
+    cached = Sweeper()
+    first = figures(cached)
+    assert len(first) == len(specs) and not cached.chunks.previous
+    assert figures(cached) == first == figures(Sweeper())
+    reused = len(cached.chunks.previous)
+    assert reused >= 3, "400 listeners come in several chunks"
+    target = next(l for l in listeners if l["address"].startswith("127.0.0.1:"))
+    ns.flood([(f"tcp:{target['address']}", 2)], hold=30)
+    moved = wait_until(lambda: (now := figures(cached))[target["cookie"]][2] == 2 and now, "the queue of 2 in a sweep")
+    assert moved == figures(Sweeper())
+    assert {cookie: row for cookie, row in moved.items() if row != first[cookie]} == {
+        target["cookie"]: (*first[target["cookie"]][:2], 2, *first[target["cookie"]][3:])}
+
+
 def test_the_cheap_check_reads_kept_counter_files_of_the_right_namespaces(netns: Callable[[], TestNamespace]) -> None:
     """Where few namespaces are watched, each one's /proc/net/netstat stays open and is read from the
     daemon's own namespace: the drops of one namespace move its counters alone. Files are closed as
