@@ -37,6 +37,9 @@ from aqtune.surfaces.run import Runner
 # Seconds between cheap counter checks (a setns and a 4 KB file read per watched namespace, ~0.15 ms):
 # sweeps they bring forward wait for TRIGGER_GAP anyway.
 CHECK_EVERY = 1.0
+# Seconds the loop sleeps at least between two passes (a signal or the watchdog's due time wakes it
+# sooner): an `interval` below it is swept every TICK, as before the loop slept until work was due.
+TICK = 0.5
 # Seconds between sweeps while all is quiet, at most: at 1,000 quiet listeners a sweep costs ~9 ms, and
 # one every 5 s alone was 0.2% of a core, the whole idle budget (issue 16).
 QUIET_PERIOD = 10.0
@@ -267,7 +270,7 @@ def _serve(runner: Runner, config_path: str, stop: Flag, reload: Flag, wakeup: W
         notifier.watchdog(time.monotonic())
         if not stop.is_set():
             now = time.monotonic()
-            wakeup.sleep(min(wake_at(last_sweep, last_check, period, rest) - now, notifier.until_due(now)))
+            wakeup.sleep(min(max(wake_at(last_sweep, last_check, period, rest) - now, TICK), notifier.until_due(now)))
     notifier.send("STOPPING=1")
     if runner.policy.apply.rollback_on_exit:
         runner.rollback()
