@@ -492,7 +492,11 @@ def parse_netstat(text: str, section: str = "TcpExt") -> dict[str, int]:
 
 def read_counters() -> dict[str, int]:
     """The TcpExt counters aqtune reports, for the calling thread's network namespace."""
-    tcpext = parse_netstat(_read("/proc/thread-self/net/netstat", NETSTAT_MAX))
+    return _reported(_read("/proc/thread-self/net/netstat", NETSTAT_MAX))
+
+
+def _reported(netstat: str) -> dict[str, int]:
+    tcpext = parse_netstat(netstat)
     return {name: tcpext[name] for name in COUNTERS if name in tcpext}
 
 
@@ -513,8 +517,7 @@ def read_counters_at(fd: int) -> dict[str, int]:
             break
         chunks.append(chunk)
         size += len(chunk)
-    tcpext = parse_netstat(b"".join(chunks)[:NETSTAT_MAX].decode("utf-8", "backslashreplace"))
-    return {name: tcpext[name] for name in COUNTERS if name in tcpext}
+    return _reported(b"".join(chunks)[:NETSTAT_MAX].decode("utf-8", "backslashreplace"))
 
 
 def read_sysctls() -> dict[str, int]:
