@@ -17,7 +17,7 @@ from aqtune.text import cescape, printable
 
 if TYPE_CHECKING:
     from aqtune.act.ledger import Ledger
-    from aqtune.collect.procfs import BackgroundScan
+    from aqtune.collect.fdwalk import BackgroundScan
     from aqtune.decide.policy import Policy, Problem
 
 
@@ -127,13 +127,16 @@ def _policy_to_read(args: argparse.Namespace) -> Policy:
 
 def _owner_walk(args: argparse.Namespace) -> BackgroundScan | None:
     """The owners' /proc walk, started before anything else is imported when status will sweep (no
-    daemon state to read), so that it runs on another CPU while the rest loads and the namespaces
-    are dumped: on a host with many sockets it is most of what `aqtune status` waits for."""
-    from aqtune.act.state import STATE_FILE
+    running daemon's state to read), so that it runs on another CPU while the rest loads and the
+    namespaces are dumped: on a host with many sockets it is most of what `aqtune status` waits for.
 
-    if args.watch or (not args.sweep and os.path.exists(os.path.join(args.state_dir, STATE_FILE))):
+    Whether a daemon runs is guessed from when its state was written, not from the file being there:
+    a daemon that stopped leaves its state behind, and status then sweeps after all."""
+    from aqtune.act.state import may_be_live
+
+    if args.watch or (not args.sweep and may_be_live(args.state_dir)):
         return None
-    from aqtune.collect.procfs import BackgroundScan
+    from aqtune.collect.fdwalk import BackgroundScan
 
     try:
         return BackgroundScan()
@@ -163,7 +166,6 @@ def _status_of(args: argparse.Namespace, walk: BackgroundScan | None) -> int:
 
         print(f"aqtune status: {exc}; advice goes without aqtune's change record", file=sys.stderr)
         ledger = Ledger(args.state_dir, load=False)
-    previous: dict[int, int] | None = None
     said: set[str] = set()
     if args.watch and not args.json:
         from aqtune.surfaces import watch
@@ -177,21 +179,18 @@ def _status_of(args: argparse.Namespace, walk: BackgroundScan | None) -> int:
             return _status_document(args, policy, ledger, said)
 
         return watch.loop(next_document, policy, args.interval, lambda: _accept_times(args.state_dir))
+    document = _status_document(args, policy, ledger, said, walk)
+    if not args.json:
+        print(status.render(document), flush=True)
+        return 0
     while True:
-        if previous is not None:
-            _refresh(ledger)
-        document = _status_document(args, policy, ledger, said, walk)
-        walk = None  # taken by the first document
-        if args.json:
-            print(_json(document, pretty=False if args.watch else args.pretty), flush=True)
-        else:
-            text = status.render(document, previous)
-            # Home + clear-to-end repaints in place without the flicker of a full clear.
-            print(("\x1b[H\x1b[J" if args.watch else "") + text, flush=True)
+        # With --watch, one compact document per line unless -p asks otherwise.
+        print(_json(document, pretty=False if args.watch else args.pretty), flush=True)
         if not args.watch:
             return 0
-        previous = {l["cookie"]: l["drops"] for l in document["listeners"] if l["drops"] is not None}
         time.sleep(args.interval)
+        _refresh(ledger)
+        document = _status_document(args, policy, ledger, said)
 
 
 def _accept_times(state_dir: str) -> tuple[Any, str | None]:

@@ -1,4 +1,4 @@
-"""Typed records of one observation sweep: what every later layer consumes.
+"""Typed records of one observation sweep, and of what aqtune changed: what every later layer consumes.
 
 They hold kernel figures as read, with no interpretation beyond the fill ratio, so the model and the
 policy can be tested on hand-built records without a kernel.
@@ -194,3 +194,13 @@ class ConnectionSummary:
     top: tuple[Connection, ...] = ()  # worst first (long-held or idle, then longest open), at most those asked for
     more: int = 0  # connections left out of ``top``
     unread: int = 0  # connections beyond the bound on how many one look reads (collect.connections.MAX_ROWS)
+
+
+@dataclass(frozen=True, slots=True)
+class Managed:
+    """What aqtune did to one sysctl in one namespace (from the change ledger)."""
+
+    original: int  # the value before aqtune's first change
+    applied: int  # the value aqtune last wrote
+    changed_at: float
+    earlier: tuple[int, ...] = ()  # values aqtune wrote before ``applied``, oldest first

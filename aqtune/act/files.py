@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import errno
 import os
-import tempfile
 from contextlib import suppress
 
 from aqtune.trust import untrusted_file
@@ -36,6 +35,8 @@ def write_atomically(path: str, data: str | bytes, mode: int = 0o644, durable: b
     the file holds either the old or the new content and the rename itself survives (the ledger
     needs this; a state file rewritten every sweep does not).
     """
+    import tempfile  # here: `aqtune status` reads files and need not load it (2 ms, random and weakref)
+
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
     try:

@@ -27,8 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Protocol
 
 from aqtune.act import files
-from aqtune.decide.tuning import Managed
-from aqtune.records import TUNABLES
+from aqtune.records import TUNABLES, Managed
 from aqtune.trust import untrusted_dir
 
 LEDGER_FILE = "changes.json"

@@ -19,6 +19,10 @@ from aqtune.trust import untrusted_dir
 STATE_FILE = "status.json"
 MAX_STATE_SIZE = 256 << 20  # the state is capped well below this; a larger file is not aqtune's
 FUTURE_SLACK = 5.0  # seconds a state may seem ahead of this clock (clock steps) before it is refused
+# The daemon rewrites its state at least this often while it runs (at once when what it shows
+# changes; an interval above it stretches it to the interval); readers allow three rewrites.
+PUBLISH_EVERY = 10.0
+STALE_AFTER = 2.0  # seconds of slack on top of the three rewrites
 BOOT_ID = "/proc/sys/kernel/random/boot_id"
 
 # Compatible name for callers that imported it from here.
@@ -81,6 +85,18 @@ def _number(value: Any) -> float | None:
     return float(value)
 
 
+def may_be_live(state_dir: str, now: float | None = None) -> bool:
+    """Whether a daemon may be writing state in ``state_dir``: its file was written recently enough
+    for a daemon at the default cadence. One stat, for deciding what to start before the state is
+    read; live_state decides. A daemon whose interval is above PUBLISH_EVERY can be taken for gone,
+    which costs the caller work it then throws away, never a wrong answer."""
+    try:
+        written = os.stat(os.path.join(state_dir, STATE_FILE)).st_mtime
+    except OSError:
+        return False
+    return (time.time() if now is None else now) - written <= 3 * PUBLISH_EVERY + STALE_AFTER
+
+
 def live_state(state_dir: str, now: float | None = None) -> tuple[dict[str, Any] | None, str | None]:
     """(the running daemon's state, None), or (None, why a state file there is not believed), or
     (None, None) when there is no daemon (no file, a stopped daemon, a stale state)."""
@@ -119,7 +135,7 @@ def live_state(state_dir: str, now: float | None = None) -> tuple[dict[str, Any]
     interval = _number(daemon.get("interval")) or 1.0
     publish_every = _number(daemon.get("publish_every")) or 0.0
     # Three missed sweeps means the loop is stuck or gone: a fresh sweep is then more honest.
-    max_age = 3 * min(max(interval, publish_every, 0.0), 3600.0) + 2.0
+    max_age = 3 * min(max(interval, publish_every, 0.0), 3600.0) + STALE_AFTER
     if now - taken_at > max_age:
         return None, None
     # The pid's start time (and the freshness above, which a state from before a reboot fails) tell a

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
-import marshal
 import os
 import re
-import signal
-from collections.abc import Collection
 from dataclasses import dataclass, field
 
+from aqtune.collect.fdwalk import BackgroundScan, fd_socket, listing, scan_all, socket_fds, socket_holders
 from aqtune.records import COUNTERS, SYSCTLS, Process
 
 # Bounds on what one process can make aqtune read: every one of these files is chosen by whoever
@@ -37,170 +34,6 @@ class Placement:
     unit: str | None  # the system manager's unit (a container manager's, with container set)
     user_unit: str | None = None  # the unit of a user manager (user@UID.service), never taken for a system one
     container: str | None = None  # the host unit of the container the process runs in
-
-
-def _fd_socket(link: str) -> int | None:
-    """The socket inode an fd's link names (``socket:[N]``), None for anything else."""
-    if link.startswith("socket:[") and link.endswith("]"):
-        try:
-            return int(link[8:-1])
-        except ValueError:
-            return None
-    return None
-
-
-def _socket_fds(fd_dir: str, inodes: Collection[int] | None,
-                limit: int | None = None) -> tuple[dict[int, int], int]:
-    """inode -> one fd of ``fd_dir`` on it, for the sockets of ``inodes`` (every socket for None)
-    among its first ``limit`` entries (all without one), and how many entries were read. An fd
-    directory that vanished (the process exited) or cannot be read gives what was read so far."""
-    found: dict[int, int] = {}
-    try:
-        # Links read relative to the opened directory: the kernel walks one name per readlink
-        # instead of four (/proc, the pid, fd, the fd), a sixth of a 10,000-descriptor scan.
-        directory = os.open(fd_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    except OSError:  # exited, or not ours to read
-        return found, 0
-    read = 0
-    try:
-        with os.scandir(directory) as entries:  # streamed: a process may hold a million descriptors
-            for entry in entries:
-                if limit is not None and read >= limit:
-                    break
-                read += 1
-                try:
-                    link = os.readlink(entry.name, dir_fd=directory)
-                except OSError:
-                    continue
-                if link.startswith("socket:[") and (inode := _fd_socket(link)) is not None \
-                        and (inodes is None or inode in inodes) and inode not in found:
-                    found[inode] = int(entry.name)
-    except OSError:
-        pass
-    finally:
-        os.close(directory)
-    return found, read
-
-
-def _listing(proc: str) -> dict[str, int]:
-    """Every entry of /proc with the inode its directory entry has. A process's entry keeps its inode
-    while it lives; a pid reused by another process comes back with another one (procfs makes a new
-    inode), so the pair tells a newcomer apart without reading anything of it."""
-    with os.scandir(proc) as entries:
-        return {entry.name: entry.inode() for entry in entries}
-
-
-def _scan_all(inodes: Collection[int], proc: str) -> tuple[dict[int, dict[int, int]], dict[str, int]]:
-    """Every process's fds: pid -> {inode: fd} for the pids holding any of ``inodes``, and the listing."""
-    held: dict[int, dict[int, int]] = {}
-    listed = _listing(proc)
-    for name in listed:
-        if name.isdigit():
-            fds, _ = _socket_fds(f"{proc}/{name}/fd", inodes)
-            if fds:
-                held[int(name)] = fds
-    return held, listed
-
-
-def socket_holders(inodes: set[int], proc: str = "/proc") -> dict[int, list[int]]:
-    """inode -> pids holding an fd on it (several after fork or with prefork servers)."""
-    holders: dict[int, list[int]] = {}
-    if not inodes:
-        return holders
-    held, _ = _scan_all(inodes, proc)
-    for pid, fds in held.items():
-        for inode in fds:
-            holders.setdefault(inode, []).append(pid)
-    return holders
-
-
-# Socket descriptors a background scan hands back at most (a dozen bytes each through the pipe);
-# beyond that it gives up and the caller scans for the sockets it wants itself.
-BACKGROUND_SOCKETS_MAX = 500_000
-
-
-def _every_socket_holder(proc: str) -> dict[int, list[int]] | None:
-    """socket inode -> pids holding it, for every socket of every process; None past BACKGROUND_SOCKETS_MAX."""
-    holders: dict[int, list[int]] = {}
-    count = 0
-    for name in _listing(proc):
-        if name.isdigit():
-            fds, _ = _socket_fds(f"{proc}/{name}/fd", None)
-            for inode in fds:
-                holders.setdefault(inode, []).append(int(name))
-            count += len(fds)
-            if count > BACKGROUND_SOCKETS_MAX:
-                return None
-    return holders
-
-
-class BackgroundScan:
-    """The /proc descriptor walk of find_owners, run in a child process while the caller does other
-    work: a one-shot `aqtune status` starts it first thing and dumps the namespaces meanwhile, so the
-    walk (most of its time on a host with many sockets) runs on another CPU instead of after them.
-
-    The child cannot know which sockets will be asked for, so it reports every socket's holders
-    (bounded by BACKGROUND_SOCKETS_MAX); whatever goes wrong with it, ``holders`` scans in-process.
-    """
-
-    def __init__(self, proc: str = "/proc") -> None:
-        self.proc = proc
-        self.read_end, write_end = os.pipe2(os.O_CLOEXEC)
-        self.finished = False  # reaped: its pid may name another process from then on
-        try:
-            self.pid = os.fork()
-        except OSError:
-            os.close(self.read_end)
-            os.close(write_end)
-            raise
-        if self.pid == 0:  # the child: walk, send, and leave without running the parent's cleanup
-            status = 1
-            try:
-                os.close(self.read_end)
-                _die_with_parent()
-                found = _every_socket_holder(proc)
-                with os.fdopen(write_end, "wb") as out:
-                    out.write(marshal.dumps(found))
-                status = 0
-            finally:
-                os._exit(status)
-        os.close(write_end)
-
-    def holders(self, inodes: set[int]) -> dict[int, list[int]]:
-        """inode -> pids holding it, for ``inodes``: from the child's walk, or scanned now if it failed."""
-        try:
-            pipe, self.read_end = os.fdopen(self.read_end, "rb"), -1  # the file object closes it
-            with pipe:
-                data = pipe.read()
-            _, status = os.waitpid(self.pid, 0)
-            self.finished = True
-            found = marshal.loads(data) if status == 0 and data else None
-        except (OSError, EOFError, ValueError, TypeError):
-            found = None
-        if not isinstance(found, dict):
-            return socket_holders(inodes, self.proc)
-        return {inode: found[inode] for inode in inodes if inode in found}
-
-    def cancel(self) -> None:
-        """Stop the walk if its result was not taken (the daemon's state answered, or an error)."""
-        if self.finished:
-            return
-        self.finished = True
-        with contextlib.suppress(OSError):
-            os.kill(self.pid, signal.SIGKILL)
-            os.waitpid(self.pid, 0)
-        if self.read_end >= 0:
-            with contextlib.suppress(OSError):
-                os.close(self.read_end)
-            self.read_end = -1
-
-
-def _die_with_parent() -> None:
-    """PR_SET_PDEATHSIG: the walk ends if the command is killed before it reads the result."""
-    import ctypes  # in the child only: the command itself need not load it
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
 
 
 def _cgroup_paths(text: str) -> list[str]:
@@ -466,17 +299,18 @@ def find_owners(inodes: set[int], proc: str = "/proc",
     """inode -> the processes holding it, described once per pid; ``background`` is a walk already
     under way (BackgroundScan) to take the holders from."""
     described: dict[int, Process | None] = {}
+    # One tuple per set of holders: a server's sockets share it, and status encodes it once.
+    shared: dict[tuple[int, ...], tuple[Process, ...]] = {}
     owners: dict[int, tuple[Process, ...]] = {}
     holders = background.holders(inodes) if background is not None else socket_holders(inodes, proc)
     for inode, pids in holders.items():
-        processes = []
-        for pid in pids:
-            if pid not in described:
-                described[pid] = describe_process(pid, proc)
-            process = described[pid]
-            if process is not None:
-                processes.append(process)
-        owners[inode] = tuple(processes)
+        key = tuple(pids)
+        if key not in shared:
+            for pid in key:
+                if pid not in described:
+                    described[pid] = describe_process(pid, proc)
+            shared[key] = tuple(process for pid in key if (process := described[pid]) is not None)
+        owners[inode] = shared[key]
     return owners
 
 
@@ -667,7 +501,7 @@ class OwnerCache:
     def _full_scan(self, now: float) -> None:
         self._forget(now)
         wanted = set(self._asked)
-        held, self._listed = _scan_all(wanted, self.proc) if wanted else ({}, _listing(self.proc))
+        held, self._listed = scan_all(wanted, self.proc) if wanted else ({}, listing(self.proc))
         holders: dict[int, _Holder] = {}
         for pid, fds in held.items():
             old = self._holders.get(pid)
@@ -686,7 +520,7 @@ class OwnerCache:
 
     def _follow_listing(self) -> bool:
         """Queue the pids new to /proc (or reused: another entry inode), forget the ones gone."""
-        listed = _listing(self.proc)
+        listed = listing(self.proc)
         if listed == self._listed:
             return False
         changed = False
@@ -728,8 +562,8 @@ class OwnerCache:
                 directory = None  # exited: every fd below reads as gone
             try:
                 for inode, fd in list(holder.fds.items()):
-                    try:  # relative to the opened directory, as in _socket_fds
-                        named = _fd_socket(os.readlink(str(fd), dir_fd=directory)) if directory is not None else None
+                    try:  # relative to the opened directory, as in socket_fds
+                        named = fd_socket(os.readlink(str(fd), dir_fd=directory)) if directory is not None else None
                     except OSError:
                         named = None
                     if named != inode:
@@ -755,7 +589,7 @@ class OwnerCache:
                 if scanned >= SCAN_PIDS_PER_LOOKUP or read >= SCAN_FDS_PER_LOOKUP:
                     return changed
                 del queue[pid]
-                fds, count = _socket_fds(f"{self.proc}/{pid}/fd", wanted, SCAN_FDS_PER_LOOKUP)
+                fds, count = socket_fds(f"{self.proc}/{pid}/fd", wanted, SCAN_FDS_PER_LOOKUP)
                 scanned += 1
                 read += count
                 self.pid_scans += 1

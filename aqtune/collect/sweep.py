@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
-from aqtune.collect import netlink, netns, procfs, sockdiag
+from aqtune.collect import fdwalk, netlink, netns, procfs, sockdiag
 from aqtune.records import SYSTEM_UID_MAX, Listener, Namespace, Snapshot
 
 IDLE_REVISIT = 30.0  # seconds at most between looks at a namespace whose last read found no listener
@@ -126,7 +126,7 @@ def _read(ref: netns.NamespaceRef, into: Kept | None = None,
 
 
 def _with_owners(listeners: list[Listener], started: float, owners: bool,
-                 owner_cache: procfs.OwnerCache | None, background: procfs.BackgroundScan | None = None) -> None:
+                 owner_cache: procfs.OwnerCache | None, background: fdwalk.BackgroundScan | None = None) -> None:
     if owners:
         inodes = {listener.inode for listener in listeners}
         found = (owner_cache.lookup(inodes, started) if owner_cache
@@ -136,9 +136,9 @@ def _with_owners(listeners: list[Listener], started: float, owners: bool,
 
 
 def sweep(select: str | netns.Selection = "all", owners: bool = True,
-          owner_cache: procfs.OwnerCache | None = None, background: procfs.BackgroundScan | None = None) -> Snapshot:
+          owner_cache: procfs.OwnerCache | None = None, background: fdwalk.BackgroundScan | None = None) -> Snapshot:
     """Read every selected namespace; a namespace that vanishes mid-sweep is reported, not fatal.
-    ``background``: the owners' /proc walk already under way (procfs.BackgroundScan).
+    ``background``: the owners' /proc walk already under way (fdwalk.BackgroundScan).
 
     Raises LookupError for an unknown ``select`` and PermissionError when not privileged enough.
     """

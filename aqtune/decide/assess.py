@@ -5,13 +5,14 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 
 from aqtune.decide import servers
-from aqtune.decide.connections import GroupKey, held_by_connections, reuseport_groups, reuseport_stalled
+from aqtune.decide.connections import held_by_connections, reuseport_stalled
 from aqtune.decide.diagnose import Raised, diagnose_listener, diagnose_namespace, queue_wait_ms
 from aqtune.decide.findings import Assessment, Finding
 from aqtune.decide.policy import ListenerRule, Policy, rule_for
-from aqtune.decide.tuning import SOMAXCONN, Managed
+from aqtune.decide.tuning import SOMAXCONN
+from aqtune.model.groups import GroupKey, reuseport_groups
 from aqtune.model.history import ListenerKey, Model, counter_deltas, listener_window
-from aqtune.records import ConnectionSummary, Listener, ListenerEvents, Snapshot
+from aqtune.records import ConnectionSummary, Listener, ListenerEvents, Managed, Snapshot
 
 
 def assess(snapshot: Snapshot, model: Model, policy: Policy, managed: dict[str, dict[str, Managed]],

@@ -17,11 +17,11 @@ a sysctl.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
 
 from aqtune.decide import servers
 from aqtune.decide.findings import Finding, FindingId
 from aqtune.decide.policy import Policy
+from aqtune.model.groups import REUSEPORT_PROTOS
 from aqtune.records import ConnectionSummary, Listener, Process
 
 # Servers whose worker processes serve one connection each (while single-threaded): for them the
@@ -31,9 +31,7 @@ from aqtune.records import ConnectionSummary, Listener, Process
 ONE_CONNECTION_PER_WORKER = frozenset({
     servers.APACHE_PREFORK.key, servers.PHP_FPM.key, servers.GUNICORN.key, servers.UWSGI.key,
 })
-REUSEPORT_PROTOS = frozenset({"tcp", "tcp6"})  # two Unix sockets on one path are a rebind, not a group
 MAX_NAMED = 3  # processes a finding names; the rest are counted
-GroupKey = tuple[str, str, str]  # (netns, proto, address)
 
 
 def capacity(server: servers.Server, processes: Iterable[Process]) -> tuple[Process, ...] | None:
@@ -85,24 +83,6 @@ def held_by_connections(listener: Listener, summary: ConnectionSummary, server: 
         "server": server.key,
     }
     return Finding(FindingId.HELD_BY_CONNECTIONS, text, evidence)
-
-
-def reuseport_groups(listeners: Iterable[Listener]) -> dict[GroupKey, list[Listener]]:
-    """TCP listeners sharing a namespace and address (SO_REUSEPORT), by (netns, proto, address); groups
-    of two or more only, members in the order given."""
-    groups: dict[GroupKey, list[Listener]] = {}
-    for listener in listeners:
-        if listener.proto in REUSEPORT_PROTOS:
-            groups.setdefault((listener.netns, listener.proto, listener.address), []).append(listener)
-    return {key: members for key, members in groups.items() if len(members) > 1}
-
-
-def group_json(listener: Listener, groups: dict[GroupKey, list[Listener]]) -> dict[str, Any] | None:
-    """The ``group`` field of a listener in the status document: its reuseport group, or None."""
-    members = groups.get((listener.netns, listener.proto, listener.address))
-    if members is None:
-        return None
-    return {"address": listener.address, "members": len(members)}
 
 
 def _who(processes: Sequence[Process]) -> str:

@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING, Any
 from aqtune.trust import untrusted_dir, untrusted_file
 
 if TYPE_CHECKING:
-    from aqtune.decide.tuning import Managed
-    from aqtune.records import Listener, ListenerEvents, Snapshot
+    from aqtune.records import Listener, ListenerEvents, Managed, Snapshot
 
 DEFAULT_PATH = "/etc/aqtune/policy.toml"
 SYSCTL_CEILING = 2**31 - 1  # the kernel stores both sysctls as int

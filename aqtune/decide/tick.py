@@ -13,9 +13,9 @@ from dataclasses import dataclass, field, replace
 from aqtune.decide.assess import assess
 from aqtune.decide.findings import Assessment, Finding, FindingId
 from aqtune.decide.policy import Policy, may_be_judged, owner_allowed
-from aqtune.decide.tuning import Change, Managed, NamespaceState, plan
+from aqtune.decide.tuning import Change, NamespaceState, plan
 from aqtune.model.history import ListenerKey, ListenerWindow, Model
-from aqtune.records import ConnectionSummary, ListenerEvents, Snapshot
+from aqtune.records import ConnectionSummary, ListenerEvents, Managed, Snapshot
 
 
 @dataclass(frozen=True, slots=True)

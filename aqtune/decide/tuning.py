@@ -12,19 +12,10 @@ from dataclasses import dataclass
 
 from aqtune.decide.findings import Finding, FindingId, of
 from aqtune.decide.policy import Limits, Policy, namespace_allowed
+from aqtune.records import Managed
 
 SOMAXCONN = "net.core.somaxconn"
 SYN_BACKLOG = "net.ipv4.tcp_max_syn_backlog"
-
-
-@dataclass(frozen=True, slots=True)
-class Managed:
-    """What aqtune did to one sysctl in one namespace (from the change ledger)."""
-
-    original: int  # the value before aqtune's first change
-    applied: int  # the value aqtune last wrote
-    changed_at: float
-    earlier: tuple[int, ...] = ()  # values aqtune wrote before ``applied``, oldest first
 
 
 @dataclass(frozen=True, slots=True)

@@ -20,9 +20,10 @@ from aqtune.collect.connections import (
     is_long_held,
 )
 from aqtune.decide import servers
-from aqtune.decide.connections import group_json, held_by_connections, reuseport_groups, reuseport_stalled
+from aqtune.decide.connections import held_by_connections, reuseport_stalled
 from aqtune.decide.findings import Finding
 from aqtune.decide.policy import Policy
+from aqtune.model.groups import group_json, reuseport_groups
 from aqtune.records import Connection, ConnectionSummary, Listener
 from aqtune.surfaces.status import owner_text
 from aqtune.text import cescape

@@ -22,15 +22,15 @@ from typing import Any
 
 from aqtune.act import metrics, state
 from aqtune.act.report import DegradedReporter
-from aqtune.decide.connections import group_json, reuseport_groups
 from aqtune.decide.findings import Finding
 from aqtune.decide.policy import Policy
 from aqtune.decide.tick import Decision
+from aqtune.model.groups import group_json, reuseport_groups
 from aqtune.model.history import ListenerWindow
 from aqtune.records import Listener, ListenerEvents, Namespace, Process, Snapshot
 from aqtune.surfaces import status
 
-PUBLISH_EVERY = 10.0  # seconds between rewrites showing nothing new; readers allow three of them
+PUBLISH_EVERY = state.PUBLISH_EVERY  # seconds between rewrites showing nothing new; readers allow three of them
 PUBLISHED_NAMESPACES = 1000  # listed in the state file; namespaces with listeners, advice or errors first
 CMDLINE_SHOWN = 256  # characters of each owner's command line in the state file
 ELLIPSIS = "\u2026"

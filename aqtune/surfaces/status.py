@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aqtune.act.ledger import Ledger
-from aqtune.decide.connections import group_json, reuseport_groups
 from aqtune.decide.findings import Assessment, Finding
 from aqtune.decide.policy import Policy, may_be_judged
-from aqtune.records import Listener, ListenerEvents, Namespace, Snapshot
+from aqtune.model.groups import group_json, reuseport_groups
+from aqtune.records import Listener, ListenerEvents, Namespace, Process, Snapshot
 from aqtune.text import cescape, ljust, rjust, width
+
+if TYPE_CHECKING:
+    from aqtune.act.ledger import Ledger
 
 SHORT_SYSCTL = {
     "net.core.somaxconn": "somaxconn",
@@ -49,8 +51,15 @@ def worst_first(listeners: list[Listener]) -> list[Listener]:
     return sorted(listeners, key=lambda l: (-l.fill, -(l.drops or 0), l.netns, l.address))
 
 
+def processes_json(processes: tuple[Process, ...]) -> list[dict[str, Any]]:
+    return [{"pid": p.pid, "comm": p.comm, "cmdline": p.cmdline, "unit": p.unit} for p in processes]
+
+
 def listener_json(listener: Listener, findings: list[Finding], events: ListenerEvents | None = None,
-                  group: dict[str, Any] | None = None) -> dict[str, Any]:
+                  group: dict[str, Any] | None = None,
+                  processes: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """One listener of the status document; ``processes``: its owners' entries, made already (and
+    shared by the listeners of one server, for a document that is only read)."""
     return {
         "netns": listener.netns,
         "proto": listener.proto,
@@ -64,11 +73,9 @@ def listener_json(listener: Listener, findings: list[Finding], events: ListenerE
         "inode": listener.inode,
         "uid": listener.uid,
         "group": group,  # its SO_REUSEPORT group ({address, members}), or None
-        "processes": [
-            {"pid": p.pid, "comm": p.comm, "cmdline": p.cmdline, "unit": p.unit} for p in listener.processes
-        ],
+        "processes": processes_json(listener.processes) if processes is None else processes,
         "events": _events_json(events) if events is not None else None,
-        "advice": _advice_json(findings),
+        "advice": _advice_json(findings) if findings else [],
     }
 
 
@@ -98,12 +105,20 @@ def snapshot_json(snapshot: Snapshot, advice: Assessment, events: Mapping[int, L
     """The status document; ``events`` maps socket inodes to what eBPF saw, where it runs."""
     seen = events or {}
     groups = reuseport_groups(snapshot.listeners)
+    findings = advice.listener_findings
+    # Keyed by the identity of the owners' tuple: find_owners gives all sockets of one set of holders
+    # one tuple, so the 10,000 listeners of one server share one list instead of making 10,000.
+    owners: dict[int, list[dict[str, Any]]] = {}
+    for listener in snapshot.listeners:
+        if id(listener.processes) not in owners:
+            owners[id(listener.processes)] = processes_json(listener.processes)
     return {
         "source": source,
         "taken_at": snapshot.taken_at,
         "duration_ms": round(snapshot.duration * 1000, 3),
-        "listeners": [listener_json(listener, advice.listener_findings.get((listener.netns, listener.cookie), []),
-                                    seen.get(listener.inode), group_json(listener, groups))
+        "listeners": [listener_json(listener, findings.get((listener.netns, listener.cookie), []),
+                                    seen.get(listener.inode), group_json(listener, groups),
+                                    owners[id(listener.processes)])
                       for listener in worst_first(snapshot.listeners)],
         "namespaces": [namespace_json(namespace, advice.namespace_findings.get(namespace.name, []))
                        for namespace in snapshot.namespaces],

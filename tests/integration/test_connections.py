@@ -27,9 +27,10 @@ from aqtune.collect import connections, procfs
 from aqtune.collect import netns as namespaces
 from aqtune.collect.sweep import sweep
 from aqtune.decide import servers as table
-from aqtune.decide.connections import held_by_connections, reuseport_groups, reuseport_stalled
+from aqtune.decide.connections import held_by_connections, reuseport_stalled
 from aqtune.decide.findings import FindingId
 from aqtune.decide.policy import parse
+from aqtune.model.groups import reuseport_groups
 from tests.helpers import servers
 from tests.helpers.aqtune_run import Daemon, aqtune, write_policy
 from tests.helpers.namespace import PYTHON, REPO, TestNamespace, wait_until

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import pwd
 import shutil
+import time
 from collections.abc import Callable
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from aqtune.collect.procfs import BackgroundScan, socket_holders
+from aqtune import cli
+from aqtune.act.state import PUBLISH_EVERY, STALE_AFTER, STATE_FILE
+from aqtune.collect.fdwalk import BackgroundScan, socket_holders
 from aqtune.collect.sweep import sweep
 from tests.helpers.namespace import TestNamespace
 from tests.integration.expect import listeners_in
@@ -86,3 +92,25 @@ def test_a_background_walk_finds_what_the_inline_walk_finds(netns: Callable[[], 
     unused.cancel()
     with pytest.raises(ChildProcessError):
         os.waitpid(unused.pid, os.WNOHANG)  # reaped: no zombie left
+
+
+def test_status_walks_alongside_the_dump_unless_a_daemon_may_answer(tmp_path: Path) -> None:
+    """A state file left by a stopped daemon does not keep `aqtune status` from starting its walk
+    first thing; a recent one (a daemon that may answer) does, and --watch never starts one."""
+    state_dir = tmp_path / "state"
+    state_dir.mkdir(mode=0o750)
+    (state_dir / STATE_FILE).write_text("{}")
+
+    def walk(**given: Any) -> bool:
+        started = cli._owner_walk(argparse.Namespace(**{"watch": False, "sweep": False,
+                                                        "state_dir": str(state_dir), **given}))
+        if started is None:
+            return False
+        started.cancel()
+        return True
+
+    assert not walk() and walk(sweep=True) and not walk(watch=True)
+    left = time.time() - 3 * PUBLISH_EVERY - STALE_AFTER - 60
+    os.utime(state_dir / STATE_FILE, (left, left))
+    assert walk() and not walk(watch=True)
+

@@ -6,9 +6,10 @@ import pytest
 
 from aqtune.collect.connections import summarize_connections
 from aqtune.decide import servers
-from aqtune.decide.connections import group_json, held_by_connections, reuseport_groups, reuseport_stalled
+from aqtune.decide.connections import held_by_connections, reuseport_stalled
 from aqtune.decide.findings import SPECS, FindingId, Role
 from aqtune.decide.policy import Policy, PolicyError, parse
+from aqtune.model.groups import group_json, reuseport_groups
 from aqtune.records import Connection, ConnectionSummary, Listener, Process
 
 NOW = 2_000_000.0

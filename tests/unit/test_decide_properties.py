@@ -21,9 +21,9 @@ from hypothesis import strategies as st
 from aqtune.decide.findings import Finding
 from aqtune.decide.policy import SYSCTL_CEILING, Apply, Limits, Policy, Saturation
 from aqtune.decide.tick import decide, history_horizon
-from aqtune.decide.tuning import SOMAXCONN, SYN_BACKLOG, Change, Managed, NamespaceState, plan, refusal
+from aqtune.decide.tuning import SOMAXCONN, SYN_BACKLOG, Change, NamespaceState, plan, refusal
 from aqtune.model.history import Model
-from aqtune.records import COUNTERS, Listener, ListenerEvents, Namespace, Process, Snapshot
+from aqtune.records import COUNTERS, Listener, ListenerEvents, Managed, Namespace, Process, Snapshot
 
 # Examples per property, kept low so the unit suite stays fast; AQTUNE_EXAMPLES=2000 for a deep run.
 # No deadline: per-example timing is noisy on shared CI machines. No database: its replay and

@@ -14,9 +14,8 @@ from aqtune.act.throttle import Budget, Throttle
 from aqtune.decide.findings import TABLE, FindingId, advice_table
 from aqtune.decide.policy import ListenerRule, Policy, Saturation, may_be_judged
 from aqtune.decide.tick import decide, history_horizon, one_shot
-from aqtune.decide.tuning import Managed
 from aqtune.model.history import Model
-from aqtune.records import Listener, Namespace, Process, Snapshot
+from aqtune.records import Listener, Managed, Namespace, Process, Snapshot
 from aqtune.surfaces import run, status
 
 REPO = Path(__file__).resolve().parents[2]

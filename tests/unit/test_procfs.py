@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from aqtune.collect import procfs
+from aqtune.collect.fdwalk import socket_holders
 from aqtune.collect.procfs import (
     CMDLINE_MAX,
     TRUNCATED,
@@ -21,7 +22,6 @@ from aqtune.collect.procfs import (
     parse_socket_activation,
     parse_stat,
     placement_from_cgroup,
-    socket_holders,
     unit_from_cgroup,
 )
 from aqtune.records import COUNTERS, Process
@@ -244,6 +244,14 @@ def test_find_owners_describes_each_process(proc: Path) -> None:
                      Process(11, "nginx", "/usr/bin/nginx --flag", "nginx.service", ppid=1, threads=1, starttime=5000)]
     assert owners[3000] == (Process(12, "other", "/usr/bin/other --flag", None, ppid=1, threads=1, starttime=5000),)
 
+
+
+def test_sockets_of_one_set_of_holders_share_one_owner_tuple(proc: Path) -> None:
+    """A server's sockets share their owners' tuple, which status encodes once for all of them."""
+    _process(proc, 14, {3: "socket:[5000]", 4: "socket:[6000]", 5: "socket:[7000]"}, comm="haproxy")
+    owners = find_owners({5000, 6000, 7000, 2000}, str(proc))
+    assert owners[5000] is owners[6000] is owners[7000]
+    assert [p.pid for p in owners[5000]] == [14] and [p.pid for p in owners[2000]] == [10]
 
 def test_a_process_that_exits_between_scan_and_describe_is_left_out(proc: Path) -> None:
     (proc / "11" / "comm").unlink()

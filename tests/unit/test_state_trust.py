@@ -332,6 +332,18 @@ def test_a_state_in_a_directory_others_can_write_is_ignored(tmp_path: Path, aqtu
     assert document is None and why is not None and "writable by group or others" in why
 
 
+
+def test_a_daemon_may_be_live_only_while_its_state_is_written_at_the_default_cadence(tmp_path: Path) -> None:
+    """One stat decides whether `aqtune status` starts its owners' walk: a stopped daemon's state left
+    behind must not make every later status walk /proc after the dump instead of alongside it."""
+    state_dir = tmp_path / "state"
+    assert not state.may_be_live(str(state_dir))  # no directory, no file
+    write_raw_state(state_dir, state_document(os.getpid()))
+    written = (state_dir / state.STATE_FILE).stat().st_mtime
+    assert state.may_be_live(str(state_dir), now=written + 3 * state.PUBLISH_EVERY + state.STALE_AFTER)
+    assert not state.may_be_live(str(state_dir), now=written + 3 * state.PUBLISH_EVERY + state.STALE_AFTER + 1)
+
+
 # --- namespaces: names from a fake /proc -----------------------------------------------------------------
 
 
