@@ -17,6 +17,7 @@ Decoder = Callable[[DumpProgress, bytearray, int], None]
 # Bytes of reply chunks a ChunkCache keeps, all dumps of a sweep together: ~16 per listener, so the
 # chunks of 100,000 listeners; past it chunks are decoded every time (any user can make listeners).
 CHUNK_CACHE_BYTES = 16 << 20
+MAX_REST = 8  # sweeps a ChunkCache keeps nothing for at most, while listeners churn
 
 _Row = tuple[str, str, str, int | None, int, int, int | None, int, int, int | None]
 
@@ -40,19 +41,39 @@ class ChunkCache:
     the same order), and decoding it again was most of a quiet sweep's cost; a chunk whose bytes
     changed anywhere is decoded again. Holds the chunks of the last sweep only (``rotate`` between
     sweeps), at most ``limit`` bytes of them.
+
+    While listeners come and go (a churn of thousands a second), almost no chunk comes back and
+    keeping them only costs copies and memory: after a sweep that found fewer than half of the
+    chunks it looked for, it keeps nothing for a rest of 1, 2, 4 up to MAX_REST sweeps, then tries
+    again with one sweep's chunks.
     """
 
     limit: int = CHUNK_CACHE_BYTES
     previous: dict[bytes, _Decoded] = field(default_factory=dict)
     current: dict[bytes, _Decoded] = field(default_factory=dict)
     held: int = 0
+    looked: int = 0  # chunks of this sweep looked for in the last one's
+    found: int = 0  # of them, found
+    rest: int = 0  # sweeps the last rest lasted (0: keeping; doubles while lookups keep missing)
+    resting: int = 0  # sweeps of it left, this one included
+
+    @property
+    def keeping(self) -> bool:
+        return self.resting == 0
 
     def rotate(self) -> None:
         """A new sweep: what the last one decoded is what this one may reuse."""
-        self.previous, self.current, self.held = self.current, {}, 0
+        if self.looked:
+            missed = 2 * self.found < self.looked
+            self.rest = min(max(2 * self.rest, 1), MAX_REST) if missed else 0
+            self.resting = self.rest
+        elif self.resting:
+            self.resting -= 1
+        self.previous = {} if self.resting else self.current
+        self.current, self.held, self.looked, self.found = {}, 0, 0, 0
 
     def keep(self, raw: bytes, decoded: _Decoded) -> None:
-        if self.held + len(raw) <= self.limit:
+        if self.resting == 0 and self.held + len(raw) <= self.limit:
             self.current[raw] = decoded
             self.held += len(raw)
 
@@ -111,15 +132,22 @@ def dump_into(sock: socket.socket, request: bytes, progress: P, decoder: Callabl
 
 
 def _decode_cached(chunks: ChunkCache, decoder: Decoder, progress: DumpProgress, buf: bytearray, size: int) -> None:
-    raw = bytes(memoryview(buf)[:size])
-    hit = chunks.previous.get(raw)
-    if hit is not None and hit.netns == progress.netns and hit.ifnames == progress.ifnames:
-        progress.rows.extend([Listener(*row) for row in hit.rows])
-        progress.skipped += hit.skipped
-        progress.done = progress.done or hit.done
-        chunks.keep(raw, hit)
+    if not chunks.previous and not chunks.keeping:  # resting: nothing to find, nothing to keep
+        decoder(progress, buf, size)
         return
+    raw = bytes(memoryview(buf)[:size])
+    if chunks.previous:
+        chunks.looked += 1
+        hit = chunks.previous.get(raw)
+        if hit is not None and hit.netns == progress.netns and hit.ifnames == progress.ifnames:
+            chunks.found += 1
+            progress.rows.extend([Listener(*row) for row in hit.rows])
+            progress.skipped += hit.skipped
+            progress.done = progress.done or hit.done
+            chunks.keep(raw, hit)
+            return
     start, skipped = len(progress.rows), progress.skipped
     decoder(progress, buf, size)
-    chunks.keep(raw, _Decoded(progress.netns, dict(progress.ifnames), [_row(l) for l in progress.rows[start:]],
-                              progress.skipped - skipped, progress.done))
+    if chunks.keeping:
+        chunks.keep(raw, _Decoded(progress.netns, dict(progress.ifnames), [_row(l) for l in progress.rows[start:]],
+                                  progress.skipped - skipped, progress.done))

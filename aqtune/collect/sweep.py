@@ -126,10 +126,11 @@ def _read(ref: netns.NamespaceRef, into: Kept | None = None,
 
 
 def _with_owners(listeners: list[Listener], started: float, owners: bool,
-                 owner_cache: procfs.OwnerCache | None, background: fdwalk.BackgroundScan | None = None) -> None:
+                 owner_cache: procfs.OwnerCache | None, background: fdwalk.BackgroundScan | None = None,
+                 complete: bool = False) -> None:
     if owners:
         inodes = {listener.inode for listener in listeners}
-        found = (owner_cache.lookup(inodes, started) if owner_cache
+        found = (owner_cache.lookup(inodes, started, complete) if owner_cache
                  else procfs.find_owners(inodes, background=background))
         for listener in listeners:
             listener.processes = found.get(listener.inode, ())
@@ -347,10 +348,10 @@ class Sweeper:
             by_name.setdefault(row.netns, []).append(row)
         for ref in tracked:
             self.visits[ref].rows = by_name.get(ref.name, [])
-        _with_owners(listeners, started, True, owner_cache)
         # Counted against every listener its namespace held when read, so a namespace standing in with the
         # rows it was trimmed to still says how many it has.
         untracked = max(sum(ns.listeners for ns in namespaces) - len(listeners), 0)
+        _with_owners(listeners, started, True, owner_cache, complete=skipped == 0 and untracked == 0)
         return Snapshot(started, time.perf_counter() - clock, namespaces, listeners, partial=skipped > 0,
                         skipped_namespaces=skipped, skipped_listeners=untracked, idle_namespaces=idle)
 

@@ -17,6 +17,7 @@ from aqtune.act.ledger import Ledger
 from aqtune.act.log import EventLog
 from aqtune.act.report import MAX_PEERS, MAX_PEERS_TOTAL, DegradedReporter, DropReporter
 from aqtune.act.throttle import PRUNE_AT, Budget, Throttle
+from aqtune.collect.netlink import MAX_REST, ChunkCache, _Decoded
 from aqtune.collect.netns import NamespaceRef
 from aqtune.collect.sweep import (
     IDLE_PER_SWEEP,
@@ -429,3 +430,36 @@ def test_cached_state_entries_and_metrics_lines_equal_a_fresh_publish(tmp_path: 
                  replace(policy, metrics=MetricsPolicy(textfile="")), DaemonFacts("dry-run", 0, 0, []))
     again = replace(moved, taken_at=200.0 + PUBLISH_EVERY)
     assert publish(kept, again, found, "kept")[1] == publish(silent_publisher(str(tmp_path)), again, found, "fresh")[1]
+
+
+# --- the reply-chunk cache rests while listeners churn ------------------------------------------------
+
+
+def test_the_chunk_cache_keeps_nothing_while_most_chunks_change() -> None:
+    """A churn of listeners changes almost every chunk: keeping them then costs copies and memory for
+    nothing, so the cache rests 1, 2, 4 up to MAX_REST sweeps, tries one sweep's chunks again, and
+    keeps for good once most of them come back."""
+    decoded = _Decoded("web", {}, [], 0, True)
+    cache = ChunkCache()
+
+    def sweep(looked: int, found: int) -> None:
+        if cache.keeping:
+            cache.keep(b"chunk", decoded)
+        cache.looked, cache.found = (looked, found) if cache.previous else (0, 0)
+        cache.rotate()
+
+    sweep(0, 0)  # the first sweep: nothing to look in, keeps
+    assert cache.keeping and cache.previous
+    rests = []
+    for _ in range(12):
+        sweep(10, 2)  # most chunks changed
+        rests.append(cache.resting)
+        while not cache.keeping:
+            assert not cache.previous  # nothing kept to look in while resting
+            sweep(0, 0)
+        sweep(0, 0)  # a sweep that keeps again
+    assert rests[:5] == [1, 2, 4, 8, 8] and max(rests) == MAX_REST
+    sweep(10, 5)  # half came back: worth keeping
+    assert cache.keeping and cache.rest == 0 and cache.previous
+    sweep(10, 10)
+    assert cache.keeping and cache.previous

@@ -369,6 +369,19 @@ def test_owner_cache_finds_a_new_process_without_a_full_scan(proc: Path) -> None
     assert cache.pid_scans == 2
 
 
+
+def test_owner_cache_forgets_closed_sockets_at_once_after_a_complete_sweep(proc: Path) -> None:
+    """Sockets a sweep over budget did not track are kept for max_age (the next sweep may track
+    them); after a sweep that tracked every listener, the ones not asked for are closed and go now:
+    under a churn of thousands of listeners the cache holds those of now, not of the last minute."""
+    cache = _quiet_cache(proc)
+    cache.lookup({1000, 2000, 3000}, now=0)
+    cache.lookup({1000}, now=1)  # a partial sweep: the others may be tracked again
+    assert set(cache._asked) == {1000, 2000, 3000}
+    owners = cache.lookup({1000, 3000}, now=2, complete=True)
+    assert set(cache._asked) == {1000, 3000} and 2000 not in owners
+    assert 2000 not in cache._holders[10].fds and _pids(owners, 3000) == [12]
+
 def test_owner_cache_drops_a_holder_whose_pid_is_gone(proc: Path) -> None:
     cache = _quiet_cache(proc)
     assert _pids(cache.lookup({1000}, now=0), 1000) == [10, 11]
