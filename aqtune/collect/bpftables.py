@@ -19,7 +19,7 @@ import platform
 import select
 import struct
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any, Protocol
@@ -156,6 +156,9 @@ class Tables(Protocol):
     def delete(self, name: str, key: int) -> None:
         """Remove ``key``; nothing when it is not there."""
 
+    def delete_many(self, name: str, keys: Collection[int]) -> None:
+        """Remove every one of ``keys`` that is there: thousands at once after a churn of listeners."""
+
     def poll(self, timeout_ms: int, record: Record, lost: Lost) -> None:
         """Hand each pending perf record to ``record`` (bytes of at least the EVENTS layout's size) and
         each count of records the kernel lost to ``lost``; wait up to ``timeout_ms`` for the first."""
@@ -216,6 +219,10 @@ class BccTables:
         with contextlib.suppress(KeyError):
             del table[table.Key(key)]
 
+    def delete_many(self, name: str, keys: Collection[int]) -> None:
+        for key in keys:  # in-process only for trace and tests: the daemon's maps are BareTables
+            self.delete(name, key)
+
     def open_events(self, pages: int) -> None:
         self.layouts[EVENTS] = layout_of(event_type(self.bpf))
         self.bpf[EVENTS].open_perf_buffer(self._deliver, page_cnt=pages, lost_cb=self._count_lost)
@@ -250,6 +257,7 @@ BPF_MAP_DELETE_ELEM = 3
 BPF_MAP_GET_NEXT_KEY = 4
 BPF_MAP_LOOKUP_BATCH = 24
 BPF_MAP_LOOKUP_AND_DELETE_BATCH = 25
+BPF_MAP_DELETE_BATCH = 27
 BATCH_ENTRIES = 1024  # entries per batch call: the buffers stay small, a few calls read a full map
 MAX_ITERATIONS = 1 << 20  # get_next_key steps before giving up on a map that changes under the walk
 
@@ -309,6 +317,28 @@ def map_delete(m: MapRef, key: int) -> None:
     except OSError as exc:
         if exc.errno != errno.ENOENT:
             raise
+
+
+def map_delete_batch(m: MapRef, keys: Sequence[int]) -> None:
+    """Delete ``keys`` by BPF_MAP_DELETE_BATCH (5.6+), one syscall per BATCH_ENTRIES keys instead of one
+    per key; a key not there is skipped. OSError (EINVAL, ENOTSUPP) where the kernel or the map type
+    has no batch deletion."""
+    code = KEY_CODES[m.key_size]
+    pending = list(keys)
+    while pending:
+        part = pending[:BATCH_ENTRIES]
+        raw = ctypes.create_string_buffer(b"".join(struct.pack(code, key) for key in part), m.key_size * len(part))
+        attr = ctypes.create_string_buffer(struct.pack(
+            "=QQQQIIQQ", 0, 0, ctypes.addressof(raw), 0, len(part), m.fd, 0, 0), 56)
+        try:
+            bpf(BPF_MAP_DELETE_BATCH, attr)
+            done = len(part)
+        except OSError as exc:
+            if exc.errno != errno.ENOENT:
+                raise
+            # The kernel stops at a key that is not there, and says how many it deleted before it.
+            done = struct.unpack_from("=I", attr, 32)[0] + 1
+        pending = pending[done:]
 
 
 def map_keys(m: MapRef) -> Iterator[int]:
@@ -505,6 +535,19 @@ class FdTables:
 
     def delete(self, name: str, key: int) -> None:
         map_delete(self.maps[name], key)
+
+    def delete_many(self, name: str, keys: Collection[int]) -> None:
+        m = self.maps[name]
+        if self._batch.get(name, True):
+            try:
+                map_delete_batch(m, sorted(keys))
+                return
+            except OSError as exc:
+                if exc.errno not in (errno.EINVAL, errno.ENOTSUP, 524):  # 524: ENOTSUPP
+                    raise
+                self._batch[name] = False
+        for key in keys:
+            map_delete(m, key)
 
     def poll(self, timeout_ms: int, record: Record, lost: Lost) -> None:
         if timeout_ms and not any(r.pending for r in self.rings):

@@ -622,9 +622,9 @@ class EventLayer:
         the maps are LRU, so at worst what is left behind is evicted, never leaked."""
         unseen = set(observed) - live
         gone = unseen & self._unseen
-        for name in ("stats", "accepted", "peaks"):
-            for inode in gone:
-                self.tables.delete(name, inode)
+        if gone:
+            for name in ("stats", "accepted", "peaks"):
+                self.tables.delete_many(name, gone)
         self._unseen = unseen
 
     def pause(self) -> list[str]:

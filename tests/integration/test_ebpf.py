@@ -17,6 +17,7 @@ Kernel facts the checks rely on (measured on this 6.18 VM, /work/shared/notes/ke
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import json
 import os
@@ -25,6 +26,7 @@ import shutil
 import signal
 import socket
 import statistics
+import struct
 import subprocess
 import threading
 import time
@@ -35,7 +37,7 @@ from typing import Any
 
 import pytest
 
-from aqtune.collect import ebpf, ebpf_child
+from aqtune.collect import bpftables, ebpf, ebpf_child
 from aqtune.collect.ebpf import EMIT_ALL, EMIT_DROPS, Event, EventLayer, How, ProbeState, percentile
 from aqtune.collect.netns import NamespaceRef, entered
 from aqtune.records import ListenerEvents
@@ -1000,3 +1002,25 @@ def record_on_every_cpu(ns: TestNamespace) -> None:
                     listener.listen(1)
     finally:
         os.sched_setaffinity(0, allowed)
+
+
+# --- batched map deletion (after a churn of listeners) ---------------------------------------------------
+
+
+def test_batched_deletion_removes_the_keys_asked_for_and_skips_missing_ones() -> None:
+    """forget_closed deletes thousands of closed listeners' entries at once after a churn: by
+    BPF_MAP_DELETE_BATCH, one syscall per 1,024 keys, stepping over keys that are not there (the
+    kernel stops at one and says how far it got). On a real LRU hash map, as the daemon's are."""
+    lru_hash, entries = 9, 4096  # BPF_MAP_TYPE_LRU_HASH
+    fd = bpftables.bpf(0, ctypes.create_string_buffer(struct.pack("=IIIII", lru_hash, 8, 8, entries, 0), 72))
+    try:
+        m = bpftables.MapRef(fd, 8, 8)
+        for key in range(3000):
+            k, v = ctypes.create_string_buffer(struct.pack("=Q", key), 8), ctypes.create_string_buffer(8)
+            bpftables.bpf(2, bpftables._elem_attr(fd, k, v))  # BPF_MAP_UPDATE_ELEM
+        asked = [*range(0, 2500), *range(10_000, 10_050), 2600]  # 50 keys not there, two batches and more
+        bpftables.map_delete_batch(m, sorted(asked))
+        left = set(bpftables.map_keys(m))
+        assert left == set(range(2500, 3000)) - {2600}
+    finally:
+        os.close(fd)
