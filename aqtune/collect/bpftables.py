@@ -321,24 +321,23 @@ def map_delete(m: MapRef, key: int) -> None:
 
 def map_delete_batch(m: MapRef, keys: Sequence[int]) -> None:
     """Delete ``keys`` by BPF_MAP_DELETE_BATCH (5.6+), one syscall per BATCH_ENTRIES keys instead of one
-    per key; a key not there is skipped. OSError (EINVAL, ENOTSUPP) where the kernel or the map type
-    has no batch deletion."""
+    per key. The kernel stops at a key that is not there and says how many it deleted before it; the
+    call goes on after that key (callers ask for keys they saw, so that is rare). OSError (EINVAL,
+    ENOTSUPP) where the kernel or the map type has no batch deletion."""
     code = KEY_CODES[m.key_size]
-    pending = list(keys)
-    while pending:
-        part = pending[:BATCH_ENTRIES]
-        raw = ctypes.create_string_buffer(b"".join(struct.pack(code, key) for key in part), m.key_size * len(part))
+    raw = ctypes.create_string_buffer(b"".join(struct.pack(code, key) for key in keys), max(m.key_size * len(keys), 1))
+    at = 0
+    while at < len(keys):
+        count = min(BATCH_ENTRIES, len(keys) - at)
         attr = ctypes.create_string_buffer(struct.pack(
-            "=QQQQIIQQ", 0, 0, ctypes.addressof(raw), 0, len(part), m.fd, 0, 0), 56)
+            "=QQQQIIQQ", 0, 0, ctypes.addressof(raw) + at * m.key_size, 0, count, m.fd, 0, 0), 56)
         try:
             bpf(BPF_MAP_DELETE_BATCH, attr)
-            done = len(part)
+            at += count
         except OSError as exc:
             if exc.errno != errno.ENOENT:
                 raise
-            # The kernel stops at a key that is not there, and says how many it deleted before it.
-            done = struct.unpack_from("=I", attr, 32)[0] + 1
-        pending = pending[done:]
+            at += min(struct.unpack_from("=I", attr, 32)[0], count - 1) + 1  # past the missing key
 
 
 def map_keys(m: MapRef) -> Iterator[int]:
@@ -540,7 +539,7 @@ class FdTables:
         m = self.maps[name]
         if self._batch.get(name, True):
             try:
-                map_delete_batch(m, sorted(keys))
+                map_delete_batch(m, list(keys))
                 return
             except OSError as exc:
                 if exc.errno not in (errno.EINVAL, errno.ENOTSUP, 524):  # 524: ENOTSUPP

@@ -386,6 +386,8 @@ class EventLayer:
     lost: int = 0
     _handlers: list[Callable[[Event], None]] = field(default_factory=list)
     _unseen: set[int] = field(default_factory=set)  # inodes with entries that the last sweep lacked
+    # The stats and accepted entries the last read found, by inode: what forget_closed may delete.
+    _read_raw: tuple[Mapping[int, bytes], Mapping[int, bytes]] = ({}, {})
     # The last read's result per inode, with the raw values it came from: a listener whose map values
     # did not move and whose queue is empty reads the same (most of a thousand quiet listeners).
     _kept: dict[int, tuple[tuple[bytes | None, bytes | None, int | None, int | None], ListenerEvents]] = field(
@@ -536,6 +538,7 @@ class EventLayer:
         layouts = self.tables.layouts
         peaks = {key: layouts["peaks"].decode(value)[SCALAR] for key, value in self.tables.drain("peaks")}
         raw_stats, raw_taken = dict(self.tables.entries("stats")), dict(self.tables.entries("accepted"))
+        self._read_raw = (raw_stats, raw_taken)
         quiet = self._quiet
         if (quiet is not None and not peaks and quiet[0] == raw_stats and quiet[1] == raw_taken
                 and queues is not None and all(queues.get(inode) == 0 for inode in quiet[2])):
@@ -623,8 +626,10 @@ class EventLayer:
         unseen = set(observed) - live
         gone = unseen & self._unseen
         if gone:
-            for name in ("stats", "accepted", "peaks"):
-                self.tables.delete_many(name, gone)
+            # Only the entries the last read found: a listener that never accepted has no accepted
+            # entry, and read() drains the peaks map every time.
+            for name, found in zip(("stats", "accepted"), self._read_raw, strict=True):
+                self.tables.delete_many(name, sorted(inode for inode in gone if inode in found))
         self._unseen = unseen
 
     def pause(self) -> list[str]:
