@@ -546,8 +546,11 @@ class EventLayer:
         no_stats, none_taken = layouts["stats"].zero(), layouts["accepted"].zero()
         result: dict[int, ListenerEvents] = {}
         kept: dict[int, tuple[tuple[bytes | None, bytes | None, int | None, int | None], ListenerEvents]] = {}
-        # A listener whose connections were all queued before the probes came has accepts alone.
-        for inode in raw_stats.keys() | raw_taken.keys():
+        # A listener whose connections were all queued before the probes came has accepts alone. With
+        # ``queues``, only the listeners the sweep found: after a churn, thousands of closed listeners'
+        # entries wait two sweeps for forget_closed, and decoding them each read was most of a sweep.
+        wanted = raw_stats.keys() | raw_taken.keys()
+        for inode in wanted if queues is None else wanted & queues.keys():
             queue = None if queues is None else queues.get(inode)
             source = (raw_stats.get(inode), raw_taken.get(inode), peaks.get(inode), queue)
             before = self._kept.get(inode)
@@ -616,19 +619,20 @@ class EventLayer:
                 found[inode] = at_ns / 1e9 + wall_minus_monotonic
         return found
 
-    def forget_closed(self, observed: Iterable[int], live: set[int]) -> None:
+    def forget_closed(self, live: set[int]) -> None:
         """Drop the entries of listeners that two sweeps in a row did not find (closed, or in a
-        namespace nobody watches): ``observed`` are the inodes read() returned, ``live`` those the
+        namespace nobody watches): the entries are those the last read() found, ``live`` the inodes the
         sweep found. One sweep is not proof: a listener opened after the sweep read its namespace may
         have entries already. Nothing in the kernel does this: seeing a listener close takes a probe
         on every socket's state changes, six calls on every connection's path for a rare event, and
         the maps are LRU, so at worst what is left behind is evicted, never leaked."""
-        unseen = set(observed) - live
+        stats, taken = self._read_raw
+        unseen = (stats.keys() | taken.keys()) - live
         gone = unseen & self._unseen
         if gone:
-            # Only the entries the last read found: a listener that never accepted has no accepted
-            # entry, and read() drains the peaks map every time.
-            for name, found in zip(("stats", "accepted"), self._read_raw, strict=True):
+            # Only from the map the last read found each in (a listener that never accepted has no
+            # accepted entry), and never from peaks: read() drains that map every time.
+            for name, found in (("stats", stats), ("accepted", taken)):
                 self.tables.delete_many(name, sorted(inode for inode in gone if inode in found))
         self._unseen = unseen
 

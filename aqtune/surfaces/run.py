@@ -82,7 +82,7 @@ class Observer:
             self.events.poll(0)
             observed = self.events.read({listener.inode: listener.queue for listener in snapshot.listeners})
             self.ebpf_status = self.events.status()
-            self.events.forget_closed(observed.keys(), {listener.inode for listener in snapshot.listeners})
+            self.events.forget_closed({listener.inode for listener in snapshot.listeners})
         summaries, serving = self._connections(snapshot, policy)
         return Observation(snapshot, observed, procfs.cpu_seconds(pids), summaries, serving)
 
