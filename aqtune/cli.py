@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from aqtune.act.ledger import Ledger
     from aqtune.collect.fdwalk import BackgroundScan
     from aqtune.decide.policy import Policy, Problem
+    from aqtune.surfaces.status import OneShot
 
 
 DEFAULT_CONFIG = "/etc/aqtune/policy.toml"
@@ -66,7 +67,7 @@ def _ledger(state_dir: str) -> Ledger:
 
 
 def _status_document(args: argparse.Namespace, policy: Policy, ledger: Ledger,
-                     said: set[str], walk: BackgroundScan | None = None) -> dict[str, Any]:
+                     said: set[str], walk: BackgroundScan | None = None) -> dict[str, Any] | OneShot:
     """The running daemon's state when there is one (it has history and events), else a sweep now."""
     from aqtune.act.state import live_state
     from aqtune.collect.sweep import sweep
@@ -85,7 +86,7 @@ def _status_document(args: argparse.Namespace, policy: Policy, ledger: Ledger,
     except PermissionError as exc:
         raise CommandError(f"{exc}; run it as root") from None
     ledger.drop_stale(snapshot.namespaces, save=False)
-    return status.snapshot_json(snapshot, status.one_shot_advice(snapshot, policy, ledger))
+    return status.OneShot(snapshot, status.one_shot_advice(snapshot, policy, ledger))
 
 
 def _live_selection(live: dict[str, Any], wanted: str) -> str:
@@ -176,16 +177,20 @@ def _status_of(args: argparse.Namespace, walk: BackgroundScan | None) -> int:
             if painted[0]:
                 _refresh(ledger)
             painted[0] += 1
-            return _status_document(args, policy, ledger, said)
+            return _whole(_status_document(args, policy, ledger, said))
 
         return watch.loop(next_document, policy, args.interval, lambda: _accept_times(args.state_dir))
     document = _status_document(args, policy, ledger, said, walk)
     if not args.json:
-        print(status.render(document), flush=True)
+        print(status.render(_whole(document)), flush=True)
         return 0
     while True:
         # With --watch, one compact document per line unless -p asks otherwise.
-        print(_json(document, pretty=False if args.watch else args.pretty), flush=True)
+        pretty = False if args.watch else args.pretty
+        if isinstance(document, status.OneShot) and not _pretty(pretty):
+            print(document.text(), flush=True)
+        else:
+            print(_json(_whole(document), pretty), flush=True)
         if not args.watch:
             return 0
         time.sleep(args.interval)
@@ -346,13 +351,20 @@ def _rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def _whole(document: dict[str, Any] | OneShot) -> dict[str, Any]:
+    return document.document() if not isinstance(document, dict) else document
+
+
+def _pretty(asked: bool | None) -> bool:
+    """Indented JSON when asked for, or by default when a person reads it at a terminal."""
+    return sys.stdout.isatty() if asked is None else asked
+
+
 def _json(document: dict[str, Any], pretty: bool | None) -> str:
     """Compact JSON, as `ip -j` prints it (the C encoder: 10,000 listeners in a fraction of the time
     indented output takes), unless asked for pretty output or a person reads it at a terminal."""
-    if pretty is None:
-        pretty = sys.stdout.isatty()
     # check_circular off: the document is a tree built fresh from records (a sixth of the encoding time).
-    if pretty:
+    if _pretty(pretty):
         return json.dumps(document, indent=2, check_circular=False)
     return json.dumps(document, separators=(",", ":"), check_circular=False)
 

@@ -6,8 +6,11 @@ sweep or by the daemon; the table is rendered from that document, so both look t
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Mapping
+from dataclasses import replace
+from json.encoder import encode_basestring_ascii as json_string
 from typing import TYPE_CHECKING, Any
 
 from aqtune.decide.findings import Assessment, Finding
@@ -124,6 +127,71 @@ def snapshot_json(snapshot: Snapshot, advice: Assessment, events: Mapping[int, L
                        for namespace in snapshot.namespaces],
         "ebpf": ebpf if ebpf is not None else ONE_SHOT_EBPF,
     }
+
+
+def compact(value: Any) -> str:
+    """JSON as `ip -j` prints it: the C encoder, no spaces; check_circular off (documents are trees)."""
+    return json.dumps(value, separators=(",", ":"), check_circular=False)
+
+
+# A listener's entry with no finding, group or events, as compact JSON in one %-format: at 10,000
+# listeners, making 10,000 entry dicts and the C encoder's pass over them was a third of a one-shot
+# `status --json`, and this is three times as fast. The unit tests hold it, byte for byte, to
+# compact(listener_json(...)).
+_PLAIN_ENTRY = ('{"netns":%s,"proto":%s,"address":%s,"port":%s,"queue":%d,"backlog":%d,"fill":%r,"drops":%s,'
+                '"cookie":%d,"inode":%d,"uid":%s,"group":null,"processes":%s,"events":null,"advice":[]}')
+
+
+def _number(value: int | None) -> str:
+    return "null" if value is None else str(int(value))
+
+
+def snapshot_text(snapshot: Snapshot, advice: Assessment) -> str:
+    """compact(snapshot_json(snapshot, advice)) for a one-shot sweep (no events), made faster: plain
+    entries by _PLAIN_ENTRY, names escaped by the encoder's own string escaping, each namespace name
+    and each set of owners encoded once."""
+    groups = reuseport_groups(snapshot.listeners)
+    findings = advice.listener_findings
+    owners: dict[int, str] = {}
+    strings: dict[str, str] = {}
+    entries = []
+    for listener in worst_first(snapshot.listeners):
+        found, group = findings.get((listener.netns, listener.cookie)), group_json(listener, groups)
+        if found or group is not None:
+            entries.append(compact(listener_json(listener, found or [], None, group)))
+            continue
+        held = owners.get(id(listener.processes))
+        if held is None:
+            held = owners[id(listener.processes)] = compact(processes_json(listener.processes))
+        netns, proto = strings.get(listener.netns), strings.get(listener.proto)
+        if netns is None:
+            netns = strings[listener.netns] = json_string(listener.netns)
+        if proto is None:
+            proto = strings[listener.proto] = json_string(listener.proto)
+        entries.append(_PLAIN_ENTRY % (
+            netns, proto, json_string(listener.address), _number(listener.port), listener.queue, listener.backlog,
+            round(listener.fill, 4), _number(listener.drops), listener.cookie, listener.inode, _number(listener.uid),
+            held))
+    head = snapshot_json(replace(snapshot, listeners=[]), advice)
+    listed = "[" + ",".join(entries) + "]"
+    return "{" + ",".join(f"{compact(key)}:{listed if key == 'listeners' else compact(value)}"
+                          for key, value in head.items()) + "}"
+
+
+class OneShot:
+    """A one-shot sweep's status: made into the document (tables, indented JSON), or straight into
+    compact JSON."""
+
+    __slots__ = ("advice", "snapshot")
+
+    def __init__(self, snapshot: Snapshot, advice: Assessment) -> None:
+        self.snapshot, self.advice = snapshot, advice
+
+    def document(self) -> dict[str, Any]:
+        return snapshot_json(self.snapshot, self.advice)
+
+    def text(self) -> str:
+        return snapshot_text(self.snapshot, self.advice)
 
 
 def only_namespace(document: dict[str, Any], name: str) -> dict[str, Any]:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import json
 
+from hypothesis import given
+from hypothesis import strategies as st
+
 from aqtune.decide.assess import Assessment
 from aqtune.decide.findings import Finding
 from aqtune.records import Listener, Namespace, Process, Snapshot
-from aqtune.surfaces.status import render, snapshot_json, worst_first
+from aqtune.surfaces.status import OneShot, compact, render, snapshot_json, snapshot_text, worst_first
 
 
 def listener(address: str, queue: int, backlog: int, drops: int | None = 0, netns: str = "host",
@@ -138,3 +141,43 @@ def test_render_lists_advice_worst_listener_first() -> None:
     start = lines.index("ADVICE")
     assert lines[start + 1:start + 3] == ["  [queue-full] raise the backlog", "  [somaxconn-low] raise somaxconn"]
     assert "ADVICE" not in render(snapshot_json(snapshot(), Assessment()))
+
+
+# --- the one-shot compact JSON text is the document's, byte for byte -------------------------------------
+
+_NAMES = st.text(st.characters() | st.sampled_from('"\\\x00\x1b\n\u2028\ud800'), max_size=12)
+_COUNTS = st.integers(0, 2**32)
+
+
+@st.composite
+def _listeners(draw: st.DrawFn) -> list[Listener]:
+    owners = draw(st.lists(st.builds(Process, st.integers(1, 2**22), _NAMES, _NAMES, st.none() | _NAMES),
+                           max_size=3).map(tuple))
+    rows = []
+    for cookie in range(draw(st.integers(0, 6))):
+        proto = draw(st.sampled_from(["tcp", "tcp6", "unix"]))
+        address = draw(st.sampled_from(["127.0.0.1:80", "[::1]:80", "/run/a.sock"]) | _NAMES)
+        rows.append(Listener(draw(st.sampled_from(["host", "web"]) | _NAMES), proto, address,
+                             None if proto == "unix" else draw(st.integers(0, 65535)), draw(_COUNTS),
+                             draw(_COUNTS), draw(st.none() | _COUNTS), cookie, draw(_COUNTS),
+                             draw(st.none() | _COUNTS), owners if draw(st.booleans()) else ()))
+    return rows
+
+
+@given(_listeners(), st.data())
+def test_one_shot_compact_text_is_the_document_byte_for_byte(rows: list[Listener], data: st.DataObject) -> None:
+    """`status --json` prints a one-shot sweep through snapshot_text (plain entries by one format) and
+    everything else through the document: both must say exactly the same, hostile names included,
+    with findings and reuseport groups (which take the document's path) among plain entries."""
+    flagged = data.draw(st.sets(st.sampled_from([(r.netns, r.cookie) for r in rows]) if rows else st.nothing()))
+    advice = Assessment(listener_findings={key: [Finding("queue-full", "raise it \x1b", {"n": 1})]
+                                           for key in flagged})
+    taken = Snapshot(1_700_000_000.5, 0.25, snapshot().namespaces, rows)
+    assert snapshot_text(taken, advice) == compact(snapshot_json(taken, advice))
+    assert OneShot(taken, advice).text() == compact(OneShot(taken, advice).document())
+
+
+def test_one_shot_compact_text_of_the_example_snapshot() -> None:
+    taken = snapshot()
+    assert snapshot_text(taken, _advice()) == compact(snapshot_json(taken, _advice()))
+    assert json.loads(snapshot_text(taken, Assessment())) == snapshot_json(taken, Assessment())
