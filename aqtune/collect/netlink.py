@@ -73,7 +73,7 @@ class ChunkCache:
         self.current, self.held, self.looked, self.found = {}, 0, 0, 0
 
     def keep(self, raw: bytes, decoded: _Decoded) -> None:
-        if self.resting == 0 and self.held + len(raw) <= self.limit:
+        if self.held + len(raw) <= self.limit:
             self.current[raw] = decoded
             self.held += len(raw)
 
@@ -132,7 +132,7 @@ def dump_into(sock: socket.socket, request: bytes, progress: P, decoder: Callabl
 
 
 def _decode_cached(chunks: ChunkCache, decoder: Decoder, progress: DumpProgress, buf: bytearray, size: int) -> None:
-    if not chunks.previous and not chunks.keeping:  # resting: nothing to find, nothing to keep
+    if not chunks.keeping:  # resting: nothing kept last time to find (rotate emptied it), nothing to keep
         decoder(progress, buf, size)
         return
     raw = bytes(memoryview(buf)[:size])
@@ -148,6 +148,5 @@ def _decode_cached(chunks: ChunkCache, decoder: Decoder, progress: DumpProgress,
             return
     start, skipped = len(progress.rows), progress.skipped
     decoder(progress, buf, size)
-    if chunks.keeping:
-        chunks.keep(raw, _Decoded(progress.netns, dict(progress.ifnames), [_row(l) for l in progress.rows[start:]],
-                                  progress.skipped - skipped, progress.done))
+    chunks.keep(raw, _Decoded(progress.netns, dict(progress.ifnames), [_row(l) for l in progress.rows[start:]],
+                              progress.skipped - skipped, progress.done))

@@ -145,10 +145,9 @@ class CounterWatch:
     def watch(self, refs: list[netns.NamespaceRef], read: Mapping[netns.NamespaceRef, Mapping[str, int]]) -> None:
         """Watch ``refs`` from now on; ``read`` holds the counters a sweep just read (no move to report)."""
         self.refs = refs
-        wanted = set(refs) if len(refs) <= self.per_check else set()
-        for gone in self.files.keys() - wanted:
-            os.close(self.files.pop(gone))
         wanted = set(refs)
+        for gone in self.files.keys() - (wanted if len(refs) <= self.per_check else set()):
+            os.close(self.files.pop(gone))
         for gone in self.values.keys() - wanted:
             del self.values[gone]
         for ref, counters in read.items():
