@@ -17,13 +17,17 @@ load   Two server processes accept on one SO_REUSEPORT port and clients open and
        connections to it as fast as they can, while a churner opens 10,000 listeners and closes them
        again in waves, and two floods of SYNs hit backlog-8 listeners that never accept: one in bursts,
        so drop episodes open and close, one steady at 14,000/s, so one episode lasts the whole load.
-       First --baseline-seconds of that without the daemon (the reference: what the workload does on
-       this machine by itself), then --load-seconds with the daemon (eBPF on), which runs with
+       First --baseline-seconds of that without the daemon, then --load-seconds with the daemon (eBPF
+       on), then --baseline-seconds without it again: the reference, what the workload does on this
+       machine by itself, is both baselines' seconds together, because this VM's rate drifts by minutes
+       (two consecutive 60 s runs of the load alone: 36,140 and 40,576/s) and one baseline before the
+       daemon left the ratio to chance (0.88-0.95 in three runs). The daemon runs with
        NOTIFY_SOCKET (read here) and WATCHDOG_USEC=2000000: every WATCHDOG=1 is timed and the longest
        gap is checked against the 2 s period. The connection rate is handshakes completed per second in
        the namespace (its PassiveOpens counter); the daemon's CPU and memory are sampled every second.
        When the load stops, the daemon's CPU use is measured again: cost proportional to trouble means
-       it falls back to the idle figure.
+       it falls back to the idle figure. It is measured from QUIET_PERIOD (10 s) after the load: until
+       then the daemon still closes the load's findings and forgets its listeners, as it should.
 
 Every figure is printed as it is measured and again, against its target, in a table at the end, and
 written to bench/results/daemon_load-<time>.json; --keep leaves the work directory (daemon logs and
@@ -37,6 +41,7 @@ figures, 1 when a helper or the daemon failed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import itertools
 import os
 import platform
@@ -46,14 +51,17 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import _path  # noqa: F401 - first: the repository's root on sys.path
 from figures import Figure, Reference, Results, Target, refused_without_root
+from probestats import ProgramCost, RunTimeCounting, costs, program_ids, program_runs
 from procstat import CLOCK_TICKS, Memory, cpu_seconds, host_cpu, memory_kib, proc_table, run_queue_seconds
 
+from aqtune.surfaces.daemon import QUIET_PERIOD
 from tests.helpers.lineproto import HelperProcess, stop_all
 from tests.helpers.loadgen import sleep_until
 from tests.helpers.namespace import TestNamespace, wait_until
@@ -82,9 +90,16 @@ IDLE_WARMUP = 20.0
 # Seconds per CPU sample when idle: one quiet sweep and one rewrite of the state and metrics (each
 # every 10 s when nothing changes), so every round holds the same work.
 CPU_ROUND = 10.0
-RSS_WARM_AT = 15.0  # seconds into the load: RSS after warm-up, the base of the growth figure
+# RSS growth compares the middle of the load with its end: a leak grows all along, while the heap's
+# high-water mark rises in steps until a sweep has met the churn's 10,000-listener peak, which with
+# sweeps ~4 s apart under max_cpu_percent 5 came 27-36 s into one run (70 -> 87 MiB, then flat for
+# 25 s); measured from 15 s, that read as +24%.
 RSS_WINDOW = 10.0  # seconds of samples each RSS figure is the median of
-AFTER_SETTLE, AFTER_SECONDS = 5.0, 15.0  # after the load: wait, then measure the daemon's CPU again
+# After the load: wait, then measure the daemon's CPU again, in three rounds. The wait is the daemon's
+# QUIET_PERIOD: the floods' findings clear and the listeners the churn closed are forgotten in the
+# first sweeps after the load (7-18 ms each), and with two rounds from 5 s on the median (their mean)
+# fell on either side of 0.2% from run to run (0.09-0.25%). The settling seconds are printed too.
+AFTER_SETTLE, AFTER_SECONDS = QUIET_PERIOD, 30.0
 
 LOAD_PORT = 18280
 FLOOD_PORT, FLOOD_RATE = 18281, 2000  # SYNs/s during a burst
@@ -261,6 +276,7 @@ class Window:
     churn: dict[str, Any]
     host: tuple[int, int, int, int]  # host_cpu() over the window
     ours: float  # CPU seconds of the daemon and the helpers over the window
+    programs: list[ProgramCost] = field(default_factory=list)  # the daemon's eBPF programs, while counted
 
     @property
     def seconds(self) -> float:
@@ -290,8 +306,9 @@ def _sample(counters: str, start: float, daemon: BenchDaemon | None) -> Sample:
 
 
 def run_load(ns: TestNamespace, servers: list[HelperProcess], seconds: float, clients: int, churn: int,
-             daemon: BenchDaemon | None) -> Window:
-    """The whole load for ``seconds``, sampled every second; its own helpers, stopped at the end."""
+             daemon: BenchDaemon | None, counting: bool = False) -> Window:
+    """The whole load for ``seconds``, sampled every second; its own helpers, stopped at the end. With
+    ``counting`` (the kernel's run-time counting on), what the daemon's eBPF programs cost over it."""
     load = [ns.spawn("loadgen.py", ["connect", "--port", str(LOAD_PORT), "--connect-timeout", str(CONNECT_TIMEOUT)],
                      "READY") for _ in range(clients)]
     flooder = ns.spawn("loadgen.py", ["synflood", "--port", str(FLOOD_PORT), "--rate", str(FLOOD_RATE)], "READY")
@@ -306,9 +323,11 @@ def run_load(ns: TestNamespace, servers: list[HelperProcess], seconds: float, cl
         counters = f"/proc/{servers[0].pid}/net"  # a process inside the namespace: its counters
         pids = [helper.pid for helper in measured] + ([daemon.pid] if daemon else [])
         host_before, ours_before = host_cpu(), cpu_seconds(pids)
+        programs = program_ids(daemon.pid) if daemon is not None and counting else set()
         for helper in started:
             helper.send(f"go {seconds}")
         start = time.monotonic()
+        runs_before = program_runs(programs)
         samples = [_sample(counters, start, daemon)]
         for second in range(1, int(seconds) + 1):
             sleep_until(start + second)
@@ -316,6 +335,7 @@ def run_load(ns: TestNamespace, servers: list[HelperProcess], seconds: float, cl
                 daemon.check_alive()
             samples.append(_sample(counters, start, daemon))
         host_after, ours_after = host_cpu(), cpu_seconds(pids)
+        program_costs = costs(runs_before, program_runs(programs), time.monotonic() - start)
         done = [helper.expect("OK", ANSWER_GRACE) for helper in load]
         flooded, steadied = flooder.expect("OK", ANSWER_GRACE), steady.expect("OK", ANSWER_GRACE)
         churned = churner.expect("OK", ANSWER_GRACE) if churner else {"waves": 0, "opened": 0, "peak": 0}
@@ -323,12 +343,12 @@ def run_load(ns: TestNamespace, servers: list[HelperProcess], seconds: float, cl
         stop_all(started)
     host = tuple(after - before for after, before in zip(host_after, host_before, strict=True))
     return Window(start, samples, sum(d["made"] for d in done), sum(d["failed"] for d in done), flooded, steadied,
-                  churned, (host[0], host[1], host[2], max(host[3], 1)), ours_after - ours_before)
+                  churned, (host[0], host[1], host[2], max(host[3], 1)), ours_after - ours_before, program_costs)
 
 
 @dataclass(frozen=True, slots=True)
 class Load:
-    baseline: Window
+    baselines: tuple[Window, Window]  # the load without the daemon, before and after it ran
     window: Window
     pings: list[float]  # when each WATCHDOG=1 arrived
     sweeps: int
@@ -336,6 +356,12 @@ class Load:
     sweep_failures: int
     after_cpu: list[float]
     after_sweeps: int
+    settle_cpu: float  # % of one core over the AFTER_SETTLE seconds right after the load
+
+    @property
+    def baseline_rates(self) -> tuple[float, ...]:
+        """Per second, both baselines: the reference the rate with the daemon is compared with."""
+        return tuple(float(rate) for window in self.baselines for rate in window.per_second)
 
     @property
     def gaps(self) -> list[float]:
@@ -354,25 +380,48 @@ def measure_load(ns: TestNamespace, workdir: Path, args: argparse.Namespace) -> 
     try:
         for server in servers:
             server.ready(READY_TIMEOUT)
-        baseline = run_load(ns, servers, args.baseline_seconds, args.clients, args.churn, None)
-        print(f"load: without the daemon ({args.servers} servers, {args.clients} clients, the same floods and churn): "
-              f"baseline_rate={baseline.rate:,.0f} conn/s over {baseline.seconds:.0f} s", flush=True)
+        before = _baseline(ns, servers, args, "before")
         daemon = BenchDaemon(workdir, "load", ns.name, ebpf=True)
         try:
-            window = run_load(ns, servers, args.load_seconds, args.clients, args.churn, daemon)
+            with _counting() as counting:
+                window = run_load(ns, servers, args.load_seconds, args.clients, args.churn, daemon, counting)
             # Trouble over, cost should fall back towards the idle figure ("cost proportional to trouble").
+            settle_from, settle_cpu = time.monotonic(), daemon.cpu()
             time.sleep(AFTER_SETTLE)
+            settle = 100.0 * (daemon.cpu() - settle_cpu) / (time.monotonic() - settle_from)
             after_cpu, _, after_sweeps = cpu_rounds(daemon, AFTER_SECONDS)
             pings = daemon.times("WATCHDOG=1")
             sweeps = sum(window.start <= at <= window.start + window.seconds for at in daemon.times("STATUS="))
         finally:
             daemon.stop()
+        after = _baseline(ns, servers, args, "after")
     finally:
         stop_all(servers)
     log = daemon.log_path.read_text(errors="replace")
     _write_samples(workdir / "load-samples.tsv", window.samples)
-    return Load(baseline, window, pings, sweeps, len(re.findall(r"dropped \d+ connections? in", log)),
-                log.count("sweep failed"), after_cpu, after_sweeps)
+    return Load((before, after), window, pings, sweeps, len(re.findall(r"dropped \d+ connections? in", log)),
+                log.count("sweep failed"), after_cpu, after_sweeps, settle)
+
+
+@contextlib.contextmanager
+def _counting() -> Iterator[bool]:
+    """The kernel's run-time counting of eBPF programs on (True), or why not, printed (False)."""
+    try:
+        counting = RunTimeCounting()
+    except OSError as exc:
+        print(f"load: the probes' own cost is not measured: BPF_ENABLE_STATS refused ({exc.strerror})", flush=True)
+        yield False
+        return
+    with counting:
+        yield True
+
+
+def _baseline(ns: TestNamespace, servers: list[HelperProcess], args: argparse.Namespace, when: str) -> Window:
+    """The same load without the daemon (``when``: before or after it ran)."""
+    baseline = run_load(ns, servers, args.baseline_seconds, args.clients, args.churn, None)
+    print(f"load: without the daemon, {when} it ran ({args.servers} servers, {args.clients} clients, the same "
+          f"floods and churn): baseline_rate={baseline.rate:,.0f} conn/s over {baseline.seconds:.0f} s", flush=True)
+    return baseline
 
 
 def _write_samples(path: Path, samples: list[Sample]) -> None:
@@ -394,32 +443,40 @@ def load_figures(load: Load, args: argparse.Namespace, results: Results) -> None
     w, samples = load.window, load.window.samples
     cpu_per_second = [100.0 * (b.cpu - a.cpu) / (b.at - a.at) for a, b in itertools.pairwise(samples)]
     cpu_average = 100.0 * (samples[-1].cpu - samples[0].cpu) / w.seconds
-    warm = rss_median(samples, RSS_WARM_AT - RSS_WINDOW / 2, RSS_WARM_AT + RSS_WINDOW / 2)
+    warm_at = w.seconds / 2
+    warm = rss_median(samples, warm_at - RSS_WINDOW / 2, warm_at + RSS_WINDOW / 2)
     end = rss_median(samples, w.seconds - RSS_WINDOW, w.seconds)
     growth = 100.0 * (end - warm) / warm
     gaps = load.gaps
     results.add(Figure("load_rate", "the workload's connections/s with the daemon (PassiveOpens)", "/s",
-                       tuple(map(float, w.per_second)), Reference("same load, no daemon",
-                                                                  tuple(map(float, load.baseline.per_second))),
+                       tuple(map(float, w.per_second)),
+                       Reference("same load, no daemon, before and after", load.baseline_rates),
                        KEPT_TARGET, note="per second"))
     results.add(Figure("load_cpu_percent", "daemon CPU under load, average", "%", tuple(cpu_per_second),
                        target=LOAD_CPU_TARGET, given=cpu_average, note=f"samples per second; {load.sweeps} sweeps"))
+    if w.programs:
+        each = "; ".join(f"{cost.name} {cost.per_second:.0f}/s x {cost.ns_per_run:.0f} ns" for cost in w.programs)
+        results.add(Figure("load_probe_cpu_percent", "the daemon's eBPF programs under load, run time", "%",
+                           (sum(cost.core_percent for cost in w.programs),), note=each,
+                           extra={"programs": [asdict(cost) for cost in w.programs]}))
     results.add(Figure("load_anon_mib", "daemon anonymous (private) memory under load", "MiB",
                        tuple(_mib(s.memory.anon) for s in samples), note="per second"))
-    results.add(Figure("rss_growth_percent", "daemon RSS growth under load, after warm-up", "%", (growth,),
+    results.add(Figure("rss_growth_percent", "daemon RSS growth under load, middle to end", "%", (growth,),
                        target=RSS_GROWTH_TARGET, note=f"medians {_mib(warm):.1f} -> {_mib(end):.1f} MiB"))
     results.add(Figure("watchdog_max_gap_s", "watchdog: longest gap between pings", "s", tuple(gaps),
                        target=WATCHDOG_TARGET, given=max(gaps), note="value: the longest gap"))
     results.add(Figure("after_load_cpu_percent", "daemon CPU once the load stopped", "%", tuple(load.after_cpu),
-                       target=IDLE_CPU_TARGET, note=f"rounds of {CPU_ROUND:g} s"))
+                       target=IDLE_CPU_TARGET, note=f"rounds of {CPU_ROUND:g} s, from {AFTER_SETTLE:g} s after"))
 
     per_second = w.per_second
+    reference = statistics.mean(load.baseline_rates)
     print(f"load: {w.seconds:.0f} s with the daemon (eBPF on, dry-run), {args.servers} servers, {args.clients} "
           f"clients, {'listener churn, ' if w.churn['waves'] else ''}SYN floods:", flush=True)
     print(f"  rate={w.rate:,.0f} conn/s: {samples[-1].passive_opens - samples[0].passive_opens:,} handshakes "
           f"completed (PassiveOpens), {w.made:,} connects made by the clients and {w.failed:,} failed; per second "
-          f"{min(per_second):,}-{max(per_second):,}; the same load without the daemon {load.baseline.rate:,.0f}/s "
-          f"(ratio {w.rate / load.baseline.rate:.3f}, target {KEPT_TARGET.text('/s')})")
+          f"{min(per_second):,}-{max(per_second):,}; the same load without the daemon {reference:,.0f}/s, before and "
+          f"after ({' and '.join(f'{b.rate:,.0f}' for b in load.baselines)}) (ratio {w.rate / reference:.3f}, target "
+          f"{KEPT_TARGET.text('/s')})")
     print(f"  attempts={(w.rate * w.seconds + w.dropped) / w.seconds:,.0f}/s: those handshakes plus "
           f"{w.dropped / w.seconds:,.0f}/s dropped at full queues (ListenDrops)")
     print(f"  floods at backlog-8 listeners that never accept: {w.flood['syns']:,} SYNs in {w.flood['bursts']} "
@@ -434,17 +491,24 @@ def load_figures(load: Load, args: argparse.Namespace, results: Results) -> None
     print(f"  watchdog: {inside} pings, max_gap={max(gaps):.2f} s, missed={sum(g > WATCHDOG_USEC / 1e6 for g in gaps)} "
           f"(WATCHDOG_USEC={WATCHDOG_USEC}, pings due every {WATCHDOG_USEC / 2e6:g} s)")
     last = samples[-1].memory
-    print(f"  rss_warm={_mib(warm):.1f} MiB (median over {RSS_WARM_AT - RSS_WINDOW / 2:g}-"
-          f"{RSS_WARM_AT + RSS_WINDOW / 2:g} s) rss_end={_mib(end):.1f} MiB (the last {RSS_WINDOW:g} s) "
+    print(f"  rss_warm={_mib(warm):.1f} MiB (median over {warm_at - RSS_WINDOW / 2:.0f}-"
+          f"{warm_at + RSS_WINDOW / 2:.0f} s) rss_end={_mib(end):.1f} MiB (the last {RSS_WINDOW:g} s) "
           f"growth={growth:+.1f}%; peak {_mib(max(s.memory.rss for s in samples)):.1f} MiB; at the end anonymous "
           f"{_mib(last.anon):.1f} + file {_mib(last.file):.1f} + shmem {_mib(last.shmem):.1f} MiB")
     print(f"  daemon_cpu={cpu_average:.0f}% of a core on average (busiest second {max(cpu_per_second):.0f}%); "
           f"{load.sweeps} sweeps ({_per_sweep_ms(cpu_average, w.seconds, load.sweeps)} CPU each), "
           f"{load.sweep_failures} failed; runnable but waiting for a CPU "
           f"{100.0 * (samples[-1].waited - samples[0].waited) / w.seconds:.0f}% of the time")
+    if w.programs:
+        total = sum(cost.core_percent for cost in w.programs)
+        print(f"  probes: {total:.1f}% of a core on top of the daemon's own CPU ("
+              + ", ".join(f"{cost.name} {cost.per_second:,.0f}/s x {cost.ns_per_run:.0f} ns" for cost in w.programs)
+              + "; the kernel's run-time counting, on over the load, adds two clock reads per run)")
     after = statistics.median(load.after_cpu)
-    print(f"  after the load ({AFTER_SETTLE:g} s later, over {AFTER_SECONDS:g} s): after_load_cpu={after:.2f}% of a "
-          f"core, {load.after_sweeps} sweeps ({_per_sweep_ms(after, AFTER_SECONDS, load.after_sweeps)} CPU each)")
+    print(f"  after the load: {load.settle_cpu:.2f}% of a core over the first {AFTER_SETTLE:g} s (the load's findings "
+          f"clear, its listeners are forgotten), then after_load_cpu={after:.2f}% over {AFTER_SECONDS:g} s (median of "
+          f"{', '.join(f'{c:.2f}' for c in load.after_cpu)}), {load.after_sweeps} sweeps "
+          f"({_per_sweep_ms(statistics.mean(load.after_cpu), AFTER_SECONDS, load.after_sweeps)} CPU each)")
     processes, irq, steal, total = w.host
     ours = w.ours * CLOCK_TICKS
     print(f"  host: {100.0 * (processes + irq) / total:.0f}% of all CPUs busy: the daemon and the benchmark's "
@@ -473,7 +537,7 @@ def main() -> int:
     parser.add_argument("--idle-seconds", type=float, default=120.0, help="idle measurement (default 120)")
     parser.add_argument("--load-seconds", type=float, default=60.0, help="load with the daemon (default 60)")
     parser.add_argument("--baseline-seconds", type=float, default=20.0,
-                        help="the same load without the daemon, first (default 20)")
+                        help="the same load without the daemon, before and again after it (default 20 each)")
     parser.add_argument("--servers", type=int, default=2, help="accepting processes (default 2)")
     parser.add_argument("--clients", type=int, default=2, help="connecting processes (default 2)")
     parser.add_argument("--churn", type=int, default=CHURN_LISTENERS, metavar="N",
@@ -482,11 +546,11 @@ def main() -> int:
     args = parser.parse_args()
     if refused_without_root("daemon_load.py", "it creates a network namespace and runs aqtune"):
         return 1
-    if not (3 * CPU_ROUND <= args.idle_seconds <= 600 and RSS_WARM_AT + RSS_WINDOW <= args.load_seconds <= 600
+    if not (3 * CPU_ROUND <= args.idle_seconds <= 600 and 3 * RSS_WINDOW <= args.load_seconds <= 600
             and 5 <= args.baseline_seconds <= 600 and 1 <= args.servers <= 16 and 1 <= args.clients <= 16
             and 0 <= args.churn <= 50_000):
         parser.error(f"--idle-seconds must be {3 * CPU_ROUND:g}-600 (three rounds at least), --load-seconds "
-                     f"{RSS_WARM_AT + RSS_WINDOW:g}-600, --baseline-seconds 5-600, --servers and --clients 1-16, "
+                     f"{3 * RSS_WINDOW:g}-600, --baseline-seconds 5-600, --servers and --clients 1-16, "
                      "--churn 0-50000")
     print(f"# aqtune daemon load benchmark: kernel {platform.release()}, {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()}, load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}",

@@ -150,6 +150,10 @@ class Runner:
     def tick(self, focus: Collection[netns.NamespaceRef] | None = None) -> tuple[Snapshot, Decision]:
         """One tick; ``focus`` limits the sweep to those namespaces (their counters moved)."""
         seen = self.observer.observe(self.policy, focus)
+        # Fed between stages too, not only between namespaces: one namespace under heavy listener churn
+        # is a sweep of 0.2 s of CPU, and on a saturated host its stages wait for a CPU in between.
+        progress = self.observer.sweeper.progress
+        progress()
         snapshot = seen.snapshot
         self.model.observe(snapshot, seen.cpu_seconds, history_horizon(self.policy), seen.events)
         ledger = self.applier.ledger
@@ -158,6 +162,7 @@ class Runner:
                           {ns.inode: ledger.managed(ns.inode) for ns in snapshot.namespaces},
                           connections=seen.connections, serving=seen.serving)
         self.model.settle(decision.judged)
+        progress()
         for namespace in snapshot.namespaces:
             if namespace.error and not namespace.error.startswith("vanished"):
                 self.publisher.degraded(f"netns {namespace.name}", f"netns {namespace.name} {namespace.error}",
@@ -165,6 +170,7 @@ class Runner:
         self.findings.report(snapshot, decision, self.policy.journal)
         self.applier.carry_out(decision.changes, self.policy, {ns.inode: ns for ns in snapshot.namespaces})
         self.drops.report(snapshot, self.model, seen.events, decision, self.policy.journal)
+        progress()
         facts = DaemonFacts(self.mode, self.drops.suppressed_total, self.log.refused,
                             list(self.applier.actions))
         self.publisher.publish(snapshot, decision, seen.events, self.observer.ebpf_status, self.policy, facts)
