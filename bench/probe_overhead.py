@@ -30,7 +30,6 @@ happens, Ctrl-C and SIGTERM included.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import platform
 import statistics
@@ -44,6 +43,7 @@ from typing import TYPE_CHECKING
 
 import _path  # noqa: F401 - first: the repository's root on sys.path
 from figures import Figure, Reference, Results, Target, median_interval, refused_without_root
+from probestats import RunTimeCounting
 from procstat import cpu_seconds
 
 from tests.helpers.lineproto import HelperProcess
@@ -135,25 +135,6 @@ def probes(emit: int) -> Iterator[EventLayer]:
         yield layer
     finally:
         layer.close()
-
-
-BPF_ENABLE_STATS = 32  # bpf(2) command; BPF_STATS_RUN_TIME = 0 is its only type
-SYS_BPF = {"x86_64": 321, "aarch64": 280}
-
-
-@contextmanager
-def run_time_stats() -> Iterator[None]:
-    """Programs count their run time while the fd BPF_ENABLE_STATS returns is open: unlike the
-    kernel.bpf_stats_enabled sysctl, nothing stays changed on the host if the benchmark dies."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    attr = ctypes.create_string_buffer(8)  # union bpf_attr { struct { __u32 type; } enable_stats; }
-    fd = libc.syscall(SYS_BPF[platform.machine()], BPF_ENABLE_STATS, attr, len(attr))
-    if fd < 0:
-        raise OSError(ctypes.get_errno(), "bpf(BPF_ENABLE_STATS)")
-    try:
-        yield
-    finally:
-        os.close(fd)
 
 
 def program_time(layer: EventLayer) -> dict[str, int]:
@@ -293,7 +274,7 @@ def benchmark(args: argparse.Namespace, results: Results) -> str | None:
                 print(f"# emit={emit} ({label}), 1 round, informational: conn_rate={result.rate:.0f}/s "
                       f"ratio={result.rate / base:.3f} events={events} lost={lost}; {seen}", flush=True)
             layer.resume()
-            with run_time_stats():
+            with RunTimeCounting():  # programs count their run time while it is open
                 ran_before = program_time(layer)
                 result = bench.run(args.duration)
                 ran_after = program_time(layer)
