@@ -115,7 +115,7 @@ class WorkLimits:
     # no sooner than c * 100 / max_cpu_percent seconds after it began, whatever the interval asks.
     # 5: on a 2-CPU host saturated by connections and listener churn, a budget of 10 let the daemon
     # take 7-8% of a core, and with its probes (4.8% of a core at 37k connections/s) the workload kept
-    # 0.88-0.92 of its rate (bench/daemon_load.py).
+    # 0.916 of its rate; with 5 it kept 0.93-0.97 (bench/daemon_load.py, README "Footprint").
     max_cpu_percent: float = 5.0
 
 
