@@ -189,7 +189,10 @@ def plan_visits(refs: list[netns.NamespaceRef], visits: Mapping[netns.NamespaceR
     ``focus`` (counters moved there) limits a sweep to those namespaces. Otherwise every namespace
     is due except an idle one looked at less than IDLE_REVISIT ago, of which IDLE_PER_SWEEP are due
     anyway. The host's comes first, then those never read, then the longest unread: a sweep cut
-    short leaves the freshest for later.
+    short leaves the freshest for later. Of those never read, the host's own (a service's, a
+    container root started) come before those of user namespaces: any local user can make
+    thousands of those (`unshare -rn`), and under the CPU budget reading them all takes a minute
+    or more, which must not delay the first read of a service's new namespace.
     """
     if focus is not None:
         due = [ref for ref in refs if ref in focus]
@@ -206,9 +209,11 @@ def plan_visits(refs: list[netns.NamespaceRef], visits: Mapping[netns.NamespaceR
         waiting.sort(key=lambda ref: visits[ref].at)
         due += waiting[:IDLE_PER_SWEEP]
 
-    def order(ref: netns.NamespaceRef) -> tuple[bool, float]:
+    def order(ref: netns.NamespaceRef) -> tuple[bool, int, float]:
         visit = visits.get(ref)
-        return ref.name != "host", visit.at if visit is not None else float("-inf")
+        if visit is not None:
+            return ref.name != "host", 2, visit.at
+        return ref.name != "host", int(ref.user_owned), float("-inf")
 
     return sorted(due, key=order)
 

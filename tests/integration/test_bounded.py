@@ -222,6 +222,35 @@ def test_the_daemon_stays_bounded_and_answers_its_watchdog(crowd: Crowd, tmp_pat
     assert any(p["cmdline"].endswith("\u2026") for l in theirs for p in l["processes"]), theirs[0]
 
 
+def test_a_users_namespaces_do_not_delay_the_first_read_of_a_service_namespace(crowd: Crowd) -> None:
+    """The user's NAMESPACES namespaces are read PER_SWEEP a sweep. A service that root starts meanwhile
+    in a new network namespace (found by its pid, as the user's are, and listed after them) is read in
+    the next sweep, not after all of the user's: under the CPU budget those take a minute or more."""
+    clock = Clock()
+    sweeper = Sweeper(SweepBudget(seconds=60.0, namespaces=PER_SWEEP), clock=clock)
+    sweeper.sweep("all")
+    listen = "import socket, time; s = socket.socket(); s.bind(('0.0.0.0', 8080)); s.listen(); time.sleep(600)"
+    service = subprocess.Popen(["unshare", "-n", PYTHON, "-c", listen], stdin=subprocess.DEVNULL)
+    try:
+        host = os.stat("/proc/self/ns/net").st_ino
+        inode = wait_until(lambda: (ino := os.stat(f"/proc/{service.pid}/ns/net").st_ino) != host and ino,
+                           "the service's own network namespace", timeout=10)
+        # Listening (state 0A on port 8080), as seen from inside its namespace.
+        wait_until(lambda: ":1F90 00000000:0000 0A" in Path(f"/proc/{service.pid}/net/tcp").read_text(),
+                   "the service listening", timeout=10)
+        clock.now += 1
+        snapshot = sweeper.sweep("all")
+    finally:
+        service.kill()
+        service.wait(timeout=10)
+    # Most of the user's are still unread: without the order, the service would wait behind them.
+    users = {f"pid:{pid}" for pid in crowd.namespace_pids}
+    assert len(users - {ns.name for ns in snapshot.namespaces}) > PER_SWEEP
+    (name,) = [ns.name for ns in snapshot.namespaces if ns.inode == inode and not ns.stale] or [None]
+    assert name is not None, sorted(ns.name for ns in snapshot.namespaces if not ns.stale)
+    assert [l.port for l in snapshot.listeners if l.netns == name] == [8080]
+
+
 # --- the Sweeper alone, on a few real namespaces --------------------------------------------------------
 
 

@@ -82,6 +82,18 @@ def test_plan_reads_the_host_then_the_never_read_then_the_longest_unread() -> No
     assert plan_visits([a, b, c, host], visits, 100.0, focus={a, c}) == [c, a]
 
 
+def test_plan_reads_a_never_read_namespace_of_the_host_before_never_read_ones_of_users() -> None:
+    """A user's thousands of `unshare -rn` namespaces must not delay the first read of a service's
+    namespace; once read, every namespace takes its turn by age, whoever owns it."""
+    host, read = ref("host", 1), ref("pid:2", 2)
+    users = [NamespaceRef(f"pid:{n}", n, f"/proc/{n}/ns/net", user_owned=True, owner_uid=65534) for n in (3, 4)]
+    service = ref("pid:9", 9)  # started after the user's: listed after them
+    visits = {read: visit("pid:2", 10.0), host: visit("host", 90.0)}
+    assert plan_visits([host, read, *users, service], visits, 100.0) == [host, service, *users, read]
+    visits |= {users[0]: visit("pid:3", 5.0), service: visit("pid:9", 50.0)}
+    assert plan_visits([host, read, *users, service], visits, 100.0) == [host, users[1], users[0], read, service]
+
+
 def test_namespaces_without_listeners_are_looked_at_in_turn_and_now_and_then() -> None:
     idle = [ref(f"pid:{n}", n) for n in range(10, 110)]
     failed, busy = ref("pid:3", 3), ref("pid:4", 4)
